@@ -1,0 +1,439 @@
+r"""PyTorch schedulers over the pure schedules of :mod:`uba_auto.schedules`.
+
+:class:`BudgetScheduler` does the param-group plumbing for any schedule in
+:data:`~uba_auto.schedules.SCHEDULES`; :class:`UBAScheduler` adds the UBA shape parameter
+:math:`\varphi` and :meth:`UBAScheduler.set_phi`, which re-shapes the rest of the budget.
+
+Both follow the interface of :mod:`torch.optim.lr_scheduler` (``step()`` once per optimizer step,
+``get_last_lr()``, ``state_dict()`` / ``load_state_dict()``), but compute every rate in closed form
+from the explicit step count, never recursively from the previous rate. That is what makes these
+guarantees hold:
+
+* the first optimizer step already uses the rate of step 0 (the warm-up start when warming up);
+* each param group's peak is its ``initial_lr`` if present (left there by an earlier scheduler and
+  restored with the optimizer's state dict), else its current ``lr``; constructing a scheduler after
+  ``optimizer.load_state_dict`` therefore neither crashes nor takes a decayed rate as the peak;
+* ``load_state_dict`` writes the restored step's rate back into the optimizer, so the remaining
+  rate sequence after a resume is bit-identical to an uninterrupted run, whichever order the
+  optimizer and the scheduler are restored in;
+* stepping past ``total_steps`` holds the final rate (``lr_min``), it never wraps around;
+* the state dict holds only numbers, strings, lists and dicts, so ``torch.load(weights_only=True)``
+  (PyTorch's default since 2.6) reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ._validation import check_int, check_nonnegative_finite, check_positive_finite
+from .schedules import get_schedule, uba_factor
+
+__all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
+
+_STATE_VERSION = 1
+
+
+def _per_group(name: str, value: Any, num_groups: int) -> list[float]:
+    """Broadcast a float (or check a per-group sequence) to one value per param group."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != num_groups:
+            raise ValueError(
+                f"{name} must be a float or a sequence with one value per param group "
+                f"({num_groups}), got {len(value)} values"
+            )
+        return [check_nonnegative_finite(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [check_nonnegative_finite(name, value)] * num_groups
+
+
+def _group_peaks(optimizer: Any) -> list[float]:
+    """Each param group's peak rate, checked before torch's base class touches the groups."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    peaks = []
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr" not in group and "initial_lr" not in group:
+            raise ValueError(
+                f"optimizer.param_groups[{i}] has no 'lr'; construct the optimizer with a "
+                "learning rate (e.g. torch.optim.SGD(params, lr=0.1)) before scheduling it"
+            )
+        peak = group.get("initial_lr", group.get("lr"))
+        if isinstance(peak, torch.Tensor):
+            peak = float(peak)
+        if isinstance(peak, bool) or not isinstance(peak, numbers.Real):
+            raise TypeError(
+                f"optimizer.param_groups[{i}]['lr'] must be a number, got {peak!r}; the "
+                "scheduler needs each group's peak learning rate"
+            )
+        peaks.append(check_positive_finite(f"optimizer.param_groups[{i}]['lr']", peak))
+    return peaks
+
+
+class BudgetScheduler(LRScheduler):
+    """Any schedule of :data:`~uba_auto.schedules.SCHEDULES` as a PyTorch scheduler.
+
+    Step it once per optimizer step, after ``optimizer.step()``. Each param group anneals from its
+    own peak (``initial_lr`` if set, else its ``lr`` at construction) to its own ``lr_min``.
+
+    Args:
+        optimizer: the optimizer whose param groups' ``lr`` this scheduler sets.
+        total_steps: the step at which the rate reaches its final value (``lr_min``); see
+            :mod:`uba_auto.schedules` for the time convention.
+        schedule: a name in :data:`~uba_auto.schedules.SCHEDULES`.
+        lr_min: final rate, one float for all groups or one per group. Default 0.
+        lr_min_ratio: alternatively, the final rate as a fraction of each group's peak, in [0, 1].
+        warmup_steps: length of the warm-up; ``None`` keeps the schedule's default (none, or
+            OneCycle's ``pct_start`` rise).
+        warmup_start_lr: rate at step 0 when warming up, one float or one per group; ``None`` keeps
+            the schedule's default (0, or ``lr_max / div_factor`` for OneCycle).
+        **schedule_kwargs: extra arguments of the named schedule (``milestones`` for ``"step"``...).
+
+    Raises:
+        TypeError: if ``optimizer`` is not an optimizer or a group's ``lr`` is not a number.
+        ValueError: on any out-of-range argument, naming it (checked at construction, so a bad
+            setting never surfaces mid-training).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = BudgetScheduler(opt, 4, schedule="linear")
+        >>> [sched.lr_at(t)[0] for t in range(6)]  # past total_steps the final rate holds
+        [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        *,
+        schedule: str = "cosine",
+        lr_min: float | Sequence[float] | None = None,
+        lr_min_ratio: float | None = None,
+        warmup_steps: int | None = None,
+        warmup_start_lr: float | Sequence[float] | None = None,
+        **schedule_kwargs: Any,
+    ) -> None:
+        peaks = _group_peaks(optimizer)
+        self.schedule = schedule
+        self._fn = get_schedule(schedule)
+        self.total_steps = check_int("total_steps", total_steps, minimum=1)
+        if warmup_steps is not None:
+            check_int("warmup_steps", warmup_steps, minimum=0)
+        self.warmup_steps = warmup_steps
+        if warmup_steps is not None and warmup_steps >= self.total_steps:
+            raise ValueError(
+                f"total_steps must be > warmup_steps, got total_steps={self.total_steps} and "
+                f"warmup_steps={self.warmup_steps}; the decay phase needs at least one step"
+            )
+        if lr_min is not None and lr_min_ratio is not None:
+            raise ValueError(
+                "pass either lr_min or lr_min_ratio, not both "
+                f"(got lr_min={lr_min!r}, lr_min_ratio={lr_min_ratio!r})"
+            )
+        if lr_min_ratio is not None:
+            ratio = check_nonnegative_finite("lr_min_ratio", lr_min_ratio)
+            if ratio > 1:
+                raise ValueError(f"lr_min_ratio must lie in [0, 1], got {ratio!r}")
+            self.lr_mins = [ratio * p for p in peaks]
+        else:
+            self.lr_mins = _per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
+        self.warmup_start_lrs = (
+            None
+            if warmup_start_lr is None
+            else _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
+        )
+        self.schedule_kwargs = dict(schedule_kwargs)
+        self.peak_lrs = peaks
+        # Evaluate both ends once per group now: every argument is validated by the pure schedule
+        # (naming the group when they disagree) before anything is written to the optimizer.
+        for i in range(len(peaks)):
+            try:
+                self._rate(i, 0)
+                self._rate(i, self.total_steps)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"param group {i}: {err}") from None
+        super().__init__(optimizer, last_epoch=-1)
+
+    # -- the schedule ------------------------------------------------------------------------------
+
+    def _rate(self, group: int, step: int) -> float:
+        # Warm-up arguments left at None are not passed, so each schedule keeps its own default
+        # (OneCycle's rise is its warm-up; the others default to none).
+        warmup: dict[str, Any] = {}
+        if self.warmup_steps is not None:
+            warmup["warmup_steps"] = self.warmup_steps
+        if self.warmup_start_lrs is not None:
+            warmup["warmup_start_lr"] = self.warmup_start_lrs[group]
+        return float(
+            self._fn(
+                step,
+                self.total_steps,
+                lr_max=self.peak_lrs[group],
+                lr_min=self.lr_mins[group],
+                **warmup,
+                **self._extra_kwargs(),
+            )
+        )
+
+    def _extra_kwargs(self) -> dict[str, Any]:
+        return self.schedule_kwargs
+
+    def lr_at(self, step: int) -> list[float]:
+        """The rate of every param group at an explicit ``step`` (>= 0), without stepping.
+
+        Rates past ``total_steps`` are the final rate. After :meth:`UBAScheduler.set_phi` this is
+        the re-shaped plan.
+        """
+        step = check_int("step", step, minimum=0)
+        return [self._rate(i, step) for i in range(len(self.peak_lrs))]
+
+    def get_lr(self) -> list[float]:
+        """The rates for the current step count (``last_epoch``), in closed form."""
+        return self.lr_at(self.last_epoch)
+
+    _get_closed_form_lr = get_lr
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state: plain numbers, strings, lists and dicts only."""
+        return {
+            "version": _STATE_VERSION,
+            "class": type(self).__name__,
+            "schedule": self.schedule,
+            "schedule_kwargs": dict(self.schedule_kwargs),
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "peak_lrs": list(self.peak_lrs),
+            "lr_mins": list(self.lr_mins),
+            "warmup_start_lrs": (
+                None if self.warmup_start_lrs is None else list(self.warmup_start_lrs)
+            ),
+            "base_lrs": list(self.base_lrs),
+            "last_epoch": self.last_epoch,
+            "_step_count": self._step_count,
+            "_last_lr": list(self._last_lr),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` and write the restored step's rate into the
+        optimizer, so training resumes with exactly the rate it would have had.
+
+        Raises:
+            ValueError: if the state comes from another scheduler class, another number of param
+                groups, or a newer version of uba-auto.
+        """
+        if not isinstance(state_dict, dict) or "version" not in state_dict:
+            raise ValueError(
+                "state_dict must come from BudgetScheduler/UBAScheduler.state_dict(); "
+                f"got {type(state_dict).__name__} without a 'version' key"
+            )
+        if state_dict["version"] > _STATE_VERSION:
+            raise ValueError(
+                f"state_dict version {state_dict['version']} is newer than this uba-auto "
+                f"understands ({_STATE_VERSION}); upgrade uba-auto"
+            )
+        if state_dict["class"] != type(self).__name__:
+            raise ValueError(
+                f"state_dict was saved by a {state_dict['class']}, cannot load it into a "
+                f"{type(self).__name__}; construct a {state_dict['class']} instead"
+            )
+        num_groups = len(self.optimizer.param_groups)
+        if len(state_dict["peak_lrs"]) != num_groups:
+            raise ValueError(
+                f"state_dict has {len(state_dict['peak_lrs'])} param groups but the optimizer "
+                f"has {num_groups}; restore into an optimizer built the same way"
+            )
+        self.schedule = state_dict["schedule"]
+        self._fn = get_schedule(self.schedule)
+        self.schedule_kwargs = dict(state_dict["schedule_kwargs"])
+        self.total_steps = state_dict["total_steps"]
+        self.warmup_steps = state_dict["warmup_steps"]
+        self.peak_lrs = list(state_dict["peak_lrs"])
+        self.lr_mins = list(state_dict["lr_mins"])
+        starts = state_dict["warmup_start_lrs"]
+        self.warmup_start_lrs = None if starts is None else list(starts)
+        self.base_lrs = list(state_dict["base_lrs"])
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict["_step_count"]
+        self._load_extra(state_dict)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = list(state_dict["_last_lr"])
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        """Hook for subclasses to restore their own state before the rate is re-applied."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(schedule={self.schedule!r}, total_steps={self.total_steps}, "
+            f"warmup_steps={self.warmup_steps}, step={self.last_epoch}, "
+            f"peak_lrs={self.peak_lrs}, lr_mins={self.lr_mins})"
+        )
+
+
+class PhiChange(NamedTuple):
+    """A :meth:`UBAScheduler.set_phi` call: at ``step``, φ went from ``old_phi`` to ``new_phi``."""
+
+    step: int
+    old_phi: float
+    new_phi: float
+
+
+class UBAScheduler(BudgetScheduler):
+    r"""The UBA schedule as a PyTorch scheduler, with φ adjustable mid-training.
+
+    .. math::
+
+        \eta_t = \eta_{\min} + (\eta_{\max} - \eta_{\min})
+                 \frac{1}{1 + \tfrac{\varphi}{2}\tan^2(\pi s/2)}, \qquad s = \frac{t - W}{T - W}
+
+    **Re-shaping with** :meth:`set_phi`. At step :math:`t_0` with progress :math:`s_0` under the
+    current :math:`\varphi`, the rest of the budget follows the curve of the new :math:`\varphi'`
+    *entered at the same rate*: the entry point :math:`s_0'` solves
+    :math:`f_{\varphi'}(s_0') = f_{\varphi}(s_0)`, i.e.
+
+    .. math::
+
+        \tan\frac{\pi s_0'}{2} = \sqrt{\varphi / \varphi'}\,\tan\frac{\pi s_0}{2},
+
+    and the remaining steps :math:`t_0 \dots T` are mapped linearly onto :math:`s_0' \dots 1`. So
+    the rate is continuous at :math:`t_0` (the rate at :math:`t_0` is not touched), still reaches
+    ``lr_min`` exactly at ``total_steps``, and the remainder has the shape of the new φ's curve from
+    the current level down. Changing φ during the warm-up or at the very start of the decay is the
+    same as having built the scheduler with the new φ. Each change is kept in
+    :attr:`phi_history` as a :class:`PhiChange` and saved in :meth:`state_dict`.
+
+    Args:
+        optimizer: the optimizer to schedule.
+        total_steps: the step at which the rate reaches ``lr_min``.
+        phi: the UBA shape parameter, finite and > 0 (2 is cosine annealing).
+        lr_min, lr_min_ratio, warmup_steps, warmup_start_lr: as in :class:`BudgetScheduler`.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> sched = UBAScheduler(opt, total_steps=100, phi=4.0)
+        >>> for _ in range(50):
+        ...     opt.step()
+        ...     sched.step()
+        >>> round(sched.get_last_lr()[0], 12)  # 0.1 * 2 / (2 + phi)
+        0.033333333333
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        *,
+        phi: float,
+        lr_min: float | Sequence[float] | None = None,
+        lr_min_ratio: float | None = None,
+        warmup_steps: int = 0,
+        warmup_start_lr: float | Sequence[float] = 0.0,
+    ) -> None:
+        phi = check_positive_finite("phi", phi, hint="; phi = 2 is cosine annealing")
+        warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        self.phi = phi
+        # The decay phase as segments (start_step, phi, entry_progress). Segment 0 starts at the end
+        # of the warm-up; a later segment k applies to steps strictly after its start, so the rate
+        # at the step where set_phi was called is never recomputed.
+        self._segments: list[tuple[int, float, float]] = [(warmup_steps, phi, 0.0)]
+        self.phi_history: list[PhiChange] = []
+        super().__init__(
+            optimizer,
+            total_steps,
+            schedule="uba",
+            lr_min=lr_min,
+            lr_min_ratio=lr_min_ratio,
+            warmup_steps=warmup_steps,
+            warmup_start_lr=warmup_start_lr,
+        )
+
+    def _extra_kwargs(self) -> dict[str, Any]:
+        return {"phi": self._segments[0][1]}
+
+    def _segment_at(self, step: int) -> tuple[int, float, float]:
+        current = self._segments[0]
+        for segment in self._segments[1:]:
+            if step > segment[0]:
+                current = segment
+        return current
+
+    def _progress(self, step: int, segment: tuple[int, float, float]) -> float:
+        start, _, entry = segment
+        span = self.total_steps - start
+        return min(1.0, entry + (1.0 - entry) * (step - start) / span)
+
+    def _rate(self, group: int, step: int) -> float:
+        if len(self._segments) == 1 or step <= self._segments[1][0]:
+            return super()._rate(group, step)
+        segment = self._segment_at(step)
+        f = uba_factor(self._progress(step, segment), segment[1])
+        return self.peak_lrs[group] * f + self.lr_mins[group] * (1.0 - f)
+
+    def set_phi(self, phi: float) -> PhiChange:
+        """Use ``phi`` for the rest of the budget, with no jump in the rate (see the class docs).
+
+        Call it between steps; the rate already in the optimizer is kept, the new shape applies from
+        the next :meth:`step`. After ``total_steps`` the change is recorded but has nothing left to
+        shape (the rate holds ``lr_min``).
+
+        Args:
+            phi: the new shape parameter, finite and > 0.
+
+        Returns:
+            The :class:`PhiChange` appended to :attr:`phi_history`.
+        """
+        phi = check_positive_finite("phi", phi, hint="; phi = 2 is cosine annealing")
+        step = self.last_epoch
+        change = PhiChange(step, self.phi, phi)
+        if step <= self.warmup_steps:
+            # Nothing of the decay phase has been used: the new curve starts where the old one did.
+            self._segments = [(self.warmup_steps, phi, 0.0)]
+        elif step < self.total_steps:
+            # Drop a segment started at this very step: the shape in force at `step` is the one
+            # before it, and that is the level the new curve must be entered at.
+            self._segments = [seg for seg in self._segments if seg[0] < step]
+            old = self._segment_at(step)
+            s_old = self._progress(step, old)
+            s_new = (2.0 / math.pi) * math.atan(
+                math.sqrt(old[1] / phi) * math.tan(math.pi * s_old / 2.0)
+            )
+            self._segments.append((step, phi, s_new))
+        self.phi = phi
+        self.phi_history.append(change)
+        return change
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["phi"] = self.phi
+        state["segments"] = [list(seg) for seg in self._segments]
+        state["phi_history"] = [list(change) for change in self.phi_history]
+        return state
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        self.phi = state_dict["phi"]
+        self._segments = [(int(a), float(b), float(c)) for a, b, c in state_dict["segments"]]
+        self.phi_history = [
+            PhiChange(int(a), float(b), float(c)) for a, b, c in state_dict["phi_history"]
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"UBAScheduler(phi={self.phi:g}, total_steps={self.total_steps}, "
+            f"warmup_steps={self.warmup_steps}, step={self.last_epoch}, "
+            f"peak_lrs={self.peak_lrs}, lr_mins={self.lr_mins}, "
+            f"phi_changes={len(self.phi_history)})"
+        )
