@@ -32,13 +32,13 @@ def check_nonnegative_finite(name: str, value: Any, *, hint: str = "") -> float:
     return value
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> int:
+def check_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
     """Return ``int(value)`` if it is an integer >= ``minimum``, else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value}{hint}")
     return value
 
 
