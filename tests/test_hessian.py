@@ -1,0 +1,645 @@
+"""HessianOperator and GGNOperator against dense float64 references, state safety, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _models import PROBLEMS, SEPARABLE, Problem, make_problem
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from uba_auto._batches import BatchSet, ModelLoss
+from uba_auto._state import assert_state_unchanged, snapshot_state
+from uba_auto.hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
+
+F64 = torch.float64
+RTOL = 1e-10
+
+# (engine, cache_graph): the three ways the operators compute a product.
+CONFIGS = [
+    ("double-backward", True),
+    ("double-backward", False),
+    ("forward-over-reverse", False),
+]
+
+
+# ----------------------------------------------------------------------- independent references
+@contextlib.contextmanager
+def _reference_kernels() -> Iterator[None]:
+    """The math attention kernel and no MHA fast path: the only ones torch.func.hessian handles."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+# torch.func.hessian (vmap over jvp/vjp) returns wrong mixed second derivatives through the native
+# batch_norm (train mode) and layer_norm kernels in torch 2.13: checked against finite differences
+# and torch.autograd.functional.hessian, which agree with the operators. The references therefore
+# spell both normalisations out in elementary ops.
+class _FormulaBatchNorm2d(nn.Module):
+    """BatchNorm2d in elementary ops, with the same parameter names.
+
+    ``batch_statistics`` chooses training (batch) or running statistics.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, batch_statistics: bool) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.running_mean, self.running_var = bn.running_mean, bn.running_var
+        self.batch_statistics = batch_statistics
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.batch_statistics:
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)  # biased, as BatchNorm
+        else:
+            mean = self.running_mean.view(1, -1, 1, 1)
+            var = self.running_var.view(1, -1, 1, 1)
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)
+        return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class _FormulaLayerNorm(nn.Module):
+    """LayerNorm over the last dimension in elementary ops, with the same parameter names."""
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        assert len(ln.normalized_shape) == 1
+        self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def _reference_model(model: nn.Module, mode: str) -> nn.Module:
+    """A float64 copy of ``model`` whose modules implement ``mode`` permanently."""
+    assert mode in ("train-deterministic", "eval")
+    ref = copy.deepcopy(model).to(F64)
+    for name, m in list(ref.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        if isinstance(m, nn.BatchNorm2d):
+            replacement: nn.Module = _FormulaBatchNorm2d(m, batch_statistics=mode != "eval")
+        elif isinstance(m, nn.LayerNorm):
+            replacement = _FormulaLayerNorm(m)
+        else:
+            continue
+        setattr(ref.get_submodule(parent_name), attr, replacement)
+    ref.eval()  # dropout (also MultiheadAttention's) off; BatchNorm was replaced above
+    return ref
+
+
+def _to64(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(F64) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _to64(v) for k, v in batch.items()}
+    return type(batch)(_to64(b) for b in batch)
+
+
+class _Reference:
+    """Dense float64 Hessian/GGN/gradient of the mean batch loss, by torch.func on flat params."""
+
+    def __init__(self, problem: Problem, batches: list[Any], mode: str) -> None:
+        self.problem = problem
+        self.model = _reference_model(problem.model, mode)
+        self.batches = [_to64(b) for b in batches]
+        named = dict(self.model.named_parameters())
+        self.names = [n for n, p in named.items() if p.requires_grad]
+        self.shapes = [named[n].shape for n in self.names]
+        self.fixed = {n: p.detach() for n, p in named.items() if n not in self.names}
+        self.fixed.update(dict(self.model.named_buffers()))
+        self.flat0 = torch.cat([named[n].detach().reshape(-1) for n in self.names])
+
+    def params(self, flat: Tensor) -> dict[str, Tensor]:
+        out, start = dict(self.fixed), 0
+        for n, s in zip(self.names, self.shapes, strict=True):
+            out[n] = flat[start : start + s.numel()].view(s)
+            start += s.numel()
+        return out
+
+    def outputs(self, flat: Tensor, batch: Any) -> Tensor:
+        return functional_call(self.model, self.params(flat), (batch[0],))
+
+    def batch_loss(self, flat: Tensor, batch: Any) -> Tensor:
+        if isinstance(batch, dict):
+            out = functional_call(self.model, self.params(flat), (), batch)
+            return out["loss"] if isinstance(out, dict) else out.loss
+        return self.problem.loss(self.outputs(flat, batch), batch[1])
+
+    def mean_loss(self, flat: Tensor) -> Tensor:
+        return torch.stack([self.batch_loss(flat, b) for b in self.batches]).mean()
+
+    def hessian(self) -> Tensor:
+        with _reference_kernels():
+            return torch.func.hessian(self.mean_loss)(self.flat0)
+
+    def gradient(self) -> Tensor:
+        with _reference_kernels():
+            return torch.func.grad(self.mean_loss)(self.flat0)
+
+    def ggn(self) -> Tensor:
+        total = torch.zeros(self.flat0.numel(), self.flat0.numel(), dtype=F64)
+        with _reference_kernels():
+            for batch in self.batches:
+                z = self.outputs(self.flat0, batch)
+                jac = torch.func.jacrev(self.outputs)(self.flat0, batch).reshape(z.numel(), -1)
+
+                def loss_of_flat_outputs(z_flat: Tensor, shape: Any = z.shape, y: Any = batch[1]):
+                    return self.problem.loss(z_flat.view(shape), y)
+
+                hess_z = torch.func.hessian(loss_of_flat_outputs)(z.reshape(-1))
+                total += jac.T @ hess_z @ jac
+        return total / len(self.batches)
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().clamp_min(1e-300)
+    err = float((actual - expected).abs().max() / scale)
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
+
+
+def _problem(name: str, num_batches: int) -> Problem:
+    return make_problem(name, num_batches=num_batches)
+
+
+# ----------------------------------------------------------------------------- dense equality
+@pytest.mark.parametrize("num_batches", [1, 3])
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_hessian_equals_dense_reference(
+    name: str, engine: str, cache_graph: bool, num_batches: int
+) -> None:
+    problem = _problem(name, num_batches)
+    snapshot = snapshot_state(problem.model)
+    op = HessianOperator(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        engine=engine,
+        cache_graph=cache_graph,
+        dtype=F64,
+    )
+    ref = _Reference(problem, problem.batches, "train-deterministic")
+    dense = op.to_dense()
+    assert op.num_matvecs == op.size == ref.flat0.numel()
+    assert_close(dense, ref.hessian())
+    assert_close(op.gradient(), ref.gradient())
+    torch.testing.assert_close(op.loss_value(), ref.mean_loss(ref.flat0), rtol=1e-12, atol=0)
+    assert op.num_batches == num_batches and len(op.batch_sizes) == num_batches
+    assert_state_unchanged(problem.model, snapshot)
+
+
+@pytest.mark.parametrize("num_batches", [1, 3])
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+@pytest.mark.parametrize("name", SEPARABLE)
+def test_ggn_equals_dense_reference_and_is_psd(
+    name: str, engine: str, cache_graph: bool, num_batches: int
+) -> None:
+    problem = _problem(name, num_batches)
+    snapshot = snapshot_state(problem.model)
+    op = GGNOperator(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        engine=engine,
+        cache_graph=cache_graph,
+        dtype=F64,
+    )
+    dense = op.to_dense()
+    assert_close(dense, _Reference(problem, problem.batches, "train-deterministic").ggn())
+    eigenvalues = torch.linalg.eigvalsh(dense)
+    assert eigenvalues.min() >= -1e-10 * eigenvalues.abs().max()
+    assert_state_unchanged(problem.model, snapshot)
+
+
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+def test_ggn_equals_hessian_for_linear_regression(engine: str, cache_graph: bool) -> None:
+    problem = make_problem("linear_regression")
+    kwargs = {"engine": engine, "cache_graph": cache_graph, "dtype": F64}
+    ggn = GGNOperator(problem.model, problem.batches, problem.loss, **kwargs).to_dense()
+    hessian = HessianOperator(problem.model, problem.batches, problem.loss, **kwargs).to_dense()
+    assert_close(ggn, hessian, rtol=1e-13)
+    # MSE over N samples and 2 outputs: H = kron(I_2, 2 X̃ᵀX̃ / (2N)) per batch, averaged.
+    x_tilde = [
+        torch.cat([x.to(F64), torch.ones(len(x), 1, dtype=F64)], 1) for x, _ in problem.batches
+    ]
+    block = sum(xt.T @ xt / len(xt) for xt in x_tilde) / len(x_tilde)
+    # named_parameters order is weight (2x4, row-major: output-major), then bias (2).
+    w_idx = [[o * 4 + i for i in range(4)] + [8 + o] for o in range(2)]
+    for o in range(2):
+        idx = torch.tensor(w_idx[o])
+        assert_close(hessian[idx][:, idx], block, rtol=1e-13)
+
+
+# ------------------------------------------------------------------------------- mode policy
+@pytest.mark.parametrize("operator", [HessianOperator, GGNOperator])
+def test_default_mode_uses_batch_statistics_and_no_dropout(operator: type) -> None:
+    problem = make_problem("cnn_batchnorm")
+    ref = _Reference(problem, problem.batches, "train-deterministic")
+    expected = ref.hessian() if operator is HessianOperator else ref.ggn()
+    # The same answer whatever the user's flags: train, eval, or mixed.
+    for flags in ("train", "eval", "mixed"):
+        model = problem.model
+        model.train(flags == "train")
+        if flags == "mixed":
+            model.bn.eval()
+            model.drop.train()
+        before = {n: m.training for n, m in model.named_modules()}
+        snapshot = snapshot_state(model)
+        op = operator(model, problem.batches, problem.loss, dtype=F64)
+        assert_close(op.to_dense(), expected)
+        assert {n: m.training for n, m in model.named_modules()} == before
+        assert_state_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [
+        ("cnn_batchnorm", "double-backward"),
+        ("cnn_batchnorm", "forward-over-reverse"),
+        ("hf_style", "forward-over-reverse"),
+        ("tiny_transformer", "double-backward"),  # forward-over-reverse: the fast-path test
+    ],
+)
+def test_eval_mode_uses_running_statistics(name: str, engine: str) -> None:
+    problem = make_problem(name)
+    snapshot = snapshot_state(problem.model)
+    op = HessianOperator(
+        problem.model, problem.batches, problem.loss, mode="eval", engine=engine, dtype=F64
+    )
+    expected = _Reference(problem, problem.batches, "eval").hessian()
+    assert_close(op.to_dense(), expected)
+    assert_state_unchanged(problem.model, snapshot)
+    if name == "cnn_batchnorm":  # running statistics differ from batch statistics
+        default = HessianOperator(problem.model, problem.batches, problem.loss, dtype=F64)
+        assert not torch.allclose(default.to_dense(), expected)
+
+
+def test_as_is_mode_keeps_flags_of_a_deterministic_model() -> None:
+    problem = make_problem("cnn_batchnorm")
+    problem.model.eval()
+    op = HessianOperator(problem.model, problem.batches, problem.loss, mode="as-is", dtype=F64)
+    assert_close(op.to_dense(), _Reference(problem, problem.batches, "eval").hessian())
+
+
+@pytest.mark.parametrize("mode", ["eval", "train-deterministic"])
+def test_transformer_in_eval_mode_skips_the_fast_path(mode: str) -> None:
+    # An eval-mode TransformerEncoderLayer whose inputs do not require grad takes the fused fast
+    # path, which has no forward-mode derivative (torch.func.jvp fails on it); the probe avoids it.
+    problem = make_problem("tiny_transformer", num_batches=1)
+    problem.model.eval()
+    reference = _Reference(problem, problem.batches, mode)
+    kwargs = {"mode": mode, "engine": "forward-over-reverse", "dtype": F64}
+    hessian = HessianOperator(problem.model, problem.batches, problem.loss, **kwargs)
+    assert_close(hessian.to_dense(), reference.hessian())
+    ggn = GGNOperator(problem.model, problem.batches, problem.loss, **kwargs)
+    assert_close(ggn.to_dense(), reference.ggn())
+    assert torch.backends.mha.get_fastpath_enabled()  # the global switch is restored
+
+
+# ------------------------------------------------------------------------- state is untouched
+def _prepare_state(model: nn.Module, problem: Problem, flags: str) -> torch.optim.Optimizer:
+    """Freeze a parameter, fill optimizer state and some .grad tensors, set the flags."""
+    params = list(model.named_parameters())
+    params[-1][1].requires_grad_(False)  # a frozen parameter: excluded from the operator
+    optimizer = torch.optim.Adam([p for _, p in params if p.requires_grad], lr=1e-3)
+    model.train()
+    batch = problem.batches[0]
+    if isinstance(batch, dict):
+        loss = model(**batch).loss if not model.return_dict else model(**batch)["loss"]
+    else:
+        loss = problem.loss(model(batch[0]), batch[1])
+    loss.backward()
+    optimizer.step()
+    params[0][1].grad = None  # one parameter with .grad None, the others hold a tensor
+    if flags == "eval":
+        model.eval()
+    elif flags == "mixed":
+        for i, m in enumerate(model.modules()):
+            m.training = i % 2 == 0
+    return optimizer
+
+
+@pytest.mark.parametrize("flags", ["train", "eval", "mixed"])
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_operators_leave_user_state_bit_for_bit_unchanged(name: str, flags: str) -> None:
+    problem = make_problem(name)
+    model = problem.model
+    optimizer = _prepare_state(model, problem, flags)
+    frozen = next(n for n, p in model.named_parameters() if not p.requires_grad)
+    snapshot = snapshot_state(model, optimizer)
+    operators: list[Callable[..., Any]] = [HessianOperator]
+    if problem.separable:
+        operators.append(GGNOperator)
+    generator = torch.Generator().manual_seed(0)
+    for operator in operators:
+        for engine, cache_graph in CONFIGS:
+            op = operator(
+                model, problem.batches, problem.loss, engine=engine, cache_graph=cache_graph
+            )
+            assert frozen not in op.param_names
+            assert op.size == sum(p.numel() for p in model.parameters() if p.requires_grad)
+            assert op.dtype == torch.float32
+            for _ in range(5):
+                op.matvec(torch.randn(op.size, generator=generator))
+            op.gradient()
+            op.loss_value()
+    # Includes torch.get_rng_state(): dropout was off, so no random numbers were drawn.
+    assert_state_unchanged(model, snapshot, optimizer)
+
+
+def test_operators_do_not_consume_rng_in_train_mode_with_dropout() -> None:
+    problem = make_problem("cnn_batchnorm")
+    state = torch.get_rng_state()
+    op = HessianOperator(problem.model, problem.batches, problem.loss)
+    op.matvec(torch.ones(op.size))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------------------- interfaces
+def test_param_subset_is_a_block_of_the_full_hessian() -> None:
+    problem = make_problem("tanh_mlp")
+    full = HessianOperator(problem.model, problem.batches, problem.loss, dtype=F64)
+    sub = HessianOperator(
+        problem.model, problem.batches, problem.loss, dtype=F64, params=["2.weight", "0.bias"]
+    )
+    assert sub.param_names == ["0.bias", "2.weight"]  # model order, not the order given
+    offsets = dict(
+        zip(full.param_names, torch.tensor([0, *full._numels]).cumsum(0).tolist(), strict=False)
+    )
+    idx = torch.cat(
+        [
+            torch.arange(offsets[n], offsets[n] + problem.model.get_parameter(n).numel())
+            for n in sub.param_names
+        ]
+    )
+    assert_close(sub.to_dense(), full.to_dense()[idx][:, idx])
+    by_object = HessianOperator(
+        problem.model, problem.batches, problem.loss, params=[problem.model[0].bias]
+    )
+    assert by_object.param_names == ["0.bias"]
+
+
+def test_flatten_unflatten_round_trip_and_attributes() -> None:
+    problem = make_problem("cnn_batchnorm", num_batches=2, batch_size=5)
+    op = HessianOperator(problem.model, problem.batches, problem.loss)
+    vec = torch.arange(op.size, dtype=torch.float32)
+    parts = op.unflatten(vec)
+    assert list(parts) == op.param_names
+    assert [p.shape for p in parts.values()] == op.param_shapes
+    assert torch.equal(op.flatten(parts), vec)
+    assert op.batch_sizes == [5, 5] and op.num_batches == 2
+    assert op.batch_losses.shape == (2,)
+    assert op.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="length"):
+        op.unflatten(vec[:-1])
+
+
+def test_model_loss_matches_the_pair_form() -> None:
+    problem = make_problem("tanh_mlp")
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    expected = HessianOperator(problem.model, problem.batches, problem.loss, dtype=F64).to_dense()
+    for engine in ("double-backward", "forward-over-reverse"):
+        op = HessianOperator(
+            problem.model, problem.batches, ModelLoss(loss), engine=engine, dtype=F64
+        )
+        assert_close(op.to_dense(), expected)
+
+
+def test_hf_model_returning_a_dict() -> None:
+    problem = make_problem("hf_style", return_dict=True)
+    op = HessianOperator(problem.model, problem.batches, None, dtype=F64)
+    assert_close(
+        op.to_dense(), _Reference(problem, problem.batches, "train-deterministic").hessian()
+    )
+
+
+def test_batch_set_input_keeps_its_record() -> None:
+    problem = make_problem("linear_regression")
+    batch_set = BatchSet(problem.batches[:2], [8, 8], num_requested=5)
+    op = HessianOperator(problem.model, batch_set, problem.loss)
+    assert op.batch_set.is_short and op.num_batches == 2
+
+
+def test_operator_refuses_a_changed_model() -> None:
+    problem = make_problem("linear_regression")
+    op = HessianOperator(problem.model, problem.batches, problem.loss)
+    with torch.no_grad():
+        problem.model.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        op.matvec(torch.ones(op.size))
+
+
+def test_grad_mode_off_outside_does_not_matter() -> None:
+    problem = make_problem("tanh_mlp")
+    expected = HessianOperator(problem.model, problem.batches, problem.loss, dtype=F64).to_dense()
+    with torch.no_grad():
+        op = HessianOperator(problem.model, problem.batches, problem.loss, dtype=F64)
+        assert_close(op.to_dense(), expected)
+
+
+# -------------------------------------------------------------------------------------- errors
+class _CubeOnce(torch.autograd.Function):
+    """x³ with a first derivative only: its backward is @once_differentiable."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _OnceModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(_CubeOnce.apply(self.fc1(x)))
+
+
+def _error_cases() -> dict[str, tuple[Callable[[], Any], type[Exception], str]]:
+    mlp = make_problem("tanh_mlp")
+    hf = make_problem("hf_style")
+    nan_batches = [(x.clone(), y) for x, y in mlp.batches]
+    nan_batches[2][0][0, 0] = float("nan")
+    return {
+        "empty loader": (
+            lambda: HessianOperator(mlp.model, [], mlp.loss),
+            ValueError,
+            "loader yielded no batches",
+        ),
+        "pair without loss": (
+            lambda: HessianOperator(mlp.model, mlp.batches, None),
+            ValueError,
+            "pass loss_fn",
+        ),
+        "non-scalar loss": (
+            lambda: HessianOperator(mlp.model, mlp.batches, nn.CrossEntropyLoss(reduction="none")),
+            ValueError,
+            r"batch 0 must be a scalar, got a tensor of shape \(8,\).*reduction='mean'",
+        ),
+        "non-finite loss": (
+            lambda: HessianOperator(mlp.model, nan_batches, mlp.loss),
+            ValueError,
+            r"loss of batch 2 is not finite",
+        ),
+        "GGN of HF model": (
+            lambda: GGNOperator(hf.model, hf.batches, None),
+            ValueError,
+            "separable outputs and a loss_fn",
+        ),
+        "GGN with ModelLoss": (
+            lambda: GGNOperator(mlp.model, mlp.batches, ModelLoss(lambda m, b: m(b[0]).sum())),
+            ValueError,
+            "separable outputs and a loss_fn",
+        ),
+        "dict batch with loss_fn": (
+            lambda: HessianOperator(hf.model, hf.batches, F.cross_entropy),
+            ValueError,
+            "dict batch has no targets",
+        ),
+        "bad mode": (
+            lambda: HessianOperator(mlp.model, mlp.batches, mlp.loss, mode="train"),
+            ValueError,
+            "mode must be one of",
+        ),
+        "bad engine": (
+            lambda: HessianOperator(mlp.model, mlp.batches, mlp.loss, engine="fd"),
+            ValueError,
+            "engine must be one of",
+        ),
+        "bad dtype": (
+            lambda: HessianOperator(mlp.model, mlp.batches, mlp.loss, dtype=torch.int64),
+            TypeError,
+            "dtype must be a floating torch.dtype",
+        ),
+        "unknown param name": (
+            lambda: HessianOperator(mlp.model, mlp.batches, mlp.loss, params=["nope"]),
+            ValueError,
+            "'nope', which is not a parameter",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_error_cases()))
+def test_errors_are_clear_and_leave_state_unchanged(case: str) -> None:
+    build, error, match = _error_cases()[case]
+    models = [make_problem("tanh_mlp").model, make_problem("hf_style").model]
+    # The factories are seeded, so these snapshots describe the models the closures use.
+    snapshots = [snapshot_state(m) for m in models]
+    with pytest.raises(error, match=match):
+        build()
+    for model, snapshot in zip(models, snapshots, strict=True):
+        assert_state_unchanged(model, snapshot)
+
+
+def test_no_parameter_requires_grad() -> None:
+    problem = make_problem("tanh_mlp")
+    problem.model.requires_grad_(False)
+    snapshot = snapshot_state(problem.model)
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        HessianOperator(problem.model, problem.batches, problem.loss)
+    assert_state_unchanged(problem.model, snapshot)
+
+
+def test_random_forward_in_as_is_mode_is_refused() -> None:
+    problem = make_problem("cnn_batchnorm")  # train mode: its dropout is active
+    snapshot = snapshot_state(problem.model)
+    with pytest.raises(ValueError, match="drew random numbers in mode='as-is'"):
+        HessianOperator(problem.model, problem.batches, problem.loss, mode="as-is")
+    assert_state_unchanged(problem.model, snapshot)  # RNG state restored too
+
+
+@pytest.mark.parametrize(
+    ("operator", "engine", "cache_graph", "match"),
+    [
+        (HessianOperator, "double-backward", True, "once_differentiable.*_CubeOnce"),
+        (HessianOperator, "double-backward", False, "once_differentiable.*_CubeOnce"),
+        (HessianOperator, "forward-over-reverse", False, "no jvp staticmethod"),
+        (GGNOperator, "double-backward", True, "once_differentiable.*_CubeOnce"),
+        (GGNOperator, "double-backward", False, "once_differentiable.*_CubeOnce"),
+        (GGNOperator, "forward-over-reverse", False, "no jvp staticmethod"),
+    ],
+)
+def test_once_differentiable_function_gives_a_clear_error(
+    operator: type, engine: str, cache_graph: bool, match: str
+) -> None:
+    # torch.autograd.grad(..., inputs=params) prunes the Error node that @once_differentiable
+    # leaves in the graph, so without the operator's check the result would silently be wrong.
+    torch.manual_seed(0)
+    model = _OnceModel()
+    batches = [(torch.randn(5, 3), torch.randn(5, 2))]
+    snapshot = snapshot_state(model)
+    with pytest.raises(UnsupportedDerivativeError, match=match) as info:
+        op = operator(model, batches, F.mse_loss, engine=engine, cache_graph=cache_graph)
+        op.matvec(torch.ones(op.size))
+    assert "Fixes:" in str(info.value)
+    if engine == "forward-over-reverse":  # translated from PyTorch's own error
+        assert isinstance(info.value.__cause__, RuntimeError)
+    assert_state_unchanged(model, snapshot)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+class _FusedAttentionModel(nn.Module):
+    """Calls the fused CPU attention kernel directly, bypassing the probe's backend choice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, 1, 4).permute(2, 0, 3, 1, 4)
+        out = _FLASH_CPU(q, k, v)[0]
+        return self.head(out.mean(dim=(1, 2)))
+
+
+@pytest.mark.skipif(_FLASH_CPU is None, reason="this torch build has no fused CPU attention op")
+@pytest.mark.parametrize(
+    ("engine", "match"),
+    [
+        ("double-backward", r"no derivative for .*flash_attention.*backward.*math backend"),
+        ("forward-over-reverse", r"flash_attention.* has no forward-mode derivative"),
+    ],
+)
+def test_op_without_second_derivative_is_named(engine: str, match: str) -> None:
+    torch.manual_seed(0)
+    model = _FusedAttentionModel()
+    batches = [(torch.randn(3, 5, 4), torch.randn(3, 2))]
+    snapshot = snapshot_state(model)
+    with pytest.raises(UnsupportedDerivativeError, match=match) as info:
+        op = HessianOperator(model, batches, F.mse_loss, engine=engine)
+        op.matvec(torch.ones(op.size))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert_state_unchanged(model, snapshot)
