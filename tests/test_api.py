@@ -12,6 +12,11 @@ STABLE = {
     "plot_schedules",
     "SymmetricOperator",
     "DenseOperator",
+    "probe_curvature",
+    "CurvatureEstimate",
+    "HessianOperator",
+    "GGNOperator",
+    "lanczos",
 }
 
 

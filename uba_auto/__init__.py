@@ -6,11 +6,20 @@ The public API, in the order a user meets it:
 * PyTorch schedulers: :class:`UBAScheduler` (with :meth:`UBAScheduler.set_phi`) and
   :class:`BudgetScheduler` for any baseline;
 * plotting: :func:`plot_schedules` (needs the ``plot`` extra);
-* linear operators for the curvature solvers: :class:`SymmetricOperator`, :class:`DenseOperator`.
+* curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`;
+* the layers under it: operators (:class:`HessianOperator`, :class:`GGNOperator`,
+  :class:`DenseOperator`, any :class:`SymmetricOperator`) and solvers that act on an operator
+  (:func:`lanczos`, :func:`power_iteration`, :func:`hutchpp_trace`, :func:`hutchinson_trace`,
+  :func:`slq_density`).
 """
 
+from ._batches import ModelLoss
+from .hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
+from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
 from .plotting import plot_schedules
+from .power_iteration import PowerIterationResult, power_iteration
+from .probe import CurvatureEstimate, probe_curvature
 from .scheduler import BudgetScheduler, PhiChange, UBAScheduler
 from .schedules import (
     SCHEDULES,
@@ -25,24 +34,41 @@ from .schedules import (
     uba_lr,
     wsd_lr,
 )
+from .slq import SpectralDensity, slq_density
+from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULES",
     "BudgetScheduler",
+    "CurvatureEstimate",
     "DenseOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LanczosResult",
+    "ModelLoss",
     "PhiChange",
+    "PowerIterationResult",
+    "SpectralDensity",
     "SymmetricOperator",
+    "TraceEstimate",
     "UBAScheduler",
+    "UnsupportedDerivativeError",
     "__version__",
     "constant_lr",
     "cosine_lr",
     "get_schedule",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
     "linear_lr",
     "onecycle_lr",
     "plot_schedules",
+    "power_iteration",
+    "probe_curvature",
     "rex_lr",
+    "slq_density",
     "step_lr",
     "uba_factor",
     "uba_lr",
