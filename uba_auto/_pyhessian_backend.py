@@ -52,6 +52,9 @@ class PyHessianResult:
     Attributes:
         eigenvalues: PyHessian's top eigenvalues (power iteration with deflation), largest first.
         eigen_hvps: single-batch Hessian-vector products spent on them.
+        eigen_history: the Rayleigh quotient vᵀHv after each product of the first eigenvalue's
+            power iteration (single-batch mode; empty in data-loader mode), i.e. PyHessian's
+            estimate as a function of the products spent.
         trace: mean of PyHessian's Hutchinson samples (PyHessian returns the samples), or None.
         trace_samples: those samples.
         trace_hvps: products spent on the trace.
@@ -63,6 +66,7 @@ class PyHessianResult:
 
     eigenvalues: list[float]
     eigen_hvps: int
+    eigen_history: list[float]
     trace: float | None
     trace_samples: list[float]
     trace_hvps: int
@@ -193,11 +197,18 @@ def run_pyhessian(
     pairs = [(x, y) for x, y in batches]
 
     counter = {"n": 0}
+    history: list[float] = []
     single_hvp = ph.hessian_vector_product
 
-    def counting_hvp(*args: Any, **kwargs: Any) -> Any:
+    def counting_hvp(grads: Any, params: Any, v: Any) -> Any:
         counter["n"] += 1
-        return single_hvp(*args, **kwargs)
+        hv = single_hvp(grads, params, v)
+        if record["on"]:
+            # PyHessian's v is unit-norm, so this is exactly the estimate it computes next.
+            history.append(float(sum((h * u).sum() for h, u in zip(hv, v, strict=True))))
+        return hv
+
+    record = {"on": False}
 
     class _Counting(ph.hessian):
         def dataloader_hv_product(self, v: Any) -> Any:
@@ -225,7 +236,9 @@ def run_pyhessian(
 
         t1 = time.perf_counter()
         counter["n"] = 0
+        record["on"] = top_n == 1
         eigenvalues, _ = comp.eigenvalues(maxIter=max_iters, tol=tol, top_n=top_n)
+        record["on"] = False
         eigen_hvps = counter["n"]
         times["eigenvalues"] = time.perf_counter() - t1
 
@@ -258,6 +271,7 @@ def run_pyhessian(
     return PyHessianResult(
         eigenvalues=[float(e) for e in eigenvalues],
         eigen_hvps=eigen_hvps,
+        eigen_history=history,
         trace=float(np.mean(trace_samples)) if trace_samples else None,
         trace_samples=trace_samples,
         trace_hvps=trace_hvps,

@@ -12,7 +12,7 @@ an :math:`(m, n)` basis in memory, which ``basis_device`` can move off the accel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,13 +131,68 @@ def _breakdown_rtol(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps
 
 
+class _Basis:
+    """The Lanczos vectors as rows of blocks allocated on demand.
+
+    Growing block by block (rather than allocating ``max_steps`` rows up front) keeps the memory at
+    what the run actually used, which is usually far below ``max_steps`` rows when it converges.
+    """
+
+    def __init__(self, n: int, max_rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n, self.max_rows, self.dtype, self.device = n, max_rows, dtype, device
+        self.block = min(max_rows, _BASIS_BLOCK)
+        self.blocks: list[Tensor] = []
+        self.rows = 0  # rows written so far
+
+    def append(self, v: Tensor) -> None:
+        if self.rows == len(self.blocks) * self.block:
+            size = min(self.block, self.max_rows - self.rows)
+            self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.rows % self.block] = v
+        self.rows += 1
+
+    def row(self, j: int) -> Tensor:
+        return self.blocks[j // self.block][j % self.block]
+
+    def _filled(self) -> Iterator[Tensor]:
+        for i, blk in enumerate(self.blocks):
+            yield blk[: min(self.block, self.rows - i * self.block)]
+
+    def coefficients(self, w: Tensor) -> Tensor:
+        """``Q w`` for the rows ``Q`` written so far."""
+        return torch.cat([blk @ w for blk in self._filled()])
+
+    def subtract(self, w: Tensor, h: Tensor) -> Tensor:
+        """``w - Q^T h``."""
+        start = 0
+        for blk in self._filled():
+            w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
+            start += blk.shape[0]
+        return w
+
+    def combine(self, coeffs: Tensor, m: int) -> Tensor:
+        """``Q[:m]^T coeffs`` for a ``(m, k)`` matrix of coefficients: Ritz vectors as columns."""
+        out = torch.zeros((self.n, coeffs.shape[1]), dtype=self.dtype, device=self.device)
+        start = 0
+        for blk in self._filled():
+            rows = min(blk.shape[0], m - start)
+            if rows <= 0:
+                break
+            out += blk[:rows].T @ coeffs[start : start + rows]
+            start += rows
+        return out
+
+
+_BASIS_BLOCK = 16
+
+
 @dataclass(frozen=True)
 class _LanczosProcess:
     """Raw output of :func:`_run_lanczos` (internal)."""
 
     alpha: np.ndarray  # (m,) float64, diagonal of T
     beta: np.ndarray  # (m,) float64; beta[:-1] off-diagonal of T, beta[-1] = ||final residual||
-    basis: Tensor  # (>= m, n); rows [:m] are the orthonormal Lanczos vectors
+    basis: _Basis  # rows [:m] are the orthonormal Lanczos vectors
     num_steps: int
     num_matvecs: int
     breakdown: bool
@@ -161,35 +216,34 @@ def _run_lanczos(
     n = op.size
     dtype = op.dtype
     start_count = op.num_matvecs
-    basis = torch.empty((max_steps, n), dtype=dtype, device=basis_device)
+    basis = _Basis(n, max_steps, dtype, basis_device)
     # Coefficients stay on the device between checks so that no step waits for the host.
     alpha = torch.empty(max_steps, dtype=dtype, device=basis_device)
     beta = torch.empty(max_steps, dtype=dtype, device=basis_device)
     aq_norm = torch.empty(max_steps, dtype=dtype, device=basis_device)
-    basis[0] = q0.to(basis_device)
+    basis.append(q0.to(basis_device))
     rtol = _breakdown_rtol(dtype)
     tiny = torch.finfo(dtype).tiny
 
     for j in range(max_steps):
         # detach: the solver never differentiates through the operator, and a graph attached to
         # the product would otherwise be kept alive by the basis.
-        w = op.matvec(basis[j].to(op.device)).detach().to(basis_device)
+        w = op.matvec(basis.row(j).to(op.device)).detach().to(basis_device)
         aq_norm[j] = torch.linalg.vector_norm(w)
-        q = basis[: j + 1]
         # Two classical Gram-Schmidt passes against the whole basis. The first pass also yields the
         # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
         # first left behind through rounding, which keeps Q orthonormal to working precision.
-        h = q @ w
-        w = torch.addmv(w, q.T, h, alpha=-1)
-        h2 = q @ w
-        w = torch.addmv(w, q.T, h2, alpha=-1)
+        h = basis.coefficients(w)
+        w = basis.subtract(w, h)
+        h2 = basis.coefficients(w)
+        w = basis.subtract(w, h2)
         alpha[j] = h[j] + h2[j]
         b = torch.linalg.vector_norm(w)
         beta[j] = b
         if j + 1 < max_steps:
             # clamp: an exact breakdown (w = 0) must not produce NaN before the next host check
             # finds it; the rows written after a breakdown are discarded there.
-            basis[j + 1] = w / b.clamp_min(tiny)
+            basis.append(w / b.clamp_min(tiny))
 
         m = j + 1
         if m % check_every != 0 and m != max_steps:
@@ -351,8 +405,8 @@ def lanczos(
 
     Args:
         op: the symmetric operator.
-        max_iters: the most Lanczos steps (= products), capped at ``op.size``. The basis takes
-            ``min(max_iters, n) * n`` numbers of memory.
+        max_iters: the most Lanczos steps (= products), capped at ``op.size``. The basis holds one
+            vector of size ``n`` per step taken, allocated in blocks of 16 as the run proceeds.
         tol: relative residual tolerance, see above. The default ``1e-8`` is for float64; with
             float32 operators use ``tol >= 1e-5`` (residuals cannot drop below rounding).
         v0: starting vector, shape ``(n,)``, the operator's dtype and device, nonzero. Default: a
@@ -438,7 +492,7 @@ def lanczos(
     s_wanted = torch.from_numpy(np.ascontiguousarray(s[:, idx])).to(
         device=basis_dev, dtype=op.dtype
     )
-    eigenvectors = (proc.basis[:m].T @ s_wanted).to(op.device)
+    eigenvectors = proc.basis.combine(s_wanted, m).to(op.device)
     return LanczosResult(
         eigenvalues=torch.from_numpy(theta[idx].copy()),
         residuals=torch.from_numpy(residuals),

@@ -246,6 +246,7 @@ def probe_curvature(
     density_iters: int = 40,
     seed: int = 0,
     progress: bool | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -288,6 +289,8 @@ def probe_curvature(
         seed: seed of every random vector the probe draws (from private generators: the global
             RNG streams are neither used nor advanced).
         progress: show a progress bar (tqdm); ``None`` shows one when stderr is a terminal.
+        basis_device: where Lanczos keeps its basis (``max_hvps / num_batches`` vectors of the
+            model's size), e.g. ``"cpu"`` to spare accelerator memory; default the model's device.
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -379,7 +382,7 @@ def probe_curvature(
         try:
             t = time.perf_counter()
             tracked = _Progress(op, bar, num_found)
-            extremes = _extremes(tracked, method, max_iters, tol, gen)
+            extremes = _extremes(tracked, method, max_iters, tol, gen, basis_device)
             hvps["extremes"] = tracked.num_matvecs * num_found
             times["extremes"] = time.perf_counter() - t
             for key, ok in extremes["converged"].items():
@@ -396,7 +399,7 @@ def probe_curvature(
                 hvps["per_batch"] = 0
                 for i, batch in enumerate(batch_set.batches):
                     sub = _Progress(operator_cls(model, [batch], loss_fn, **op_kwargs), bar, 1)
-                    res = _extremes(sub, method, max_iters, tol, gen)
+                    res = _extremes(sub, method, max_iters, tol, gen, basis_device)
                     hvps["per_batch"] += sub.num_matvecs
                     max_pb.append(res["lambda_max"])
                     min_pb.append(res["lambda_min"])
@@ -419,7 +422,11 @@ def probe_curvature(
                 t = time.perf_counter()
                 tracked = _Progress(op, bar, num_found)
                 dens = slq_density(
-                    tracked, num_probes=density_probes, num_iters=density_iters, generator=gen
+                    tracked,
+                    num_probes=density_probes,
+                    num_iters=density_iters,
+                    generator=gen,
+                    basis_device=basis_device,
                 )
                 hvps["density"] = tracked.num_matvecs * num_found
                 times["density"] = time.perf_counter() - t
@@ -488,11 +495,18 @@ def _condition(lambda_max: float, lambda_min_positive: float | None) -> float:
 
 
 def _extremes(
-    op: SymmetricOperator, method: str, max_iters: int, tol: float, gen: torch.Generator
+    op: SymmetricOperator,
+    method: str,
+    max_iters: int,
+    tol: float,
+    gen: torch.Generator,
+    basis_device: torch.device | str | None,
 ) -> dict[str, Any]:
     """Both ends of the spectrum of ``op`` by Lanczos, or by power iteration (plain + shifted)."""
     if method == "lanczos":
-        res = lanczos(op, max_iters=max_iters, tol=tol, generator=gen, which="both")
+        res = lanczos(
+            op, max_iters=max_iters, tol=tol, generator=gen, which="both", basis_device=basis_device
+        )
         pos, pos_res = _smallest_positive(res)
         scale = float(res.ritz_values.abs().max())
         residuals = {
