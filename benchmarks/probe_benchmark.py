@@ -131,8 +131,17 @@ def section_a(name: str, model: nn.Module, batch: Any, repeats: int, device: tor
             sync(device)
             t = time.perf_counter()
             if side in VARIANTS:
-                est = probe_curvature(model, [batch], loss_fn, num_batches=1, per_batch=False,
-                                      trace=False, seed=r, progress=False, tol=VARIANTS[side])  # fmt: skip
+                est = probe_curvature(
+                    model,
+                    [batch],
+                    loss_fn,
+                    num_batches=1,
+                    per_batch=False,
+                    trace=False,
+                    seed=r,
+                    progress=False,
+                    tol=VARIANTS[side],
+                )
                 sync(device)
                 rows[side]["s"].append(time.perf_counter() - t)
                 rows[side]["hvps"].append(est.num_hvps)
@@ -266,10 +275,16 @@ def section_c(name: str, device: torch.device, repeats: int):
     for what in ("train_step", "probe"):
         values = []
         for _ in range(repeats):
-            code = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).parent), device=str(device),
-                                        model=name, what=what, inner=3)  # fmt: skip
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True, env=env)  # fmt: skip
+            code = _MEMORY_CHILD.format(
+                bench_dir=str(Path(__file__).parent),
+                device=str(device),
+                model=name,
+                what=what,
+                inner=3,
+            )
+            res = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+            )
             values.append(json.loads(res.stdout.strip().splitlines()[-1])["bytes"])
         out["bytes"][what] = statistics.median(values)
     out["ratio"] = out["bytes"]["probe"] / max(out["bytes"]["train_step"], 1)
@@ -303,8 +318,10 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "repeats": args.repeats,
-        "A": [], "B": [], "C": [],
-    }  # fmt: skip
+        "A": [],
+        "B": [],
+        "C": [],
+    }
     batch = digits_batch(device)
     for name in ("mlp", "cnn"):
         model = make_model(name, device)
@@ -313,31 +330,54 @@ def main() -> None:
         if not args.skip_memory:
             results["C"].append(section_c(name, device, args.repeats))
 
-    print(f"\n# probe benchmark ({results['device']}, torch {results['torch']}, "
-          f"median of {args.repeats})\n")  # fmt: skip
+    print(
+        f"\n# probe benchmark ({results['device']}, torch {results['torch']}, "
+        f"median of {args.repeats})\n"
+    )
     print("## A. top eigenvalue: uba-auto (Lanczos, both ends) vs PyHessian eigenvalues()\n")
     rows = []
-    labels = {"tol1e-3": "uba-auto, tol=1e-3", "default": "uba-auto, default tol",
-              "pyhessian": "PyHessian eigenvalues()"}  # fmt: skip
+    labels = {
+        "tol1e-3": "uba-auto, tol=1e-3",
+        "default": "uba-auto, default tol",
+        "pyhessian": "PyHessian eigenvalues()",
+    }
     for a in results["A"]:
         for side, label in labels.items():
             m = a["median"][side]
             ratio = a["ratios_vs_pyhessian"].get(side)
-            rows.append([
-                a["model"], a["num_params"], label,
-                f"{m['hvps']:.0f}" + (f" ({ratio['hvps']:.2f}x)" if ratio else ""),
-                f"{m['s'] * 1e3:.0f} ms" + (f" ({ratio['s']:.2f}x)" if ratio else ""),
-                f"{m['err_max']:.1e}",
-                "n/a" if m["err_min"] is None else f"{m['err_min']:.1e}",
-                "" if m["oracle"] is None else f"{m['oracle']:.0f}",
-            ])  # fmt: skip
-    print(fmt_table(["model", "params", "method", "HVPs (vs PyHessian)", "wall (vs PyHessian)",
-                     "λ_max rel. err", "λ_min rel. err", "HVPs until λ_max stays within 1e-3"],
-                    rows))  # fmt: skip
+            rows.append(
+                [
+                    a["model"],
+                    a["num_params"],
+                    label,
+                    f"{m['hvps']:.0f}" + (f" ({ratio['hvps']:.2f}x)" if ratio else ""),
+                    f"{m['s'] * 1e3:.0f} ms" + (f" ({ratio['s']:.2f}x)" if ratio else ""),
+                    f"{m['err_max']:.1e}",
+                    "n/a" if m["err_min"] is None else f"{m['err_min']:.1e}",
+                    "" if m["oracle"] is None else f"{m['oracle']:.0f}",
+                ]
+            )
+    print(
+        fmt_table(
+            [
+                "model",
+                "params",
+                "method",
+                "HVPs (vs PyHessian)",
+                "wall (vs PyHessian)",
+                "λ_max rel. err",
+                "λ_min rel. err",
+                "HVPs until λ_max stays within 1e-3",
+            ],
+            rows,
+        )
+    )
     for a in results["A"]:
-        print(f"\n{a['model']}: λ_max = {a['lambda_max']:.6g}, λ_min = {a['lambda_min']:.6g} "
-              f"(float64 Lanczos, max residual {a['truth_residual']:.1e}); oracle HVPs ratio "
-              f"{a['oracle_ratio']:.2f}x")  # fmt: skip
+        print(
+            f"\n{a['model']}: λ_max = {a['lambda_max']:.6g}, λ_min = {a['lambda_min']:.6g} "
+            f"(float64 Lanczos, max residual {a['truth_residual']:.1e}); oracle HVPs ratio "
+            f"{a['oracle_ratio']:.2f}x"
+        )
     print("\n## B. one HVP in units of one gradient (forward + backward)\n")
     labels = list(results["B"][0]["hvp_in_gradients"])
     rows = [[lab] + [f"{b['hvp_in_gradients'][lab]:.2f}" for b in results["B"]] for lab in labels]
@@ -345,9 +385,15 @@ def main() -> None:
     print(fmt_table(["engine"] + [b["model"] for b in results["B"]], rows))
     if results["C"]:
         print("\n## C. peak memory: probe vs one training step\n")
-        rows = [[c["model"], f"{c['bytes']['train_step'] / 2**20:.2f} MiB",
-                 f"{c['bytes']['probe'] / 2**20:.2f} MiB", f"{c['ratio']:.2f}x"]
-                for c in results["C"]]  # fmt: skip
+        rows = [
+            [
+                c["model"],
+                f"{c['bytes']['train_step'] / 2**20:.2f} MiB",
+                f"{c['bytes']['probe'] / 2**20:.2f} MiB",
+                f"{c['ratio']:.2f}x",
+            ]
+            for c in results["C"]
+        ]
         print(fmt_table(["model", "training step", "probe", "ratio"], rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ def test_curves_are_the_schedules():
     assert [ln.get_label() for ln in lines] == ["UBA φ=0.5", "UBA φ=3", "cosine (= UBA φ=2)"]
     x, y = lines[1].get_data()
     np.testing.assert_array_equal(x, np.arange(201))
-    np.testing.assert_array_equal(y, uba_lr(np.arange(201), 200, phi=3.0, lr_max=1.0,
-                                            warmup_steps=20))  # fmt: skip
+    np.testing.assert_array_equal(
+        y, uba_lr(np.arange(201), 200, phi=3.0, lr_max=1.0, warmup_steps=20)
+    )
 
 
 def test_draws_into_given_axes_and_saves(tmp_path):

@@ -167,8 +167,16 @@ def test_probe_leaves_every_piece_of_state_bit_identical(method, flags):
         next(m for m in model.modules() if isinstance(m, nn.Dropout)).train()
     snap = snapshot_state(model, opt)
     rng = torch.get_rng_state()
-    probe_curvature(model, problem.batches, problem.loss, method=method, density=True,
-                    density_iters=10, density_probes=1, max_hvps=60)  # fmt: skip
+    probe_curvature(
+        model,
+        problem.batches,
+        problem.loss,
+        method=method,
+        density=True,
+        density_iters=10,
+        density_probes=1,
+        max_hvps=60,
+    )
     assert_state_unchanged(model, snap, opt)
     assert torch.equal(torch.get_rng_state(), rng)
 
@@ -206,8 +214,14 @@ def test_dataloader_and_short_loader():
 
 def test_report_round_trips_and_prints():
     problem = make_problem("tanh_mlp")
-    est = probe_curvature(problem.model, problem.batches, problem.loss, density=True,
-                          density_iters=10, density_probes=2)  # fmt: skip
+    est = probe_curvature(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        density=True,
+        density_iters=10,
+        density_probes=2,
+    )
     data = json.loads(est.to_json())
     assert data["lambda_max"] == est.lambda_max
     assert data["hvps"] == est.hvps
@@ -228,8 +242,16 @@ def test_progress_bar_shown_only_when_asked(capsys):
 
 def test_not_converged_is_reported_not_hidden():
     problem = make_problem("tiny_transformer")
-    est = probe_curvature(problem.model, problem.batches, problem.loss, num_batches=1,
-                          dtype=F64, max_hvps=4, per_batch=False, trace=False)  # fmt: skip
+    est = probe_curvature(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        num_batches=1,
+        dtype=F64,
+        max_hvps=4,
+        per_batch=False,
+        trace=False,
+    )
     assert not est.converged["lambda_max"] or not est.converged["lambda_min"]
     assert any("did not converge" in w and "raise max_hvps" in w for w in est.warnings)
 
@@ -316,3 +338,31 @@ def test_pyhessian_refuses_dict_batches():
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         probe_curvature(lambda x: x, [(torch.zeros(1), torch.zeros(1))], nn.functional.mse_loss)
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
+def test_curvature_along_the_top_direction_per_batch(name):
+    problem = make_problem(name)
+    est = probe_curvature(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        num_batches=3,
+        dtype=F64,
+        per_batch=False,
+        trace=False,
+    )
+    _, mean_h = dense_eigs(problem, problem.batches)
+    v = torch.linalg.eigh(mean_h).eigenvectors[:, -1]
+    expected = [float(v @ dense_eigs(problem, [b])[1] @ v) for b in problem.batches]
+    assert est.top_curvature_per_batch == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert sum(est.top_curvature_per_batch) / 3 == pytest.approx(est.lambda_max, rel=1e-8)
+    spread = torch.tensor(expected, dtype=F64).std().item() / est.lambda_max
+    assert est.curvature_noise == pytest.approx(spread, rel=1e-6)
+    assert est.hvps["per_batch"] == 3  # one product per batch when per_batch=False
+
+
+def test_single_batch_has_no_curvature_noise():
+    problem = make_problem("tanh_mlp")
+    est = probe_curvature(problem.model, problem.batches, problem.loss, num_batches=1)
+    assert est.curvature_noise is None and est.top_curvature_per_batch == ()

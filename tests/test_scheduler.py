@@ -280,11 +280,13 @@ class TestSetPhi:
         assert seq[self.T].tolist() == [1e-3, 1e-3]
         assert np.all(seq[self.T :] == 1e-3)
         # No jump: the step right after the change is as small as the curves' own steps.
-        old_curve = uba_lr(np.arange(self.T + 1), self.T, phi=old, lr_max=0.1, lr_min=1e-3,
-                           warmup_steps=self.W)  # fmt: skip
+        old_curve = uba_lr(
+            np.arange(self.T + 1), self.T, phi=old, lr_max=0.1, lr_min=1e-3, warmup_steps=self.W
+        )
         max_step = np.max(np.abs(np.diff(old_curve)))
-        new_curve = uba_lr(np.arange(self.T + 1), self.T, phi=new, lr_max=0.1, lr_min=1e-3,
-                           warmup_steps=self.W)  # fmt: skip
+        new_curve = uba_lr(
+            np.arange(self.T + 1), self.T, phi=new, lr_max=0.1, lr_min=1e-3, warmup_steps=self.W
+        )
         max_step = max(max_step, np.max(np.abs(np.diff(new_curve))))
         assert abs(seq[t0 + 1, 0] - seq[t0, 0]) <= 1.5 * max_step
         assert np.all(np.diff(seq[self.W :, 0]) <= 0)
@@ -300,8 +302,9 @@ class TestSetPhi:
             s = s_entry + (1 - s_entry) * (t - 400) / (self.T - 400)
             f = uba_factor(s, 6.0)
             assert sched.lr_at(t)[0] == pytest.approx(0.1 * f + 1e-3 * (1 - f), rel=1e-12)
-        assert sched.lr_at(400)[0] == uba_lr(400, self.T, phi=1.0, lr_max=0.1, lr_min=1e-3,
-                                             warmup_steps=self.W)  # fmt: skip
+        assert sched.lr_at(400)[0] == uba_lr(
+            400, self.T, phi=1.0, lr_max=0.1, lr_min=1e-3, warmup_steps=self.W
+        )
 
     @pytest.mark.parametrize("t0", [0, 10, 50])
     def test_during_warmup_equals_building_with_new_phi(self, t0):

@@ -6,6 +6,9 @@ The public API, in the order a user meets it:
 * PyTorch schedulers: :class:`UBAScheduler` (with :meth:`UBAScheduler.set_phi`) and
   :class:`BudgetScheduler` for any baseline;
 * plotting: :func:`plot_schedules` (needs the ``plot`` extra);
+* the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
+  :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
+  :func:`phi_from_condition_number`;
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`;
 * the layers under it: operators (:class:`HessianOperator`, :class:`GGNOperator`,
   :class:`DenseOperator`, any :class:`SymmetricOperator`) and solvers that act on an operator
@@ -14,12 +17,15 @@ The public API, in the order a user meets it:
 """
 
 from ._batches import ModelLoss
+from .auto import AutoUBA, AutoUBAScheduler, auto_uba
 from .hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
+from .phi import PhiChoice, choose_phi, phi_from_condition_number
 from .plotting import plot_schedules
 from .power_iteration import PowerIterationResult, power_iteration
 from .probe import CurvatureEstimate, probe_curvature
+from .report import CurvatureReport, ReestimationRecord
 from .scheduler import BudgetScheduler, PhiChange, UBAScheduler
 from .schedules import (
     SCHEDULES,
@@ -41,21 +47,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULES",
+    "AutoUBA",
+    "AutoUBAScheduler",
     "BudgetScheduler",
     "CurvatureEstimate",
+    "CurvatureReport",
     "DenseOperator",
     "GGNOperator",
     "HessianOperator",
     "LanczosResult",
     "ModelLoss",
     "PhiChange",
+    "PhiChoice",
     "PowerIterationResult",
+    "ReestimationRecord",
     "SpectralDensity",
     "SymmetricOperator",
     "TraceEstimate",
     "UBAScheduler",
     "UnsupportedDerivativeError",
     "__version__",
+    "auto_uba",
+    "choose_phi",
     "constant_lr",
     "cosine_lr",
     "get_schedule",
@@ -64,6 +77,7 @@ __all__ = [
     "lanczos",
     "linear_lr",
     "onecycle_lr",
+    "phi_from_condition_number",
     "plot_schedules",
     "power_iteration",
     "probe_curvature",

@@ -81,8 +81,14 @@ def plot_schedules(
         steps, cosine_lr(steps, total_steps, **common), "k--", lw=1.5, label="cosine (= UBA φ=2)"
     )
     if include_linear:
-        ax.plot(steps, linear_lr(steps, total_steps, **common), ":", color="0.45", lw=1.5,
-                label="linear")  # fmt: skip
+        ax.plot(
+            steps,
+            linear_lr(steps, total_steps, **common),
+            ":",
+            color="0.45",
+            lw=1.5,
+            label="linear",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate" if lr_max != 1.0 else "learning rate / peak")
     title = f"UBA schedules, T = {total_steps}"

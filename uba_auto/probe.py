@@ -76,6 +76,12 @@ class CurvatureEstimate:
             (empty with one batch or ``per_batch=False``).
         lambda_max_spread, lambda_min_spread: sample standard deviation of the per-batch values
             (``None`` without them).
+        top_curvature_per_batch: :math:`v^\top H_b v` for each batch :math:`b`, with :math:`v`
+            the top eigenvector of the mean operator: the curvature each minibatch shows along
+            the sharpest direction (their mean is ``lambda_max``). One HVP per batch.
+        curvature_noise: their sample standard deviation divided by ``lambda_max``: how much the
+            sharpness a single SGD step sees fluctuates from batch to batch (``None`` with one
+            batch, or for ``method="pyhessian"``). 0 means full-batch-like curvature.
         batch_losses: loss of each probed batch at the current parameters.
         density: the spectral density by stochastic Lanczos quadrature, or ``None``.
         negative_mass: the fraction of the spectrum below 0 estimated from ``density``.
@@ -100,6 +106,8 @@ class CurvatureEstimate:
     lambda_min_per_batch: tuple[float, ...]
     lambda_max_spread: float | None
     lambda_min_spread: float | None
+    top_curvature_per_batch: tuple[float, ...]
+    curvature_noise: float | None
     batch_losses: tuple[float, ...]
     density: SpectralDensity | None
     negative_mass: float | None
@@ -129,7 +137,12 @@ class CurvatureEstimate:
                 "size": self.density.size,
                 "num_matvecs": self.density.num_matvecs,
             }
-        for key in ("lambda_max_per_batch", "lambda_min_per_batch", "batch_losses"):
+        for key in (
+            "lambda_max_per_batch",
+            "lambda_min_per_batch",
+            "top_curvature_per_batch",
+            "batch_losses",
+        ):
             out[key] = list(out[key])
         out["batch_sizes"] = list(self.batch_sizes)
         out["warnings"] = list(self.warnings)
@@ -157,6 +170,7 @@ class CurvatureEstimate:
                 f"  ± {self.lambda_min_spread:.3g} across batches" if self.lambda_min_spread else ""
             ),
             f"  smallest positive   {fmt(self.lambda_min_positive)}",
+            f"  curvature noise     {fmt(self.curvature_noise)}",
             f"  lambda_max / that   {fmt(self.condition_number)}",
             f"  trace               {fmt(self.trace)}"
             + (f"  ± {self.trace_std_error:.3g}" if self.trace_std_error is not None else ""),
@@ -365,9 +379,23 @@ def probe_curvature(
         if method == "pyhessian":
             times["setup"] = time.perf_counter() - start
             return _probe_with_pyhessian(
-                model, batch_set, loss_fn, budget, tol, mode, dtype, trace, trace_matvecs,
-                density, density_iters, density_probes, seed, notes, start, times,
-            )  # fmt: skip
+                model,
+                batch_set,
+                loss_fn,
+                budget,
+                tol,
+                mode,
+                dtype,
+                trace,
+                trace_matvecs,
+                density,
+                density_iters,
+                density_probes,
+                seed,
+                notes,
+                start,
+                times,
+            )
 
         op = operator_cls(model, batch_set, loss_fn, **op_kwargs)
         times["setup"] = time.perf_counter() - start
@@ -375,7 +403,7 @@ def probe_curvature(
         gen = torch.Generator(device=op.device).manual_seed(seed)
 
         per_batch_runs = per_batch and num_found > 1
-        total = budget * (2 if per_batch_runs else 1)
+        total = budget * (2 if per_batch_runs else 1) + (num_found if num_found > 1 else 0)
         total += (trace_matvecs if trace else 0) * num_found
         total += (density_probes * density_iters if density else 0) * num_found
         bar = _make_bar(progress, total, f"probing {curvature}")
@@ -394,19 +422,25 @@ def probe_curvature(
 
             max_pb: list[float] = []
             min_pb: list[float] = []
-            if per_batch_runs:
+            top_pb: list[float] = []
+            if num_found > 1:
                 t = time.perf_counter()
                 hvps["per_batch"] = 0
+                top = extremes["top_vector"]
                 for i, batch in enumerate(batch_set.batches):
                     sub = _Progress(operator_cls(model, [batch], loss_fn, **op_kwargs), bar, 1)
-                    res = _extremes(sub, method, max_iters, tol, gen, basis_device)
+                    # The curvature batch i shows along the sharpest direction: one product.
+                    top_pb.append(float(top @ sub.matvec(top)))
+                    if per_batch_runs:
+                        res = _extremes(sub, method, max_iters, tol, gen, basis_device)
+                        max_pb.append(res["lambda_max"])
+                        min_pb.append(res["lambda_min"])
+                        if not all(
+                            ok for k, ok in res["converged"].items() if k != "lambda_min_positive"
+                        ):
+                            notes.append(f"the per-batch estimate of batch {i} did not converge")
                     hvps["per_batch"] += sub.num_matvecs
-                    max_pb.append(res["lambda_max"])
-                    min_pb.append(res["lambda_min"])
-                    if not all(
-                        v for k, v in res["converged"].items() if k != "lambda_min_positive"
-                    ):
-                        notes.append(f"the per-batch estimate of batch {i} did not converge")
+                    del sub  # one batch's graph at a time
                 times["per_batch"] = time.perf_counter() - t
 
             trace_est = None
@@ -459,6 +493,12 @@ def probe_curvature(
         lambda_min_per_batch=tuple(min_pb),
         lambda_max_spread=_spread(max_pb),
         lambda_min_spread=_spread(min_pb),
+        top_curvature_per_batch=tuple(top_pb),
+        curvature_noise=(
+            _spread(top_pb) / extremes["lambda_max"]
+            if len(top_pb) > 1 and extremes["lambda_max"] > 0
+            else None
+        ),
         batch_losses=batch_losses,
         density=dens,
         negative_mass=None if dens is None else dens.negative_mass(),
@@ -526,6 +566,7 @@ def _extremes(
             "lambda_min_positive": pos,
             "residuals": residuals,
             "converged": converged,
+            "top_vector": res.eigenvectors[:, -1],
         }
     # Power iteration: half the budget for the dominant eigenvalue, half for the far end.
     half = max(1, max_iters // 2)
@@ -541,6 +582,7 @@ def _extremes(
         "lambda_min_positive": bottom if bottom > 0 else None,
         "residuals": {"lambda_max": hi.residual, "lambda_min": lo.residual},
         "converged": {"lambda_max": hi.converged, "lambda_min": lo.converged},
+        "top_vector": hi.eigenvector,
     }
 
 
@@ -624,6 +666,8 @@ def _probe_with_pyhessian(
         lambda_min_per_batch=(),
         lambda_max_spread=None,
         lambda_min_spread=None,
+        top_curvature_per_batch=(),
+        curvature_noise=None,
         batch_losses=(),
         density=dens,
         negative_mass=None if dens is None else dens.negative_mass(),

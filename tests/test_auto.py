@@ -1,0 +1,290 @@
+"""auto_uba end to end on tiny models: scheduler, report, re-estimation, resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+from _models import make_problem
+from torch import nn
+
+from uba_auto import ModelLoss, auto_uba
+from uba_auto._state import assert_state_unchanged, snapshot_state
+from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
+from uba_auto.phi import FALLBACK_PHI
+from uba_auto.schedules import uba_lr
+
+
+def mlp_setup(num_batches: int = 6, seed: int = 2):
+    problem = make_problem("tanh_mlp", num_batches=num_batches, seed=seed)
+    model = problem.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return problem, model, opt
+
+
+def train(model, opt, sched, batches, steps, record=None):
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if record is not None:
+            record.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+
+def test_three_argument_call_works_and_is_useful():
+    problem, model, _ = mlp_setup()
+    snap = snapshot_state(model)
+    auto = auto_uba(model, problem.batches, 50)
+    assert_state_unchanged(model, snap)
+    assert auto.scheduler is None and 0.25 <= auto.phi <= 16
+    report = auto.report
+    assert report.peak_lr == pytest.approx(1 / report.estimate.lambda_max)
+    assert "no optimizer" in report.peak_lr_source
+    assert any("cross_entropy" in w for w in report.warnings)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = auto.make_scheduler(opt)
+    assert isinstance(sched, AutoUBAScheduler) and auto.scheduler is sched
+    used: list = []
+    train(model, opt, sched, problem.batches, 50, record=used)
+    assert used[-1] == 0.0  # lr_min on the last step of the budget
+    expected = [uba_lr(t, 49, phi=auto.phi, lr_max=0.05) for t in range(50)]
+    assert used == expected
+
+
+def test_with_optimizer_warmup_and_lr_min():
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(
+        model, problem.batches, 40, optimizer=opt, loss_fn=problem.loss, warmup_steps=5, lr_min=1e-3
+    )
+    used: list = []
+    train(model, opt, auto.scheduler, problem.batches, 40, record=used)
+    assert used[0] == 0.0 and used[5] == 0.05 and used[-1] == 1e-3
+    assert auto.report.peak_lr == 0.05 and "optimizer" in auto.report.peak_lr_source
+
+
+def test_report_text_json_and_plot(tmp_path):
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(model, problem.batches, 100, optimizer=opt, loss_fn=problem.loss)
+    text = str(auto.report)
+    for needle in (
+        "λ_max",
+        "λ_min",
+        "smallest positive",
+        "trace",
+        "κ used for φ",
+        "φ chosen",
+        "why",
+        "probe cost",
+        "HVPs",
+    ):
+        assert needle in text, needle
+    data = json.loads(auto.report.to_json())
+    assert (
+        data["phi"] == auto.phi
+        and data["estimate"]["lambda_max"] == auto.report.estimate.lambda_max
+    )
+    assert data["history"][0]["status"] == "ok"
+    pytest.importorskip("matplotlib")
+    fig = auto.report.plot()
+    assert len(fig.axes) == 2
+    fig.savefig(tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_reestimation_keeps_lr_continuous_and_history():
+    problem, model, opt = mlp_setup(num_batches=8)
+    auto = auto_uba(
+        model,
+        problem.batches,
+        600,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        num_batches=2,
+        reestimate_every=200,
+        probe_fraction=1.0,
+        density=False,
+        per_batch=False,
+        trace=False,
+    )
+    used: list = []
+    sched = auto.scheduler
+    for t in range(600):
+        x, y = problem.batches[t % 8]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        before = opt.param_groups[0]["lr"]
+        sched.step()
+        if sched.last_epoch in (200, 400):
+            # The re-estimate happened inside step(): the rate just set is the plan's, unjumped.
+            assert opt.param_groups[0]["lr"] == sched.lr_at(sched.last_epoch)[0]
+            assert opt.param_groups[0]["lr"] <= before
+    history = auto.report.history
+    assert [r.step for r in history] == [0, 200, 400]
+    assert all(r.status == "ok" and r.hvps > 0 for r in history)
+    assert [c.step for c in sched.phi_history] == [200, 400]
+    assert used[-1] == 0.0
+    assert all(b <= a for a, b in itertools.pairwise(used))
+    assert auto.probe_cost_fraction == pytest.approx(
+        sum(r.hvps for r in history) * HVP_COST_IN_GRADIENTS / 600
+    )
+
+
+def test_reestimation_is_skipped_beyond_the_probe_budget():
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(
+        model,
+        problem.batches,
+        30,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        reestimate_every=10,
+        probe_fraction=0.02,
+        density=False,
+    )
+    assert any("re-estimations will be skipped" in w for w in auto.report.warnings)
+    train(model, opt, auto.scheduler, problem.batches, 30)
+    assert [r.status for r in auto.report.history] == ["ok", "skipped", "skipped"]
+    assert auto.scheduler.phi_history == []
+
+
+def test_failed_reestimation_keeps_phi_and_training_goes_on():
+    problem, model, opt = mlp_setup(num_batches=4)
+    bad = [(x * float("nan"), y) for x, y in problem.batches]
+    auto = auto_uba(
+        model,
+        problem.batches[:2] + bad,
+        300,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        num_batches=2,
+        reestimate_every=100,
+        probe_fraction=1.0,
+        density=False,
+        per_batch=False,
+        trace=False,
+    )
+    phi0 = auto.phi
+    with pytest.warns(RuntimeWarning, match="re-estimation at step 100 failed, phi kept"):
+        train(model, opt, auto.scheduler, problem.batches, 150)
+    record = auto.report.history[1]
+    assert record.status == "failed" and "not finite" in record.message
+    assert auto.phi == phi0 and auto.scheduler.phi_history == []
+
+
+def test_resume_is_bit_exact():
+    def run(stop_at=None, state=None):
+        problem, model, opt = mlp_setup(num_batches=8)
+        auto = auto_uba(
+            model,
+            problem.batches,
+            600,
+            optimizer=opt,
+            loss_fn=problem.loss,
+            num_batches=2,
+            reestimate_every=150,
+            probe_fraction=1.0,
+            density=False,
+            per_batch=False,
+            trace=False,
+        )
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            auto.load_state_dict(state["auto"])
+            start = state["step"]
+        used: list = []
+        for t in range(start, 600 if stop_at is None else stop_at):
+            x, y = problem.batches[t % 8]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            auto.scheduler.step()
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "auto": auto.state_dict(),
+                "step": stop_at,
+            },
+            buf,
+        )
+        buf.seek(0)
+        return used, auto, buf
+
+    full, auto_full, _ = run()
+    first, _, buf = run(stop_at=250)
+    state = torch.load(buf, weights_only=True)
+    rest, auto_resumed, _ = run(state=state)
+    assert first + rest == full
+    assert auto_resumed.scheduler.phi_history == auto_full.scheduler.phi_history
+    assert [r.phi for r in auto_resumed.report.history] == [r.phi for r in auto_full.report.history]
+    assert len(auto_full.scheduler.phi_history) == 3
+
+
+def test_suggested_peak_lr_is_explicit():
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(
+        model, problem.batches, 30, optimizer=opt, loss_fn=problem.loss, peak_lr="suggest"
+    )
+    lr = 1 / auto.report.estimate.lambda_max
+    assert auto.suggested_lr == pytest.approx(lr)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    assert any("peak_lr='suggest' set" in w for w in auto.report.warnings)
+
+
+def test_no_positive_curvature_falls_back_loudly():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(16, 3)
+    batches = [(x[:8],), (x[8:],)]
+    concave = ModelLoss(lambda m, b: -(m(b[0]) ** 2).mean())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = auto_uba(model, batches, 20, optimizer=opt, loss_fn=concave, density=False)
+    assert auto.phi == FALLBACK_PHI
+    assert any("fell back" in w for w in auto.report.warnings)
+    assert "fallback" in str(auto.report)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"budget": 10, "warmup_steps": 9}, ValueError, "budget must be > warmup_steps \\+ 1"),
+        ({"budget": 1}, ValueError, "budget must be >= 2"),
+        ({"budget": 10, "link": "fancy"}, ValueError, "link must be one of"),
+        ({"budget": 10, "peak_lr": "max"}, ValueError, "peak_lr must be a number, 'suggest'"),
+        ({"budget": 10, "peak_lr": -1.0}, ValueError, "peak_lr must be finite and > 0"),
+        ({"budget": 10, "probe_fraction": 2.0}, ValueError, "probe_fraction must lie in"),
+        ({"budget": 10, "optimizer": "sgd"}, TypeError, "optimizer must be a torch.optim"),
+        ({"budget": 10, "reestimate_every": 0}, ValueError, "reestimate_every must be >= 1"),
+        ({"budget": 10, "phi_min": 4.0, "phi_max": 1.0}, ValueError, "phi_min must be <="),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    problem, model, _ = mlp_setup()
+    snap = snapshot_state(model)
+    budget = kwargs.pop("budget")
+    with pytest.raises(exc, match=match):
+        auto_uba(model, problem.batches, budget, **kwargs)
+    assert_state_unchanged(model, snap)
+
+
+def test_empty_loader():
+    _, model, _ = mlp_setup()
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        auto_uba(model, [], 10)
+    with pytest.raises(ValueError, match="no batches"):
+        auto_uba(model, [], 10, loss_fn=nn.functional.cross_entropy)

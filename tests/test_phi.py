@@ -1,0 +1,104 @@
+"""The κ→φ links: closed-form values, monotonicity, clamps, fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from _models import make_problem
+
+from uba_auto import phi as P
+from uba_auto.probe import probe_curvature
+
+
+def test_chebyshev_link_is_two_kappa():
+    for kappa in [1.0, 1.5, 3.0, 7.9]:
+        assert P.phi_from_condition_number(kappa, link="chebyshev") == 2 * kappa
+    assert P.phi_from_condition_number(100.0, link="chebyshev") == P.PHI_MAX
+
+
+def test_calibrated_link_closed_form_and_anchor():
+    assert P.phi_from_condition_number(P.KAPPA_COSINE) == pytest.approx(2.0)
+    for kappa in [1.05, 1.2, 1.4]:
+        expected = 2 * ((kappa - 1) / (P.KAPPA_COSINE - 1)) ** P.SENSITIVITY
+        got = P.phi_from_condition_number(kappa, phi_min=1e-9, phi_max=1e9)
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("link", P.LINKS)
+def test_monotone_non_decreasing_in_kappa(link):
+    kappas = np.concatenate([[1.0], np.geomspace(1.001, 1e4, 300), [math.inf]])
+    phis = [P.phi_from_condition_number(float(k), link=link) for k in kappas]
+    assert np.all(np.diff(phis) >= 0)
+    assert min(phis) >= P.PHI_MIN and max(phis) <= P.PHI_MAX
+
+
+def test_clamp_range_is_respected_and_reported():
+    assert P.phi_from_condition_number(1.0) == P.PHI_MIN
+    assert P.phi_from_condition_number(math.inf) == P.PHI_MAX
+    assert P.phi_from_condition_number(1.0, phi_min=0.5) == 0.5
+    assert P.phi_from_condition_number(50.0, link="chebyshev", phi_max=8.0) == 8.0
+
+
+def test_minibatch_and_budget_condition_numbers():
+    assert P.minibatch_condition_number(0.0) == 1.0
+    assert P.minibatch_condition_number(0.5) == pytest.approx(3.0)
+    assert P.minibatch_condition_number(1.0) == math.inf
+    assert P.budget_condition_number(2.0, 0.5, 0.1, 1000) == pytest.approx(4.0)  # floor = 0.5
+    assert P.budget_condition_number(2.0, None, 0.1, 1000) == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kappa": 0.5}, "kappa must be a condition number >= 1"),
+        ({"kappa": float("nan")}, "kappa must be a condition number >= 1"),
+        ({"kappa": 2.0, "link": "magic"}, "link must be one of"),
+        ({"kappa": 2.0, "phi_min": 4.0, "phi_max": 2.0}, "phi_min must be <= phi_max"),
+        ({"kappa": 2.0, "phi_min": 0.0}, "phi_min must be finite and > 0"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        P.phi_from_condition_number(**kwargs)
+    with pytest.raises(ValueError, match="curvature_noise must be a number >= 0"):
+        P.minibatch_condition_number(-0.1)
+
+
+@pytest.fixture(scope="module")
+def estimate():
+    problem = make_problem("tanh_mlp")
+    return probe_curvature(
+        problem.model, problem.batches, problem.loss, num_batches=3, per_batch=False, trace=False
+    )
+
+
+def test_choose_phi_uses_the_curvature_noise(estimate):
+    choice = P.choose_phi(estimate, peak_lr=0.1, budget=1000)
+    kappa = P.minibatch_condition_number(estimate.curvature_noise)
+    assert choice.kappa == pytest.approx(kappa)
+    assert choice.phi == P.phi_from_condition_number(kappa)
+    assert "calibrated" in choice.reason and choice.link == "calibrated"
+    assert any("only 3 batch" in w for w in choice.warnings)
+
+
+def test_choose_phi_chebyshev_hits_the_clamp_and_says_so(estimate):
+    choice = P.choose_phi(estimate, peak_lr=0.1, budget=1000, link="chebyshev")
+    assert choice.kappa > 8 and choice.phi == P.PHI_MAX and choice.clamped
+    assert any("clamped" in w for w in choice.warnings)
+
+
+def test_choose_phi_falls_back_without_positive_curvature(estimate):
+    flat = dataclasses.replace(estimate, lambda_max=-0.3)
+    choice = P.choose_phi(flat, peak_lr=0.1, budget=100)
+    assert choice.phi == P.FALLBACK_PHI and choice.kappa is None
+    assert any("fell back" in w for w in choice.warnings)
+
+
+def test_choose_phi_one_batch_is_treated_as_full_batch(estimate):
+    one = dataclasses.replace(estimate, curvature_noise=None, num_batches=1)
+    choice = P.choose_phi(one, peak_lr=0.1, budget=100)
+    assert choice.kappa == 1.0 and choice.phi == P.PHI_MIN
+    assert any("not measurable" in w for w in choice.warnings)

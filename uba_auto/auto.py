@@ -1,0 +1,496 @@
+"""``auto_uba``: probe the curvature, choose φ, hand back a ready UBA scheduler, re-estimate φ.
+
+The product in one call::
+
+    auto = auto_uba(model, loader, budget, optimizer=optimizer, loss_fn=loss_fn)
+    print(auto.report)                 # the pre-training curvature report
+    for step in range(budget):
+        ...                            # forward, backward
+        optimizer.step()
+        auto.scheduler.step()          # re-probes every `reestimate_every` steps if asked
+
+Probing cost is counted in gradient-equivalents: one Hessian-vector product costs
+:data:`HVP_COST_IN_GRADIENTS` gradients (the benchmark measures 1.3-1.8 for the cached-graph
+engine), one training step one gradient. Re-estimations are skipped, and the skip recorded, once
+they would take the total past ``probe_fraction`` of the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validation import check_fraction, check_int, check_nonnegative_finite, check_positive_finite
+from .phi import LINKS, PHI_MAX, PHI_MIN, PhiChoice, choose_phi
+from .probe import CurvatureEstimate, probe_curvature
+from .report import CurvatureReport, ReestimationRecord
+from .scheduler import UBAScheduler
+
+__all__ = ["HVP_COST_IN_GRADIENTS", "AutoUBA", "AutoUBAScheduler", "auto_uba"]
+
+logger = logging.getLogger("uba_auto")
+
+HVP_COST_IN_GRADIENTS = 2.0
+"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget (rounded up
+from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
+
+_STATE_VERSION = 1
+
+
+def _default_loss(batch: Any) -> tuple[Any, str]:
+    """The loss for a three-argument call, from the form of the first batch (recorded)."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return None, "dict batches: the model's own .loss"
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        if batch[1].is_floating_point():
+            return nn.functional.mse_loss, "loss_fn not given: mse_loss (floating-point targets)"
+        return nn.functional.cross_entropy, "loss_fn not given: cross_entropy (integer targets)"
+    raise ValueError(
+        "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
+        "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
+    )
+
+
+class AutoUBAScheduler(UBAScheduler):
+    """A :class:`~uba_auto.scheduler.UBAScheduler` whose ``step()`` also re-estimates φ every
+    ``reestimate_every`` steps through its :class:`AutoUBA` (collectively, at the same steps on
+    every run, so a resumed run re-estimates at the same steps as an uninterrupted one)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, auto: AutoUBA, **kwargs: Any) -> None:
+        self._auto = auto
+        super().__init__(optimizer, **kwargs)
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        every = self._auto.reestimate_every
+        # Not at step 0 (the pre-training probe just ran) nor at or after the last step.
+        if every and 0 < self.last_epoch < self.total_steps and self.last_epoch % every == 0:
+            self._auto.reestimate()
+
+
+class AutoUBA:
+    """What :func:`auto_uba` returns: the chosen φ, the report, and the scheduler.
+
+    Attributes:
+        phi: the φ in force now.
+        report: the :class:`~uba_auto.report.CurvatureReport` (with the re-estimation history).
+        scheduler: the :class:`AutoUBAScheduler` for the optimizer given to :func:`auto_uba`,
+            or ``None`` until :meth:`make_scheduler` is called.
+        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD suggested by the curvature.
+        budget, warmup_steps, reestimate_every, probe_fraction: the settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        budget: int,
+        *,
+        loss_fn: Any,
+        loss_note: str,
+        warmup_steps: int,
+        lr_min: float | None,
+        lr_min_ratio: float | None,
+        num_batches: int,
+        reestimate_every: int | None,
+        probe_fraction: float,
+        link: str,
+        phi_min: float,
+        phi_max: float,
+        probe_kwargs: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.loader = loader
+        self.budget = budget
+        self.loss_fn = loss_fn
+        self.warmup_steps = warmup_steps
+        self.lr_min = lr_min
+        self.lr_min_ratio = lr_min_ratio
+        self.num_batches = num_batches
+        self.reestimate_every = reestimate_every
+        self.probe_fraction = probe_fraction
+        self.link = link
+        self.phi_min, self.phi_max = phi_min, phi_max
+        self.probe_kwargs = probe_kwargs
+        self.scheduler: AutoUBAScheduler | None = None
+        self._notes = [loss_note] if loss_note.startswith("loss_fn not given") else []
+        self._iterator: Iterator[Any] | None = None
+        self.batches_drawn = 0
+        self.probe_hvps = 0
+        self.report: CurvatureReport  # set by _initial_probe
+        self._peak_lr: float | None = None
+        self._peak_source = ""
+
+    # -- batches -----------------------------------------------------------------------------------
+    def _next_batches(self) -> list[Any]:
+        """The next ``num_batches`` batches, cycling over the loader (fresh data each probe)."""
+        out: list[Any] = []
+        for _ in range(2):  # at most one restart of the loader per draw
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            out += list(itertools.islice(self._iterator, self.num_batches - len(out)))
+            if len(out) == self.num_batches:
+                break
+            self._iterator = None
+        self.batches_drawn += len(out)
+        return out
+
+    def _skip_to(self, drawn: int) -> None:
+        """Fast-forward a fresh loader iterator past ``drawn`` batches (used on resume)."""
+        self._iterator, self.batches_drawn = None, 0
+        while self.batches_drawn < drawn:
+            got = self._next_batches()
+            if not got:
+                break
+
+    # -- probing -----------------------------------------------------------------------------------
+    def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
+        kwargs = {**self.probe_kwargs, **overrides}
+        est = probe_curvature(
+            self.model, batches, self.loss_fn, num_batches=len(batches) or 1, **kwargs
+        )
+        self.probe_hvps += est.num_hvps
+        return est
+
+    def _choose(self, est: CurvatureEstimate, remaining: int) -> PhiChoice:
+        return choose_phi(
+            est,
+            peak_lr=self._peak_lr,
+            budget=remaining,
+            link=self.link,
+            phi_min=self.phi_min,
+            phi_max=self.phi_max,
+        )
+
+    def _initial_probe(self, peak_lr: float | str | None, optimizer: Any) -> None:
+        batches = self._next_batches()
+        if not batches:
+            raise ValueError(
+                "loader yielded no batches; auto_uba needs at least one batch to probe"
+            )
+        t0 = time.perf_counter()
+        est = self._probe(batches)
+        suggested = 1.0 / est.lambda_max if est.lambda_max > 0 else None
+        self.suggested_lr = suggested
+        notes = list(self._notes)
+        if isinstance(peak_lr, (int, float)) and not isinstance(peak_lr, bool):
+            self._peak_lr, self._peak_source = float(peak_lr), "given as peak_lr"
+        elif peak_lr == "suggest":
+            if suggested is None:
+                raise ValueError(
+                    "peak_lr='suggest' needs positive curvature, but lambda_max = "
+                    f"{est.lambda_max:.3g} <= 0; pass peak_lr as a number"
+                )
+            self._peak_lr, self._peak_source = suggested, "suggested: 1 / lambda_max"
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = suggested
+                    group.pop("initial_lr", None)
+                notes.append(f"peak_lr='suggest' set every param group's lr to {suggested:.4g}")
+        elif optimizer is not None:
+            peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+            self._peak_lr, self._peak_source = max(peaks), "the optimizer's largest group lr"
+        elif suggested is not None:
+            self._peak_lr = suggested
+            self._peak_source = "no optimizer: assumed 1 / lambda_max (SGD)"
+        else:
+            self._peak_lr, self._peak_source = 1.0, "unknown (no optimizer, no positive curvature)"
+        choice = self._choose(est, self.budget)
+        record = ReestimationRecord(
+            0,
+            "ok",
+            choice.kappa,
+            choice.phi,
+            est.num_hvps,
+            time.perf_counter() - t0,
+            "pre-training probe",
+        )
+        notes += list(choice.warnings) + list(est.warnings)
+        share = self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
+        if share > self.probe_fraction:
+            notes.append(
+                f"the pre-training probe alone cost {100 * share:.1f}% of the budget in "
+                f"gradient-equivalents (probe_fraction {100 * self.probe_fraction:g}%): "
+                "re-estimations will be skipped; lower num_batches or raise probe_fraction"
+            )
+        self.report = CurvatureReport(
+            estimate=est,
+            phi=choice.phi,
+            phi_unclamped=choice.phi_unclamped,
+            clamped=choice.clamped,
+            phi_min=self.phi_min,
+            phi_max=self.phi_max,
+            kappa=choice.kappa,
+            kappa_kind=choice.kappa_kind,
+            link=choice.link,
+            reason=choice.reason,
+            peak_lr=self._peak_lr,
+            peak_lr_source=self._peak_source,
+            suggested_lr=suggested,
+            budget=self.budget,
+            warmup_steps=self.warmup_steps,
+            probe_fraction=self.probe_fraction,
+            history=(record,),
+            warnings=tuple(notes),
+        )
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def phi(self) -> float:
+        return self.scheduler.phi if self.scheduler is not None else self.report.phi
+
+    @property
+    def probe_cost_fraction(self) -> float:
+        """Probing spent so far, in gradient-equivalents, as a fraction of the budget."""
+        return self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> AutoUBAScheduler:
+        """Build (and keep as :attr:`scheduler`) the UBA scheduler with the chosen φ.
+
+        The schedule spans ``budget`` optimizer steps: ``total_steps = budget - 1``, so the last
+        update of the budget uses ``lr_min``.
+        """
+        self.scheduler = AutoUBAScheduler(
+            optimizer,
+            self,
+            total_steps=self.budget - 1,
+            phi=self.report.phi,
+            lr_min=self.lr_min,
+            lr_min_ratio=self.lr_min_ratio,
+            warmup_steps=self.warmup_steps,
+        )
+        return self.scheduler
+
+    def reestimate(self) -> ReestimationRecord:
+        """Re-probe on fresh batches and set φ for the rest of the budget (no jump in the rate).
+
+        Never raises because of the probe: a failure keeps the current φ and is recorded in the
+        report's history (and warned about), so training continues.
+        """
+        step = self.scheduler.last_epoch if self.scheduler is not None else 0
+        remaining = self.budget - step
+        expected = self.report.history[-1].hvps or self.report.estimate.num_hvps
+        spent = self.probe_hvps * HVP_COST_IN_GRADIENTS
+        if spent + expected * HVP_COST_IN_GRADIENTS > self.probe_fraction * self.budget:
+            record = ReestimationRecord(
+                step,
+                "skipped",
+                None,
+                self.phi,
+                0,
+                0.0,
+                f"probing budget: {spent:.0f} of {self.probe_fraction * self.budget:.0f} "
+                "gradient-equivalents spent",
+            )
+            return self._record(record)
+        t0 = time.perf_counter()
+        try:
+            est = self._probe(self._next_batches(), density=False)
+            choice = self._choose(est, remaining)
+        except Exception as err:  # a failed probe must never stop training
+            message = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"uba-auto: re-estimation at step {step} failed, phi kept: {message}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            record = ReestimationRecord(
+                step, "failed", None, self.phi, 0, time.perf_counter() - t0, message
+            )
+            return self._record(record)
+        if self.scheduler is not None:
+            self.scheduler.set_phi(choice.phi)
+        record = ReestimationRecord(
+            step,
+            "ok",
+            choice.kappa,
+            choice.phi,
+            est.num_hvps,
+            time.perf_counter() - t0,
+            choice.reason,
+        )
+        logger.info(
+            "uba-auto: step %d, kappa=%.4g, phi -> %.4g", step, choice.kappa or math.nan, choice.phi
+        )
+        return self._record(record)
+
+    def _record(self, record: ReestimationRecord) -> ReestimationRecord:
+        self.report = replace(self.report, history=(*self.report.history, record))
+        return record
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """φ, its history, the scheduler and the probing counters (plain data + the report)."""
+        return {
+            "version": _STATE_VERSION,
+            "report": self.report.to_dict(),
+            "history": [list(dataclasses.astuple(r)) for r in self.report.history],
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "batches_drawn": self.batches_drawn,
+            "probe_hvps": self.probe_hvps,
+            "peak_lr": self._peak_lr,
+            "peak_lr_source": self._peak_source,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the remaining learning-rate sequence is then identical.
+
+        The scheduler must exist (``optimizer=`` given to :func:`auto_uba` or
+        :meth:`make_scheduler` called) if the state holds one.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("state must come from AutoUBA.state_dict() of this uba-auto version")
+        if state["scheduler"] is not None:
+            if self.scheduler is None:
+                raise ValueError(
+                    "the state holds a scheduler: call make_scheduler(optimizer) (or pass "
+                    "optimizer= to auto_uba) before load_state_dict"
+                )
+            self.scheduler.load_state_dict(state["scheduler"])
+        history = tuple(ReestimationRecord(*row) for row in state["history"])
+        last_phi = history[-1].phi
+        self.report = replace(self.report, history=history, phi=history[0].phi)
+        self.probe_hvps = state["probe_hvps"]
+        self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
+        self._skip_to(state["batches_drawn"])
+        if self.scheduler is not None and not math.isclose(self.scheduler.phi, last_phi):
+            raise ValueError("state is inconsistent: the scheduler's phi differs from the history")
+
+
+def auto_uba(
+    model: nn.Module,
+    loader: Iterable[Any],
+    budget: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Any = None,
+    warmup_steps: int = 0,
+    lr_min: float | None = None,
+    lr_min_ratio: float | None = None,
+    peak_lr: float | str | None = None,
+    num_batches: int = 4,
+    reestimate_every: int | None = None,
+    probe_fraction: float = 0.02,
+    link: str = "calibrated",
+    phi_min: float = PHI_MIN,
+    phi_max: float = PHI_MAX,
+    curvature: str = "hessian",
+    density: bool = True,
+    seed: int = 0,
+    progress: bool | None = None,
+    **probe_kwargs: Any,
+) -> AutoUBA:
+    """Probe the curvature, choose φ, and return the UBA schedule for a budget of ``budget`` steps.
+
+    Args:
+        model: the model to train (never modified by the probe).
+        loader: the training loader; the first ``num_batches`` batches are probed, later
+            re-estimations draw the following ones (cycling).
+        budget: optimizer steps the run will take; the schedule ends at ``lr_min`` on the last.
+        optimizer: if given, :attr:`AutoUBA.scheduler` is ready at once; else call
+            :meth:`AutoUBA.make_scheduler`.
+        loss_fn: as for :func:`~uba_auto.probe.probe_curvature`. If ``None`` with
+            ``(inputs, targets)`` batches: cross-entropy for integer targets, MSE for floating
+            targets (recorded in the report).
+        warmup_steps: linear warm-up length.
+        lr_min, lr_min_ratio: the final rate (absolute, or a fraction of each group's peak).
+        peak_lr: the peak rate the φ mapping should assume: a number; ``"suggest"`` to use (and,
+            with an optimizer, set on every param group) ``1 / lambda_max``, the plain-SGD
+            suggestion from the curvature; ``None`` takes the optimizer's largest group lr (or the
+            suggestion when there is no optimizer).
+        num_batches: minibatches per probe.
+        reestimate_every: re-probe every this many steps (``None``: never).
+        probe_fraction: the most probing may cost, as a fraction of the budget in
+            gradient-equivalents (re-estimations past it are skipped and recorded).
+        link: the κ→φ link, ``"calibrated"`` (default, fitted to our validation study) or
+            ``"chebyshev"`` (the theory-only link φ = 2κ); see :mod:`uba_auto.phi`.
+        phi_min, phi_max: the range φ is clamped to.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        density: probe the spectral density for the report (pre-training probe only).
+        seed: seed of the probe's random vectors.
+        progress: progress bar during probes (``None``: when stderr is a terminal).
+        **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
+            ``mode``, ``dtype``).
+
+    Returns:
+        An :class:`AutoUBA`.
+
+    Raises:
+        ValueError: ``budget <= warmup_steps + 1``, an empty loader, bad option values; anything
+            :func:`~uba_auto.probe.probe_curvature` raises for the pre-training probe.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget = check_int("budget", budget, minimum=2)
+    warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+    if budget - 1 <= warmup_steps:
+        raise ValueError(
+            f"budget must be > warmup_steps + 1, got budget={budget} and warmup_steps="
+            f"{warmup_steps}; the UBA phase needs at least one step"
+        )
+    num_batches = check_int("num_batches", num_batches, minimum=1)
+    if reestimate_every is not None:
+        reestimate_every = check_int("reestimate_every", reestimate_every, minimum=1)
+    probe_fraction = check_fraction(
+        "probe_fraction", probe_fraction, closed_low=True, closed_high=True
+    )
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    phi_min = check_positive_finite("phi_min", phi_min)
+    phi_max = check_positive_finite("phi_max", phi_max)
+    if phi_min > phi_max:
+        raise ValueError(f"phi_min must be <= phi_max, got {phi_min} > {phi_max}")
+    if isinstance(peak_lr, str) and peak_lr != "suggest":
+        raise ValueError(f"peak_lr must be a number, 'suggest' or None, got {peak_lr!r}")
+    if peak_lr is not None and not isinstance(peak_lr, str):
+        check_positive_finite("peak_lr", peak_lr)
+    if lr_min is not None:
+        check_nonnegative_finite("lr_min", lr_min)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+
+    loss_note = ""
+    if loss_fn is None:
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("loader yielded no batches; auto_uba needs at least one to probe")
+        loss_fn, loss_note = _default_loss(first)
+    auto = AutoUBA(
+        model,
+        loader,
+        budget,
+        loss_fn=loss_fn,
+        loss_note=loss_note,
+        warmup_steps=warmup_steps,
+        lr_min=lr_min,
+        lr_min_ratio=lr_min_ratio,
+        num_batches=num_batches,
+        reestimate_every=reestimate_every,
+        probe_fraction=probe_fraction,
+        link=link,
+        phi_min=phi_min,
+        phi_max=phi_max,
+        probe_kwargs={
+            "curvature": curvature,
+            "seed": seed,
+            "progress": progress,
+            "density": density,
+            **probe_kwargs,
+        },
+    )
+    auto._initial_probe(peak_lr, optimizer)
+    if optimizer is not None:
+        auto.make_scheduler(optimizer)
+    return auto

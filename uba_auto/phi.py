@@ -1,0 +1,252 @@
+r"""From measured curvature to the UBA shape parameter φ.
+
+Two links, kept apart because they have different standing:
+
+**The theory-only link** (``link="chebyshev"``; our derivation, not the paper's statement). For
+gradient descent on a quadratic whose curvature lies in :math:`[\lambda_{lo}, \lambda_{hi}]`, the
+step sizes minimising the worst-case error after :math:`T` steps are the Chebyshev steps, and that
+sequence is exactly UBA with
+
+.. math:: \varphi = 2\kappa, \qquad \kappa = \lambda_{hi} / \lambda_{lo}.
+
+For a network we take the band the schedule can act on within the budget:
+:math:`\lambda_{hi} = \lambda_{\max}` and :math:`\lambda_{lo} = \max(\lambda_{+}, 1/(\eta T))`,
+where :math:`\lambda_{+}` is the smallest positive eigenvalue the probe resolved and
+:math:`1/(\eta T)` the smallest curvature a peak rate :math:`\eta` can make progress on in
+:math:`T` steps (PAPER.md's first candidate). On every task of our validation study this κ is in
+the hundreds to thousands, so φ = 2κ always hits the upper clamp: the link decays too early. It is
+kept selectable so that this can be checked, not recommended.
+
+**The calibrated link** (``link="calibrated"``, the default; an empirical calibration of ours).
+The quantity that tracked the best φ of our sweep is how much the sharpness a single SGD step
+sees fluctuates across minibatches. With :math:`v` the top eigenvector and
+:math:`s_b = v^\top H_b v` the curvature of minibatch :math:`b` along it, the probe reports
+:math:`\sigma = \operatorname{std}_b(s_b)/\lambda_{\max}` (``curvature_noise``), and we turn it into
+the condition number of the band of sharpness the steps see,
+
+.. math::
+
+    \kappa_{mb} = \frac{1 + \sigma}{1 - \sigma} \quad (\ge 1;\ \infty \text{ for } \sigma \ge 1),
+
+then map it with a power law fitted on our validation study
+(``benchmarks/calibrate_phi.py``; constants below):
+
+.. math:: \varphi = 2 \left(\frac{\kappa_{mb} - 1}{\kappa_c - 1}\right)^{p}.
+
+Full-batch-like curvature (:math:`\kappa_{mb} \to 1`) gives small φ: keep the rate high and drop
+it late (towards warm-up-stable-decay), the best choice when there is little gradient noise to
+anneal. Noisy curvature gives large φ: decay early. :math:`\kappa_{mb} = \kappa_c` is cosine.
+This direction (more spread, larger φ) is the opposite of reading φ = 2κ with κ the Hessian's
+condition number, as PAPER.md's first sweep already suggested.
+
+Both links clamp φ to ``[phi_min, phi_max]`` (default [0.25, 16], the range our sweep covered:
+outside it the calibration has no data) and say so when they do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ._validation import check_positive_finite
+from .probe import CurvatureEstimate
+
+__all__ = [
+    "KAPPA_COSINE",
+    "LINKS",
+    "PHI_MAX",
+    "PHI_MIN",
+    "SENSITIVITY",
+    "PhiChoice",
+    "budget_condition_number",
+    "choose_phi",
+    "minibatch_condition_number",
+    "phi_from_condition_number",
+]
+
+LINKS = ("calibrated", "chebyshev")
+PHI_MIN = 0.25
+PHI_MAX = 16.0
+FALLBACK_PHI = 2.0
+"""φ used when no κ can be formed (no positive curvature): cosine annealing."""
+
+# Fitted by `python benchmarks/calibrate_phi.py` (see BENCHMARKS.md for the data and the fit).
+KAPPA_COSINE = 1.32
+"""The minibatch condition number at which the calibrated link picks cosine (φ = 2)."""
+SENSITIVITY = 2.0
+"""The power ``p`` of the calibrated link."""
+
+
+def minibatch_condition_number(curvature_noise: float) -> float:
+    r""":math:`\kappa_{mb} = (1 + \sigma)/(1 - \sigma)`, ``inf`` for :math:`\sigma \ge 1`.
+
+    Example:
+        >>> minibatch_condition_number(0.0), round(minibatch_condition_number(0.2), 6)
+        (1.0, 1.5)
+    """
+    if not (isinstance(curvature_noise, (int, float)) and curvature_noise >= 0):
+        raise ValueError(f"curvature_noise must be a number >= 0, got {curvature_noise!r}")
+    if curvature_noise >= 1:
+        return math.inf
+    return (1.0 + curvature_noise) / (1.0 - curvature_noise)
+
+
+def budget_condition_number(
+    lambda_max: float, lambda_min_positive: float | None, peak_lr: float, budget: int
+) -> float:
+    r"""κ of the curvature band a peak rate ``peak_lr`` can act on in ``budget`` steps.
+
+    .. math:: \kappa_T = \lambda_{\max} / \max(\lambda_{+},\ 1/(\eta T))
+
+    Example:
+        >>> budget_condition_number(2.0, 1e-6, 0.1, 1000)  # floor 1/(0.1 * 1000) = 0.01
+        200.0
+    """
+    if not lambda_max > 0:
+        raise ValueError(f"lambda_max must be > 0 to form a condition number, got {lambda_max!r}")
+    peak_lr = check_positive_finite("peak_lr", peak_lr)
+    floor = 1.0 / (peak_lr * budget)
+    if lambda_min_positive is not None and lambda_min_positive > 0:
+        floor = max(floor, lambda_min_positive)
+    return lambda_max / floor
+
+
+def phi_from_condition_number(
+    kappa: float,
+    *,
+    link: str = "calibrated",
+    phi_min: float = PHI_MIN,
+    phi_max: float = PHI_MAX,
+) -> float:
+    r"""The κ→φ link, clamped to ``[phi_min, phi_max]``.
+
+    ``link="chebyshev"``: :math:`\varphi = 2\kappa` (κ of a curvature band, see
+    :func:`budget_condition_number`). ``link="calibrated"``:
+    :math:`\varphi = 2((\kappa - 1)/(\kappa_c - 1))^p` with κ the minibatch condition number
+    (:func:`minibatch_condition_number`), :data:`KAPPA_COSINE` and :data:`SENSITIVITY`.
+
+    Args:
+        kappa: a condition number, >= 1 (``inf`` maps to ``phi_max``).
+        link: ``"calibrated"`` or ``"chebyshev"``.
+        phi_min, phi_max: the clamp.
+
+    Example:
+        >>> phi_from_condition_number(3.0, link="chebyshev")
+        6.0
+        >>> phi_from_condition_number(KAPPA_COSINE)
+        2.0
+        >>> phi_from_condition_number(1.0), phi_from_condition_number(float("inf"))
+        (0.25, 16.0)
+    """
+    return _unclamped_and_clamped(kappa, link, phi_min, phi_max)[1]
+
+
+def _unclamped_and_clamped(
+    kappa: float, link: str, phi_min: float, phi_max: float
+) -> tuple[float, float]:
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    if not isinstance(kappa, (int, float)) or math.isnan(kappa) or kappa < 1:
+        raise ValueError(f"kappa must be a condition number >= 1, got {kappa!r}")
+    phi_min = check_positive_finite("phi_min", phi_min)
+    phi_max = check_positive_finite("phi_max", phi_max)
+    if phi_min > phi_max:
+        raise ValueError(f"phi_min must be <= phi_max, got {phi_min} > {phi_max}")
+    if link == "chebyshev":
+        raw = 2.0 * kappa
+    elif math.isinf(kappa):
+        raw = math.inf
+    else:
+        raw = 2.0 * ((kappa - 1.0) / (KAPPA_COSINE - 1.0)) ** SENSITIVITY
+    return raw, min(max(raw, phi_min), phi_max)
+
+
+@dataclass(frozen=True)
+class PhiChoice:
+    """φ and how it was reached (what the report prints)."""
+
+    phi: float
+    phi_unclamped: float
+    clamped: bool
+    kappa: float | None
+    kappa_kind: str
+    link: str
+    reason: str
+    warnings: tuple[str, ...] = field(default=())
+
+
+def choose_phi(
+    estimate: CurvatureEstimate,
+    *,
+    peak_lr: float | None,
+    budget: int,
+    link: str = "calibrated",
+    phi_min: float = PHI_MIN,
+    phi_max: float = PHI_MAX,
+) -> PhiChoice:
+    """Choose φ from a :class:`~uba_auto.probe.CurvatureEstimate` (see the module docstring).
+
+    Never raises for a measured spectrum it cannot use: no positive curvature falls back to
+    cosine (φ = 2) with a warning in the result.
+
+    Args:
+        estimate: the probe's result.
+        peak_lr: the run's peak learning rate (used by the Chebyshev link).
+        budget: steps left in the run.
+        link: ``"calibrated"`` or ``"chebyshev"``.
+        phi_min, phi_max: the clamp.
+    """
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    notes: list[str] = []
+    lam = estimate.lambda_max
+    if not (math.isfinite(lam) and lam > 0):
+        notes.append(
+            f"no positive curvature measured (lambda_max = {lam:.4g}): fell back to phi = "
+            f"{FALLBACK_PHI:g} (cosine annealing). The model may sit at a saddle or maximum; "
+            "probe later in training or with more batches"
+        )
+        return PhiChoice(
+            FALLBACK_PHI,
+            FALLBACK_PHI,
+            False,
+            None,
+            "none (fallback)",
+            link,
+            "fallback: no positive curvature",
+            tuple(notes),
+        )
+    if link == "chebyshev":
+        kappa = budget_condition_number(lam, estimate.lambda_min_positive, peak_lr or 1.0, budget)
+        kind = "budget band: lambda_max / max(smallest positive, 1/(peak_lr * budget))"
+        why = (
+            f"phi = 2 kappa (Chebyshev min-max on the band, theory-only link), kappa = {kappa:.4g}"
+        )
+    else:
+        noise = estimate.curvature_noise
+        if noise is None:
+            noise = 0.0
+            notes.append(
+                "one batch probed: curvature noise across minibatches not measurable, treated as "
+                "full-batch (kappa_mb = 1). For minibatch training probe >= 2 batches "
+                "(num_batches), or this phi is too small"
+            )
+        kappa = minibatch_condition_number(noise)
+        kind = "minibatch sharpness band: (1 + sigma)/(1 - sigma), sigma = curvature noise"
+        why = (
+            f"calibrated link: curvature noise sigma = {noise:.3g} -> kappa_mb = {kappa:.4g}; "
+            f"phi = 2 ((kappa_mb - 1)/({KAPPA_COSINE:g} - 1))^{SENSITIVITY:g}"
+        )
+        if estimate.num_batches < 4:
+            notes.append(
+                f"curvature noise from only {estimate.num_batches} batch(es): phi is uncertain; "
+                "probe more batches (num_batches >= 8 recommended)"
+            )
+    raw, phi = _unclamped_and_clamped(kappa, link, phi_min, phi_max)
+    clamped = phi != raw
+    if clamped:
+        notes.append(
+            f"phi {raw:.4g} clamped to {phi:g} (range [{phi_min:g}, {phi_max:g}], where the "
+            "link was validated)"
+        )
+    return PhiChoice(phi, raw, clamped, kappa, kind, link, why, tuple(notes))

@@ -1,0 +1,232 @@
+"""The pre-training curvature report: what was measured, which φ was chosen, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .probe import CurvatureEstimate
+
+__all__ = ["CurvatureReport", "ReestimationRecord"]
+
+
+@dataclass(frozen=True)
+class ReestimationRecord:
+    """One (re-)estimation of φ during a run.
+
+    Attributes:
+        step: the scheduler step it happened at (0 for the pre-training probe).
+        status: ``"ok"``, ``"skipped"`` (probing budget spent) or ``"failed"`` (φ kept).
+        kappa: the condition number the mapping used (None unless ``ok``).
+        phi: φ in force after this record.
+        hvps: single-batch Hessian-vector products spent.
+        seconds: wall time spent.
+        message: why it was skipped or how it failed.
+    """
+
+    step: int
+    status: str
+    kappa: float | None
+    phi: float
+    hvps: int
+    seconds: float
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CurvatureReport:
+    """The curvature report of :func:`~uba_auto.auto.auto_uba`.
+
+    ``print(report)`` gives a compact table; :meth:`to_dict` / :meth:`to_json` the same data for
+    files; :meth:`plot` the spectral density and the chosen schedule beside cosine.
+
+    Attributes:
+        estimate: the pre-training :class:`~uba_auto.probe.CurvatureEstimate`.
+        phi: the chosen φ.
+        phi_unclamped: φ before the clamp to [phi_min, phi_max] (equal to ``phi`` if none).
+        clamped: whether the clamp changed φ.
+        phi_min, phi_max: the clamp range.
+        kappa: the condition number fed to the φ mapping.
+        kappa_kind: which κ that is, in words.
+        link: the κ→φ link used (``"calibrated"`` or ``"chebyshev"``).
+        reason: one sentence on how φ was derived.
+        peak_lr: the peak learning rate the mapping assumed, and ``peak_lr_source`` where it came
+            from (the optimizer, the caller, or the curvature suggestion).
+        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD from the curvature (see
+            :attr:`AutoUBA.suggested_lr <uba_auto.auto.AutoUBA.suggested_lr>`).
+        budget, warmup_steps: the run's budget in optimizer steps and its warm-up.
+        probe_fraction: the share of the budget probing may take (in gradient-equivalents).
+        history: every (re-)estimation, a list of :class:`ReestimationRecord`.
+        warnings: anything the user should act on.
+    """
+
+    estimate: CurvatureEstimate
+    phi: float
+    phi_unclamped: float
+    clamped: bool
+    phi_min: float
+    phi_max: float
+    kappa: float | None
+    kappa_kind: str
+    link: str
+    reason: str
+    peak_lr: float
+    peak_lr_source: str
+    suggested_lr: float | None
+    budget: int
+    warmup_steps: int
+    probe_fraction: float
+    history: tuple[ReestimationRecord, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; the estimate as :meth:`CurvatureEstimate.to_dict`."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["estimate"] = self.estimate.to_dict()
+        out["history"] = [dataclasses.asdict(r) for r in self.history]
+        out["warnings"] = list(self.warnings)
+        for key in ("kappa", "phi_unclamped"):
+            if out[key] is not None and not math.isfinite(out[key]):
+                out[key] = None
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``indent=2`` unless given)."""
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    # ------------------------------------------------------------------------------------- text
+    def __str__(self) -> str:
+        est = self.estimate
+
+        def num(x: float | None, spec: str = ".4g") -> str:
+            return (
+                "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+            )
+
+        def spread(x: float | None) -> str:
+            return f" (± {x:.3g} over batches)" if x else ""
+
+        rows = [
+            ("λ_max", num(est.lambda_max) + spread(est.lambda_max_spread)),
+            ("λ_min", num(est.lambda_min) + spread(est.lambda_min_spread)),
+            ("smallest positive λ", num(est.lambda_min_positive)),
+            ("λ_max / smallest positive", num(est.condition_number)),
+            (
+                "trace",
+                num(est.trace)
+                + (f" ± {est.trace_std_error:.2g}" if est.trace_std_error is not None else ""),
+            ),
+        ]
+        if est.negative_mass is not None:
+            rows.append(("negative-curvature mass", f"{100 * est.negative_mass:.1f} %"))
+        rows += [
+            ("κ used for φ", f"{num(self.kappa)}  [{self.kappa_kind}]"),
+            ("peak lr assumed", f"{self.peak_lr:.4g}  [{self.peak_lr_source}]"),
+            (
+                "φ chosen",
+                f"{self.phi:.4g}"
+                + (
+                    f"  (clamped from {self.phi_unclamped:.4g} to [{self.phi_min:g}, "
+                    f"{self.phi_max:g}])"
+                    if self.clamped
+                    else ""
+                ),
+            ),
+            ("why", self.reason),
+            (
+                "probe cost",
+                f"{est.num_hvps} HVPs on {est.num_batches} batch(es), {est.wall_time_s:.2f} s "
+                f"({est.curvature}, {est.method}, {est.device}/{est.dtype})",
+            ),
+        ]
+        if len(self.history) > 1:
+            rows.append(
+                (
+                    "re-estimations",
+                    ", ".join(f"step {r.step}: {r.status} φ={r.phi:.3g}" for r in self.history[1:]),
+                )
+            )
+        width = max(len(k) for k, _ in rows)
+        lines = [
+            f"uba-auto curvature report  (budget {self.budget} steps, warm-up {self.warmup_steps})"
+        ]
+        lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines += [f"  ! {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------- plot
+    def plot(self, *, lr_max: float | None = None) -> Any:
+        """Spectral density (if probed with ``density=True``) and the chosen schedule beside cosine.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        import numpy as np
+
+        from .plotting import _figure
+        from .schedules import cosine_lr, uba_lr
+
+        fig = _figure((10.0, 4.0))
+        ax_density, ax_lr = fig.subplots(1, 2)
+        est = self.estimate
+        if est.density is not None:
+            lo = float(est.density.nodes.min())
+            hi = float(est.density.nodes.max())
+            pad = 0.05 * (hi - lo or 1.0)
+            import torch
+
+            grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
+            dens = est.density.density(grid)
+            ax_density.plot(grid.numpy(), dens.numpy(), color="C0")
+            ax_density.fill_between(grid.numpy(), dens.numpy(), alpha=0.2, color="C0")
+            ax_density.set_yscale("log")
+            ax_density.set_ylim(bottom=max(float(dens.max()) * 1e-6, 1e-12))
+            ax_density.set_title(
+                f"Hessian spectral density (SLQ), negative mass {100 * est.negative_mass:.1f} %"
+            )
+        else:
+            ax_density.text(
+                0.5,
+                0.5,
+                "no density probed\n(probe with density=True)",
+                ha="center",
+                va="center",
+                transform=ax_density.transAxes,
+            )
+            ax_density.set_title("spectral density")
+        for value, style, label in (
+            (est.lambda_max, "--", "λ_max"),
+            (est.lambda_min, ":", "λ_min"),
+        ):
+            if value is not None:
+                ax_density.axvline(value, color="k", ls=style, lw=1, label=label)
+        ax_density.set_xlabel("eigenvalue")
+        ax_density.legend(frameon=False, fontsize="small")
+
+        peak = self.peak_lr if lr_max is None else lr_max
+        total = max(self.budget - 1, self.warmup_steps + 1)
+        steps = np.arange(total + 1)
+        kw = dict(lr_max=peak, warmup_steps=self.warmup_steps)
+        ax_lr.plot(
+            steps,
+            uba_lr(steps, total, phi=self.phi, **kw),
+            lw=2,
+            color="C1",
+            label=f"UBA φ={self.phi:.3g} (chosen)",
+        )
+        ax_lr.plot(steps, cosine_lr(steps, total, **kw), "k--", lw=1.5, label="cosine (φ=2)")
+        for rec in self.history[1:]:
+            if rec.status == "ok":
+                ax_lr.axvline(rec.step, color="0.6", lw=0.8)
+        ax_lr.set_xlabel("step")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_title("chosen schedule")
+        ax_lr.set_ylim(bottom=0)
+        ax_lr.grid(alpha=0.3)
+        ax_lr.legend(frameon=False, fontsize="small")
+        return fig
