@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tasks import get_task
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uba_auto
+from benchmarks.tasks import get_task
 
 PHIS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 KAPPA_C_GRID = np.round(np.linspace(1.05, 2.0, 39), 4)

@@ -378,7 +378,7 @@ def auto_uba(
     lr_min: float | None = None,
     lr_min_ratio: float | None = None,
     peak_lr: float | str | None = None,
-    num_batches: int = 4,
+    num_batches: int = 8,
     reestimate_every: int | None = None,
     probe_fraction: float = 0.02,
     link: str = "calibrated",
@@ -408,7 +408,8 @@ def auto_uba(
             with an optimizer, set on every param group) ``1 / lambda_max``, the plain-SGD
             suggestion from the curvature; ``None`` takes the optimizer's largest group lr (or the
             suggestion when there is no optimizer).
-        num_batches: minibatches per probe.
+        num_batches: minibatches per probe (8: the curvature noise that drives the calibrated link
+            is a standard deviation across batches, and needs several).
         reestimate_every: re-probe every this many steps (``None``: never).
         probe_fraction: the most probing may cost, as a fraction of the budget in
             gradient-equivalents (re-estimations past it are skipped and recorded).
@@ -482,11 +483,17 @@ def auto_uba(
         link=link,
         phi_min=phi_min,
         phi_max=phi_max,
+        # Defaults sized for a pre-training probe: the report's spread comes from the curvature
+        # noise (one HVP per batch), not from a Lanczos run per batch; callers can override all.
         probe_kwargs={
             "curvature": curvature,
             "seed": seed,
             "progress": progress,
             "density": density,
+            "per_batch": False,
+            "trace_matvecs": 12,
+            "density_probes": 2,
+            "density_iters": 24,
             **probe_kwargs,
         },
     )

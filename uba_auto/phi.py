@@ -71,9 +71,9 @@ FALLBACK_PHI = 2.0
 """φ used when no κ can be formed (no positive curvature): cosine annealing."""
 
 # Fitted by `python benchmarks/calibrate_phi.py` (see BENCHMARKS.md for the data and the fit).
-KAPPA_COSINE = 1.32
+KAPPA_COSINE = 1.175
 """The minibatch condition number at which the calibrated link picks cosine (φ = 2)."""
-SENSITIVITY = 2.0
+SENSITIVITY = 0.5
 """The power ``p`` of the calibrated link."""
 
 

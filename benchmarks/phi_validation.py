@@ -1,0 +1,205 @@
+"""Validation of auto_uba: does the φ it picks train as well as the best φ of a sweep?
+
+Run from the repository root, after ``benchmarks/phi_sweep.py`` (which fixes each cell's peak
+learning rate and holds the fixed-φ and baseline results for the same tasks, budgets and seeds):
+
+    python benchmarks/phi_validation.py [--sweep benchmarks/results/phi_sweep.json]
+        [--links calibrated chebyshev] [--num-batches 8] [--workers 2]
+        [--out benchmarks/results/phi_validation.json]
+
+For every cell (task × budget) and seed of the sweep, it trains the task with the schedule
+``auto_uba`` returns, at the sweep's cosine-tuned peak rate, and compares the held-out loss at the
+end of the budget (mean over seeds) with the best fixed φ and with cosine. ``auto_uba`` probes a
+freshly built copy of the seed's model (identical to the one trained: same seed, and the probe
+changes nothing) on the first ``--num-batches`` minibatches of that seed's stream. The probe's
+wall time is reported as a share of the run's training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import uba_auto
+from benchmarks.tasks import get_task
+from benchmarks.train import train
+
+PHIS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _run(job: tuple) -> dict:
+    task_name, budget, seed, peak_lr, link, num_batches = job
+    task = get_task(task_name)
+    info: dict = {}
+
+    def factory(opt: torch.optim.Optimizer):
+        twin = task.make_model(seed)
+        twin.train()
+        batches = list(itertools.islice(task.batches(seed), num_batches))
+        t0 = time.perf_counter()
+        auto = uba_auto.auto_uba(
+            twin,
+            batches,
+            budget,
+            optimizer=opt,
+            loss_fn=task.loss_fn,
+            num_batches=num_batches,
+            link=link,
+            density=False,
+            per_batch=False,
+            trace=False,
+            progress=False,
+            seed=seed,
+        )
+        info.update(
+            phi=auto.phi,
+            kappa=auto.report.kappa,
+            probe_s=time.perf_counter() - t0,
+            hvps=auto.report.estimate.num_hvps,
+        )
+        return auto.scheduler
+
+    t0 = time.perf_counter()
+    result = train(task, factory, budget, seed, peak_lr)
+    total = time.perf_counter() - t0
+    return {
+        "task": task_name,
+        "budget": budget,
+        "seed": seed,
+        "link": link,
+        **info,
+        "heldout": result.final_heldout_loss,
+        "train": result.final_train_loss,
+        "diverged": result.diverged,
+        "train_s": total - info["probe_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="benchmarks/results/phi_sweep.json")
+    parser.add_argument("--links", nargs="+", default=["calibrated", "chebyshev"])
+    parser.add_argument("--num-batches", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+    parser.add_argument("--out", default="benchmarks/results/phi_validation.json")
+    args = parser.parse_args()
+    sweep = json.loads(Path(args.sweep).read_text())
+    seeds = sweep["settings"]["seeds"]
+    if args.tasks:
+        sweep["cells"] = [c for c in sweep["cells"] if c["task"] in args.tasks]
+    jobs = [
+        (c["task"], c["budget"], s, c["peak_lr"], link, args.num_batches)
+        for c in sweep["cells"]
+        for s in seeds
+        for link in args.links
+    ]
+    start = time.perf_counter()
+    with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker) as pool:
+        runs = pool.map(_run, jobs)
+    wall = time.perf_counter() - start
+
+    rows, summary = [], {}
+    for link in args.links:
+        within = not_worse = 0
+        chosen, best = [], []
+        for c in sweep["cells"]:
+            mine = [
+                r
+                for r in runs
+                if r["task"] == c["task"] and r["budget"] == c["budget"] and r["link"] == link
+            ]
+            sched = c["schedules"]
+            fixed = {p: sched[f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS}
+            best_phi = min(fixed, key=fixed.get)
+            auto_loss = statistics.mean(r["heldout"] for r in mine)
+            cos = sched["cosine"]["heldout_loss_mean"]
+            gap_best = auto_loss / fixed[best_phi] - 1
+            gap_cos = auto_loss / cos - 1
+            within += gap_best <= 0.01
+            not_worse += gap_cos <= 0.01
+            phis = [r["phi"] for r in mine]
+            chosen.append(statistics.median(phis))
+            best.append(best_phi)
+            overhead = statistics.mean(r["probe_s"] / r["train_s"] for r in mine)
+            rows.append(
+                [
+                    link,
+                    c["task"],
+                    c["budget"],
+                    ", ".join(f"{p:.3g}" for p in phis),
+                    f"{best_phi:g}",
+                    f"{auto_loss:.4g}",
+                    f"{fixed[best_phi]:.4g}",
+                    f"{cos:.4g}",
+                    f"{100 * gap_best:+.2f}%",
+                    f"{100 * gap_cos:+.2f}%",
+                    f"{100 * overhead:.1f}%",
+                ]
+            )
+        rho = spearmanr(chosen, best).statistic if len(set(chosen)) > 1 else float("nan")
+        summary[link] = {
+            "cells_within_1pct_of_best": within,
+            "cells_not_worse_than_cosine_by_1pct": not_worse,
+            "num_cells": len(sweep["cells"]),
+            "spearman_chosen_vs_best_phi": rho,
+        }
+
+    print(
+        f"# auto_uba validation (seeds {seeds}, {args.num_batches} probe batches, "
+        f"{len(runs)} runs in {wall:.0f} s)\n"
+    )
+    head = [
+        "link",
+        "task",
+        "budget",
+        "φ chosen (per seed)",
+        "best swept φ",
+        "held-out auto",
+        "held-out best φ",
+        "held-out cosine",
+        "auto vs best φ",
+        "auto vs cosine",
+        "probe / training time",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+    print()
+    for link, s in summary.items():
+        print(
+            f"{link}: within 1% of the best swept φ in {s['cells_within_1pct_of_best']}/"
+            f"{s['num_cells']} cells; not worse than cosine by >1% in "
+            f"{s['cells_not_worse_than_cosine_by_1pct']}/{s['num_cells']}; Spearman(chosen φ, "
+            f"best φ) = {s['spearman_chosen_vs_best_phi']:.2f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "wall_s": wall, "runs": runs, "summary": summary},
+            indent=1,
+            default=float,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+r"""The task suite of the φ validation study: small, seeded, CPU-fast training problems.
+
+Every task trains on data that ships with an installed package (scikit-learn's ``load_digits`` and
+``load_breast_cancer``, the text of :mod:`pydoc_data.topics`) or that it generates itself; nothing
+is downloaded. A task fixes everything except the learning-rate schedule and its peak:
+
+* the data, split once into a train and a held-out set (the split does not depend on the seed);
+* the model, built by :meth:`Task.make_model` from a seed (the global RNG is forked, not consumed);
+* the loss, the optimizer (plain SGD, optionally with momentum) and the batch size;
+* the minibatch order, drawn from a :class:`torch.Generator` seeded from the run seed
+  (:meth:`Task.batches`); the curvature probe uses the first batches of the same stream;
+* two budgets in optimizer steps, each with the regime expected within it (``"under-fit"``: the
+  held-out loss still falls at the end; ``"over-fit"``: the held-out loss has passed its minimum
+  and rises by the end of training). The sweep also measures the regime, see
+  ``benchmarks/phi_sweep.py``.
+
+``base_lr[budget]`` is the centre of the peak-rate sweep (×0.25 … ×4), one per budget: the rate
+that is best for cosine moves by more than the grid's ×16 between a short and a ten-times-longer
+budget on the over-fitting tasks. They were set by hand from a first 3-seed sweep with one base per
+task, so that the cosine optimum lies inside the grid where it can (when a larger rate is unstable,
+the optimum may still be the top of the grid). For ``lstsq_illcond`` the base is
+:math:`1/\lambda_{\max}` exactly, so that ×2 is the stability limit of gradient descent.
+
+Use :func:`get_task` (cached per process) or :data:`TASK_NAMES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["TASK_NAMES", "Task", "get_task"]
+
+# The one seed that fixes every split and every generated dataset; run seeds only change the
+# initialisation and the minibatch order.
+DATA_SEED = 12345
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One training problem of the suite.
+
+    Attributes:
+        name: registry key.
+        description: one line for tables and the JSON results.
+        kind: ``"classification"`` (held-out accuracy reported) or ``"regression"``.
+        model_factory: builds the untrained model; called inside a forked, seeded RNG.
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar mean over the batch.
+        x_train, y_train, x_heldout, y_heldout: in-memory tensors (row ``i`` is example ``i``).
+        batch_size: minibatch size; ``None`` for full-batch gradient descent.
+        momentum: SGD momentum (0 for plain SGD).
+        budgets: the two budgets, in optimizer steps.
+        expected_regime: ``budget -> "under-fit" | "over-fit"``, the regime the task was designed
+            to be in (the sweep measures it too).
+        base_lr: ``budget -> rate``, the centre of the peak-rate sweep for that budget.
+        curve_eval_size: held-out examples used for the loss curve during training (an evenly
+            spaced subset when smaller than the held-out set); final losses always use all of it.
+        train_eval_size: train examples used for the final train loss (evenly spaced subset).
+        probe_batches: how many of the first minibatches the curvature probe uses.
+        meta: anything else worth recording (sizes, generated spectrum...).
+    """
+
+    name: str
+    description: str
+    kind: str
+    model_factory: Callable[[], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    x_train: Tensor
+    y_train: Tensor
+    x_heldout: Tensor
+    y_heldout: Tensor
+    batch_size: int | None
+    momentum: float
+    budgets: tuple[int, int]
+    expected_regime: dict[int, str]
+    base_lr: dict[int, float]
+    curve_eval_size: int | None = None
+    train_eval_size: int | None = None
+    probe_batches: int = 4
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return self.x_train.shape[0]
+
+    def make_model(self, seed: int) -> nn.Module:
+        """The model initialised from ``seed``; the caller's global RNG state is left untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.model_factory()
+
+    def make_optimizer(self, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=self.momentum)
+
+    def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The endless minibatch stream of run ``seed``: reshuffled epochs without replacement.
+
+        Full-batch tasks yield the whole train set every step. The generator is private, so the
+        stream depends on ``seed`` only; the probe and the training loop of the same seed see the
+        same first batches.
+        """
+        if self.batch_size is None:
+            while True:
+                yield self.x_train, self.y_train
+        gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+        n, b = self.num_train, self.batch_size
+        while True:
+            order = torch.randperm(n, generator=gen)
+            # Drop the last incomplete batch so every step has the same batch size.
+            for start in range(0, n - b + 1, b):
+                idx = order[start : start + b]
+                yield self.x_train[idx], self.y_train[idx]
+
+    def curve_heldout(self) -> tuple[Tensor, Tensor]:
+        return _even_subset(self.x_heldout, self.y_heldout, self.curve_eval_size)
+
+    def train_eval(self) -> tuple[Tensor, Tensor]:
+        return _even_subset(self.x_train, self.y_train, self.train_eval_size)
+
+    def summary(self) -> dict:
+        """A JSON-ready description of the task (no tensors)."""
+        model = self.make_model(0)
+        return {
+            "name": self.name,
+            "description": self.description,
+            "kind": self.kind,
+            "num_train": self.num_train,
+            "num_heldout": int(self.x_heldout.shape[0]),
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "batch_size": self.batch_size,
+            "momentum": self.momentum,
+            "optimizer": "SGD" + (f"(momentum={self.momentum})" if self.momentum else ""),
+            "budgets": list(self.budgets),
+            "expected_regime": {str(k): v for k, v in self.expected_regime.items()},
+            "base_lr": {str(k): v for k, v in self.base_lr.items()},
+            "curve_eval_size": self.curve_eval_size,
+            "train_eval_size": self.train_eval_size,
+            "probe_batches": self.probe_batches,
+            "meta": self.meta,
+        }
+
+
+def _even_subset(x: Tensor, y: Tensor, size: int | None) -> tuple[Tensor, Tensor]:
+    if size is None or size >= x.shape[0]:
+        return x, y
+    idx = torch.linspace(0, x.shape[0] - 1, size).round().long()
+    return x[idx], y[idx]
+
+
+def _split(num: int, num_train: int, num_heldout: int | None = None) -> tuple[Tensor, Tensor]:
+    """A fixed random split of ``range(num)`` (seeded by :data:`DATA_SEED`)."""
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(DATA_SEED))
+    end = num if num_heldout is None else num_train + num_heldout
+    return order[:num_train], order[num_train:end]
+
+
+def _standardise(train: np.ndarray, heldout: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Standardise both sets with the train set's mean and std (constant columns left at 0)."""
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (
+        torch.tensor((train - mean) / std, dtype=torch.float32),
+        torch.tensor((heldout - mean) / std, dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The tasks
+
+
+def _digits(num_train: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x, y = data.data.astype(np.float64), data.target
+    train, held = _split(len(y), num_train)
+    x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
+    y_t = torch.tensor(y, dtype=torch.long)
+    return x_train, y_t[train], x_held, y_t[held]
+
+
+DIGITS_LABEL_NOISE = 0.2
+
+
+def _digits_mlp() -> Task:
+    # Few train examples, a fifth of them with a wrong label, and a wide network: it fits the clean
+    # labels first and then memorises the wrong ones, so the held-out loss passes a minimum and
+    # rises (strongly under the long budget). The held-out labels are clean.
+    x_train, y_train, x_held, y_held = _digits(num_train=300)
+    gen = torch.Generator().manual_seed(DATA_SEED + 1)
+    flip = torch.rand(len(y_train), generator=gen) < DIGITS_LABEL_NOISE
+    shift = torch.randint(1, 10, (len(y_train),), generator=gen)
+    y_train = torch.where(flip, (y_train + shift) % 10, y_train)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+
+    return Task(
+        name="digits_mlp",
+        description=(
+            f"MLP 64-512-512-10 on 300 standardised digits with {DIGITS_LABEL_NOISE:.0%} of the "
+            "train labels wrong, plain SGD, batch 32"
+        ),
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=32,
+        momentum=0.0,
+        budgets=(300, 3000),
+        expected_regime={300: "over-fit", 3000: "over-fit"},
+        base_lr={300: 0.05, 3000: 0.0125},
+        meta={"label_noise": DIGITS_LABEL_NOISE, "num_wrong_labels": int(flip.sum())},
+    )
+
+
+def _digits_cnn() -> Task:
+    x_train, y_train, x_held, y_held = _digits(num_train=1200)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
+        )
+
+    return Task(
+        name="digits_cnn",
+        description="CNN conv16-conv32-pool-fc on 1200 digits (1x8x8), SGD momentum 0.9, batch 32",
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=32,
+        momentum=0.9,
+        budgets=(200, 2000),
+        expected_regime={200: "under-fit", 2000: "over-fit"},
+        base_lr={200: 0.04, 2000: 0.04},
+    )
+
+
+def _breast_cancer_logreg() -> Task:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x, y = data.data.astype(np.float64), data.target
+    train, held = _split(len(y), num_train=400)
+    x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
+    y_t = torch.tensor(y, dtype=torch.float32)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(30, 1), nn.Flatten(0))
+
+    return Task(
+        name="breast_cancer_logreg",
+        description=(
+            "logistic regression on 400 standardised breast-cancer rows, plain SGD, batch 32"
+        ),
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.binary_cross_entropy_with_logits,
+        x_train=x_train,
+        y_train=y_t[train],
+        x_heldout=x_held,
+        y_heldout=y_t[held],
+        batch_size=32,
+        momentum=0.0,
+        budgets=(100, 2000),
+        # Nearly separable: with a high rate the long budget grows the weights past the held-out
+        # optimum (the held-out loss rises); the tuned rate may avoid that.
+        expected_regime={100: "under-fit", 2000: "over-fit"},
+        base_lr={100: 0.6, 2000: 0.075},
+    )
+
+
+CHAR_CONTEXT = 16
+
+
+def _char_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "".join(topics.values())
+
+
+def _char_lm() -> Task:
+    text = _char_text()
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(codes))
+    train_codes, held_codes = codes[:split], codes[split:]
+
+    def windows(seq: Tensor) -> tuple[Tensor, Tensor]:
+        # Views, not copies: row i is the context seq[i : i + C], its target seq[i + C].
+        return seq[:-1].unfold(0, CHAR_CONTEXT, 1), seq[CHAR_CONTEXT:]
+
+    x_train, y_train = windows(train_codes)
+    x_held, y_held = windows(held_codes)
+    num_vocab = len(vocab)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Embedding(num_vocab, 16),
+            nn.Flatten(1),
+            nn.Linear(16 * CHAR_CONTEXT, 256),
+            nn.Tanh(),
+            nn.Linear(256, num_vocab),
+        )
+
+    return Task(
+        name="char_lm",
+        description=(
+            f"char MLP LM (emb16 x ctx{CHAR_CONTEXT} -> 256 tanh -> {num_vocab}) on "
+            "pydoc_data.topics, SGD momentum 0.9, batch 64"
+        ),
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=64,
+        momentum=0.9,
+        budgets=(500, 4000),
+        expected_regime={500: "under-fit", 4000: "under-fit"},
+        base_lr={500: 0.05, 4000: 0.05},
+        curve_eval_size=2048,
+        train_eval_size=16384,
+        meta={
+            "num_chars": len(text),
+            "vocab_size": num_vocab,
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "heldout": "last 10% of the characters",
+        },
+    )
+
+
+LSTSQ_DIM = 50
+LSTSQ_KAPPA = 1e4
+LSTSQ_NOISE = 0.5
+
+
+def _lstsq_illcond() -> Task:
+    r"""Least squares with an exactly controlled train Hessian spectrum.
+
+    Loss :math:`\tfrac12\,\mathrm{mean}((Xw + b - y)^2)`. The train design is
+    :math:`X = \sqrt{n}\,U \mathrm{diag}(\sqrt{h}) V^\top` with :math:`U^\top U = I`, so
+    :math:`X^\top X / n = V \mathrm{diag}(h) V^\top`, with :math:`h` geometric from 1 down to
+    :math:`1/\kappa`; the columns are centred, so the bias adds one eigenvalue 1 and stays
+    decoupled. The held-out rows are drawn from the population with the same covariance. Targets:
+    :math:`y = X w^\star + \sigma\varepsilon` with :math:`w^\star = V c`, :math:`c \sim N(0, I)`.
+    """
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    n, d = 1000, LSTSQ_DIM
+    h = torch.logspace(0, -math.log10(LSTSQ_KAPPA), d, dtype=torch.float64)
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    raw = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    raw = raw - raw.mean(dim=0)
+    u, _ = torch.linalg.qr(raw)  # centred orthonormal columns
+    x_train = math.sqrt(n) * u @ torch.diag(h.sqrt()) @ v.T
+    x_held = torch.randn(2000, d, generator=gen, dtype=torch.float64) @ torch.diag(h.sqrt()) @ v.T
+    w_star = v @ torch.randn(d, generator=gen, dtype=torch.float64)
+    y_train = x_train @ w_star + LSTSQ_NOISE * torch.randn(n, generator=gen, dtype=torch.float64)
+    y_held = x_held @ w_star + LSTSQ_NOISE * torch.randn(2000, generator=gen, dtype=torch.float64)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(d, 1), nn.Flatten(0))
+
+    def half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
+        return 0.5 * F.mse_loss(outputs, targets)
+
+    return Task(
+        name="lstsq_illcond",
+        description=(
+            f"least squares d={d}, train Hessian spectrum geometric in [1/{LSTSQ_KAPPA:g}, 1], "
+            f"noise {LSTSQ_NOISE}, full-batch GD"
+        ),
+        kind="regression",
+        model_factory=model,
+        loss_fn=half_mse,
+        x_train=x_train.float(),
+        y_train=y_train.float(),
+        x_heldout=x_held.float(),
+        y_heldout=y_held.float(),
+        batch_size=None,
+        momentum=0.0,
+        budgets=(100, 1000),
+        expected_regime={100: "under-fit", 1000: "under-fit"},
+        # 1 / lambda_max: x2 is the stability limit of constant-rate GD.
+        base_lr={100: 1.0, 1000: 1.0},
+        probe_batches=1,
+        meta={
+            "kappa": LSTSQ_KAPPA,
+            "lambda_max_exact": 1.0,
+            "noise_std": LSTSQ_NOISE,
+            "heldout_loss_floor": 0.5 * LSTSQ_NOISE**2,
+        },
+    )
+
+
+_BUILDERS: dict[str, Callable[[], Task]] = {
+    "digits_mlp": _digits_mlp,
+    "digits_cnn": _digits_cnn,
+    "breast_cancer_logreg": _breast_cancer_logreg,
+    "char_lm": _char_lm,
+    "lstsq_illcond": _lstsq_illcond,
+}
+
+TASK_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+@functools.cache
+def get_task(name: str) -> Task:
+    """The task called ``name``, built once per process."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown task {name!r}; valid names are {list(TASK_NAMES)}")
+    return _BUILDERS[name]()

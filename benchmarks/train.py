@@ -1,0 +1,214 @@
+r"""One budgeted training run of a task under a schedule, and the curvature probe at initialisation.
+
+Time convention (the same for every schedule): a run of ``budget`` optimizer steps builds its
+scheduler with ``total_steps = budget - 1`` and ``lr_min = 0``, so the rate is the peak at the first
+update and exactly 0 at the last one. The last update is therefore a no-op for every annealing
+schedule: each run makes ``budget - 1`` effective updates, the same for all, and ends exactly at the
+end of its schedule (the held-out loss is read there). ``step`` is the exception that does not reach
+0 (its final rate is ``gamma**2 = 0.01`` of the peak, as ``MultiStepLR``).
+
+Baselines: ``cosine``, ``linear``, ``step`` (×0.1 at 50 % and 75 %), ``wsd`` (stable, then linear
+decay over the last 20 %), all the defaults of :data:`uba_auto.SCHEDULES`; no warm-up anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import uba_auto
+from benchmarks.tasks import Task
+
+__all__ = ["RunResult", "ScheduleSpec", "evaluate", "probe_at_init", "train"]
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule by name (``"uba"`` with ``phi``, or a baseline of :data:`uba_auto.SCHEDULES`).
+
+    Picklable, so it can cross to worker processes; :meth:`factory` turns it into the scheduler
+    factory :func:`train` takes.
+    """
+
+    name: str
+    phi: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"phi={self.phi:g}" if self.name == "uba" else self.name
+
+    def factory(self, budget: int) -> SchedulerFactory:
+        total_steps = budget - 1  # the last update uses lr_min = 0 (see the module docstring)
+        if self.name == "uba":
+            if self.phi is None:
+                raise ValueError("ScheduleSpec('uba') needs phi")
+            phi = self.phi
+            return lambda opt: uba_auto.UBAScheduler(opt, total_steps=total_steps, phi=phi)
+        name = self.name
+        return lambda opt: uba_auto.BudgetScheduler(opt, total_steps, schedule=name)
+
+
+@dataclass
+class RunResult:
+    """What one run produced. Losses are means over the named set; ``inf`` after a divergence.
+
+    ``curve_*`` are sampled every ``curve_every`` steps (after that many updates) and at the end:
+    ``curve_train_loss`` is the mean minibatch loss since the previous point (the loss training
+    saw), ``curve_heldout_loss`` the loss on ``task.curve_heldout()``, ``curve_lr`` the rate used
+    by the last update before the point.
+    """
+
+    task: str
+    schedule: str
+    phi: float | None
+    budget: int
+    seed: int
+    peak_lr: float
+    final_train_loss: float
+    final_heldout_loss: float
+    final_heldout_accuracy: float | None
+    diverged: bool
+    curve_every: int
+    curve_steps: list[int] = field(default_factory=list)
+    curve_train_loss: list[float] = field(default_factory=list)
+    curve_heldout_loss: list[float] = field(default_factory=list)
+    curve_lr: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return ScheduleSpec(self.schedule, self.phi).label
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite floats become ``None`` (JSON has no inf/NaN)."""
+        return {k: _json_float(v) for k, v in asdict(self).items()}
+
+
+def _json_float(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_float(v) for v in value]
+    return value
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float | None]:
+    """Mean loss and (for classification) accuracy of ``model`` on ``(x, y)``, in chunks."""
+    total, correct, n = 0.0, 0, x.shape[0]
+    for start in range(0, n, 8192):
+        xb, yb = x[start : start + 8192], y[start : start + 8192]
+        out = model(xb)
+        total += float(task.loss_fn(out, yb)) * xb.shape[0]
+        if task.kind == "classification":
+            pred = (out > 0).to(yb.dtype) if out.ndim == 1 else out.argmax(dim=1)
+            correct += int((pred == yb).sum())
+    loss = total / n
+    return loss, (correct / n if task.kind == "classification" else None)
+
+
+def train(
+    task: Task,
+    scheduler_factory: SchedulerFactory | ScheduleSpec,
+    budget: int,
+    seed: int,
+    peak_lr: float,
+) -> RunResult:
+    """Train ``task``'s model from seed ``seed`` for ``budget`` SGD steps under a schedule.
+
+    Args:
+        task: the task.
+        scheduler_factory: ``factory(optimizer) -> scheduler`` stepped once per optimizer step
+            (after it), or a :class:`ScheduleSpec` (built with ``total_steps = budget - 1``).
+        budget: optimizer steps.
+        seed: seeds the initialisation and the minibatch order.
+        peak_lr: the optimizer's ``lr`` at construction, the schedule's peak.
+
+    Returns:
+        A :class:`RunResult`. A run whose loss becomes non-finite stops there with ``diverged``
+        set and infinite final losses.
+    """
+    spec = scheduler_factory if isinstance(scheduler_factory, ScheduleSpec) else None
+    factory = spec.factory(budget) if spec is not None else scheduler_factory
+    start = time.perf_counter()
+    model = task.make_model(seed)
+    model.train()
+    opt = task.make_optimizer(model, peak_lr)
+    sched = factory(opt)
+    x_curve, y_curve = task.curve_heldout()
+    every = max(1, budget // 50)
+    result = RunResult(
+        task=task.name,
+        schedule=spec.name if spec is not None else type(sched).__name__,
+        phi=spec.phi if spec is not None else getattr(sched, "phi", None),
+        budget=budget,
+        seed=seed,
+        peak_lr=peak_lr,
+        final_train_loss=math.inf,
+        final_heldout_loss=math.inf,
+        final_heldout_accuracy=None,
+        diverged=False,
+        curve_every=every,
+    )
+    running = torch.zeros(())
+    since = 0
+    for step, (xb, yb) in enumerate(itertools.islice(task.batches(seed), budget), start=1):
+        lr = opt.param_groups[0]["lr"]
+        loss = task.loss_fn(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.detach()
+        since += 1
+        if step % every == 0 or step == budget:
+            train_loss = float(running) / since
+            held_loss, _ = evaluate(task, model, x_curve, y_curve)
+            result.curve_steps.append(step)
+            result.curve_train_loss.append(train_loss)
+            result.curve_heldout_loss.append(held_loss)
+            result.curve_lr.append(float(lr))
+            running.zero_()
+            since = 0
+            if not (math.isfinite(train_loss) and math.isfinite(held_loss)):
+                result.diverged = True
+                break
+    if not result.diverged:
+        x_tr, y_tr = task.train_eval()
+        result.final_train_loss, _ = evaluate(task, model, x_tr, y_tr)
+        loss, acc = evaluate(task, model, task.x_heldout, task.y_heldout)
+        result.final_heldout_loss, result.final_heldout_accuracy = loss, acc
+        if not math.isfinite(loss):
+            result.diverged = True
+    result.wall_time_s = time.perf_counter() - start
+    return result
+
+
+def probe_at_init(task: Task, seed: int, **probe_kwargs) -> uba_auto.CurvatureEstimate:
+    """The curvature of ``task``'s model at initialisation (seed ``seed``), by
+    :func:`uba_auto.probe_curvature` on the first ``task.probe_batches`` minibatches of the run's
+    own stream (the batches training sees first), in float64, with the SLQ density.
+
+    ``probe_kwargs`` override the defaults (``density=True``, ``dtype=torch.float64``,
+    ``num_batches=task.probe_batches``, ``seed=seed``, ``progress=False``).
+    """
+    model = task.make_model(seed)
+    model.train()
+    batches = list(itertools.islice(task.batches(seed), task.probe_batches))
+    kwargs = dict(
+        num_batches=task.probe_batches,
+        density=True,
+        dtype=torch.float64,
+        seed=seed,
+        progress=False,
+    )
+    kwargs.update(probe_kwargs)
+    return uba_auto.probe_curvature(model, batches, task.loss_fn, **kwargs)
