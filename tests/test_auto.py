@@ -288,3 +288,99 @@ def test_empty_loader():
         auto_uba(model, [], 10)
     with pytest.raises(ValueError, match="no batches"):
         auto_uba(model, [], 10, loss_fn=nn.functional.cross_entropy)
+
+
+def test_short_loader_is_not_duplicated_and_is_recorded():
+    problem, model, _ = mlp_setup(num_batches=3)
+    auto = auto_uba(model, problem.batches, 50, loss_fn=problem.loss, num_batches=8)
+    est = auto.report.estimate
+    assert est.num_batches == 3 and len(est.batch_losses) == 3
+    assert any("yielded only 3" in w for w in auto.report.warnings)
+
+
+def test_shuffling_loader_does_not_move_the_global_rng():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    problem, model, opt = mlp_setup()
+    xs = torch.cat([b[0] for b in problem.batches])
+    ys = torch.cat([b[1] for b in problem.batches])
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=8, shuffle=True)
+    rng = torch.get_rng_state()
+    auto = auto_uba(model, loader, 200, optimizer=opt, density=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert auto.report.estimate.num_batches == 6
+
+
+def test_suggest_failure_leaves_the_optimizer_as_it_was():
+    problem, model, opt = mlp_setup()
+    opt.param_groups[0]["lr"] = 50.0
+    before = dict(opt.param_groups[0])
+    with pytest.raises(ValueError, match="lr_min must be <= the peak rate"):
+        auto_uba(
+            model,
+            problem.batches,
+            30,
+            optimizer=opt,
+            loss_fn=problem.loss,
+            peak_lr="suggest",
+            lr_min=10.0,
+            density=False,
+        )
+    assert opt.param_groups[0]["lr"] == before["lr"] and "initial_lr" not in opt.param_groups[0]
+
+
+def test_final_rate_arguments_fail_before_probing():
+    problem, model, opt = mlp_setup()
+    for kwargs, match in (
+        ({"lr_min": 1.0}, "lr_min must be <= the peak rate"),
+        ({"lr_min_ratio": 2.0}, "lr_min_ratio must lie in"),
+        ({"lr_min": 0.0, "lr_min_ratio": 0.1}, "either lr_min or lr_min_ratio"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            auto_uba(model, problem.batches, 30, optimizer=opt, loss_fn=problem.loss, **kwargs)
+    assert "initial_lr" not in opt.param_groups[0]
+
+
+def test_persistent_worker_loader_is_refused_for_reestimation():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    problem, model, _ = mlp_setup()
+    xs = torch.cat([b[0] for b in problem.batches])
+    ys = torch.cat([b[1] for b in problem.batches])
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=8, num_workers=1, persistent_workers=True)
+    with pytest.raises(ValueError, match="persistent_workers=True"):
+        auto_uba(model, loader, 100, loss_fn=problem.loss, reestimate_every=10)
+
+
+def test_chebyshev_link_with_a_small_learning_rate_does_not_crash():
+    problem, model, _ = mlp_setup()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    auto = auto_uba(
+        model,
+        problem.batches,
+        100,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        link="chebyshev",
+        density=False,
+    )
+    assert auto.report.kappa == 1.0
+    assert any("curvature band is empty" in w for w in auto.report.warnings)
+
+
+def test_numpy_peak_lr_and_strict_json():
+    import numpy as np
+
+    problem, model, _ = mlp_setup()
+    auto = auto_uba(
+        model,
+        problem.batches,
+        50,
+        loss_fn=problem.loss,
+        peak_lr=np.float32(0.5),
+        trace_matvecs=3,
+        density=False,
+    )
+    assert auto.report.peak_lr == 0.5 and auto.report.peak_lr_source == "given as peak_lr"
+    text = auto.report.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite {c} in JSON"))

@@ -50,7 +50,7 @@ _STATE_VERSION = 1
 def _default_loss(batch: Any) -> tuple[Any, str]:
     """The loss for a three-argument call, from the form of the first batch (recorded)."""
     if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return None, "dict batches: the model's own .loss"
+        return None, ""  # Hugging Face style: the model returns its own .loss
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
         if batch[1].is_floating_point():
             return nn.functional.mse_loss, "loss_fn not given: mse_loss (floating-point targets)"
@@ -59,6 +59,27 @@ def _default_loss(batch: Any) -> tuple[Any, str]:
         "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
         "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
     )
+
+
+def _check_final_rate(
+    peaks: list[float] | None, lr_min: float | None, lr_min_ratio: float | None
+) -> None:
+    """The final-rate arguments the scheduler will get, checked before anything runs."""
+    if lr_min is not None and lr_min_ratio is not None:
+        raise ValueError(
+            "pass either lr_min or lr_min_ratio, not both "
+            f"(got lr_min={lr_min!r}, lr_min_ratio={lr_min_ratio!r})"
+        )
+    if lr_min_ratio is not None:
+        check_fraction("lr_min_ratio", lr_min_ratio, closed_low=True, closed_high=True)
+    if lr_min is not None:
+        lr_min = check_nonnegative_finite("lr_min", lr_min)
+        for i, peak in enumerate(peaks or []):
+            if lr_min > peak:
+                raise ValueError(
+                    f"lr_min must be <= the peak rate of every param group, got lr_min={lr_min!r} "
+                    f"> {peak!r} (param group {i}); lower lr_min or use lr_min_ratio"
+                )
 
 
 class AutoUBAScheduler(UBAScheduler):
@@ -74,7 +95,8 @@ class AutoUBAScheduler(UBAScheduler):
         super().step(epoch)
         every = self._auto.reestimate_every
         # Not at step 0 (the pre-training probe just ran) nor at or after the last step.
-        if every and 0 < self.last_epoch < self.total_steps and self.last_epoch % every == 0:
+        # At total_steps - 1 only the final step is left, and its rate is lr_min whatever phi is.
+        if every and 0 < self.last_epoch < self.total_steps - 1 and self.last_epoch % every == 0:
             self._auto.reestimate()
 
 
@@ -123,7 +145,7 @@ class AutoUBA:
         self.phi_min, self.phi_max = phi_min, phi_max
         self.probe_kwargs = probe_kwargs
         self.scheduler: AutoUBAScheduler | None = None
-        self._notes = [loss_note] if loss_note.startswith("loss_fn not given") else []
+        self._notes = [loss_note] if loss_note else []
         self._iterator: Iterator[Any] | None = None
         self.batches_drawn = 0
         self.probe_hvps = 0
@@ -133,15 +155,25 @@ class AutoUBA:
 
     # -- batches -----------------------------------------------------------------------------------
     def _next_batches(self) -> list[Any]:
-        """The next ``num_batches`` batches, cycling over the loader (fresh data each probe)."""
+        """The next ``num_batches`` batches of the loader (fresh data for each probe).
+
+        The loader is restarted when it is exhausted, but never within a draw once that draw has
+        batches: a loader shorter than ``num_batches`` gives a short draw (which the probe
+        records), never a batch twice. Iterating runs under a forked RNG, because a shuffling
+        ``DataLoader`` draws its seed from the global generator: probing must not change the data
+        order or dropout masks of the training run.
+        """
         out: list[Any] = []
-        for _ in range(2):  # at most one restart of the loader per draw
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-            out += list(itertools.islice(self._iterator, self.num_batches - len(out)))
-            if len(out) == self.num_batches:
-                break
-            self._iterator = None
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(2):  # at most one restart, and only for an empty draw
+                if self._iterator is None:
+                    self._iterator = iter(self.loader)
+                out += list(itertools.islice(self._iterator, self.num_batches - len(out)))
+                if out:
+                    if len(out) < self.num_batches:
+                        self._iterator = None
+                    break
+                self._iterator = None
         self.batches_drawn += len(out)
         return out
 
@@ -157,7 +189,7 @@ class AutoUBA:
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
         kwargs = {**self.probe_kwargs, **overrides}
         est = probe_curvature(
-            self.model, batches, self.loss_fn, num_batches=len(batches) or 1, **kwargs
+            self.model, batches, self.loss_fn, num_batches=self.num_batches, **kwargs
         )
         self.probe_hvps += est.num_hvps
         return est
@@ -178,12 +210,16 @@ class AutoUBA:
             raise ValueError(
                 "loader yielded no batches; auto_uba needs at least one batch to probe"
             )
+        if self.loss_fn is None:
+            self.loss_fn, note = _default_loss(batches[0])
+            if note:
+                self._notes.append(note)
         t0 = time.perf_counter()
         est = self._probe(batches)
         suggested = 1.0 / est.lambda_max if est.lambda_max > 0 else None
         self.suggested_lr = suggested
         notes = list(self._notes)
-        if isinstance(peak_lr, (int, float)) and not isinstance(peak_lr, bool):
+        if peak_lr is not None and not isinstance(peak_lr, str):
             self._peak_lr, self._peak_source = float(peak_lr), "given as peak_lr"
         elif peak_lr == "suggest":
             if suggested is None:
@@ -193,6 +229,10 @@ class AutoUBA:
                 )
             self._peak_lr, self._peak_source = suggested, "suggested: 1 / lambda_max"
             if optimizer is not None:
+                # Check before writing: a failure must leave the optimizer as it was.
+                _check_final_rate(
+                    [suggested] * len(optimizer.param_groups), self.lr_min, self.lr_min_ratio
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = suggested
                     group.pop("initial_lr", None)
@@ -359,7 +399,26 @@ class AutoUBA:
             self.scheduler.load_state_dict(state["scheduler"])
         history = tuple(ReestimationRecord(*row) for row in state["history"])
         last_phi = history[-1].phi
-        self.report = replace(self.report, history=history, phi=history[0].phi)
+        saved = state["report"]
+        self.report = replace(
+            self.report,
+            history=history,
+            phi=saved["phi"],
+            phi_unclamped=math.inf if saved["phi_unclamped"] is None else saved["phi_unclamped"],
+            clamped=saved["clamped"],
+            kappa=saved["kappa"],
+            kappa_kind=saved["kappa_kind"],
+            link=saved["link"],
+            reason=saved["reason"],
+            peak_lr=saved["peak_lr"],
+            peak_lr_source=saved["peak_lr_source"],
+            suggested_lr=saved["suggested_lr"],
+            warnings=(
+                *saved["warnings"],
+                "resumed from a state dict: phi, its reason and history are the saved run's; "
+                "the estimate shown is the probe made when this AutoUBA was built",
+            ),
+        )
         self.probe_hvps = state["probe_hvps"]
         self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
         self._skip_to(state["batches_drawn"])
@@ -455,19 +514,22 @@ def auto_uba(
         raise ValueError(f"peak_lr must be a number, 'suggest' or None, got {peak_lr!r}")
     if peak_lr is not None and not isinstance(peak_lr, str):
         check_positive_finite("peak_lr", peak_lr)
-    if lr_min is not None:
-        check_nonnegative_finite("lr_min", lr_min)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
-
+    # Checked now, so that a bad setting fails before the probe's cost, not after it.
+    peaks = None
+    if optimizer is not None and peak_lr != "suggest":
+        peaks = [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
+    _check_final_rate(peaks, lr_min, lr_min_ratio)
+    if reestimate_every is not None and getattr(loader, "persistent_workers", False):
+        raise ValueError(
+            "reestimate_every needs a loader auto_uba can iterate on its own, but this DataLoader "
+            "has persistent_workers=True: iterating it would reset the training loop's iterator. "
+            "Pass a separate DataLoader (same dataset, persistent_workers=False) as loader"
+        )
     loss_note = ""
-    if loss_fn is None:
-        first = next(iter(loader), None)
-        if first is None:
-            raise ValueError("loader yielded no batches; auto_uba needs at least one to probe")
-        loss_fn, loss_note = _default_loss(first)
     auto = AutoUBA(
         model,
         loader,

@@ -217,13 +217,38 @@ def choose_phi(
             tuple(notes),
         )
     if link == "chebyshev":
-        kappa = budget_condition_number(lam, estimate.lambda_min_positive, peak_lr or 1.0, budget)
+        if peak_lr is None:
+            raise ValueError("link='chebyshev' needs peak_lr (the run's peak learning rate)")
+        kappa = budget_condition_number(lam, estimate.lambda_min_positive, peak_lr, budget)
+        if kappa < 1:
+            notes.append(
+                f"the curvature band is empty at this learning rate: 1/(peak_lr * budget) = "
+                f"{1 / (peak_lr * budget):.3g} exceeds lambda_max = {lam:.3g}, so kappa is taken "
+                "as 1"
+            )
+            kappa = 1.0
         kind = "budget band: lambda_max / max(smallest positive, 1/(peak_lr * budget))"
         why = (
             f"phi = 2 kappa (Chebyshev min-max on the band, theory-only link), kappa = {kappa:.4g}"
         )
     else:
         noise = estimate.curvature_noise
+        if noise is None and estimate.num_batches > 1:
+            notes.append(
+                f"curvature noise not available from method={estimate.method!r}: fell back to "
+                f"phi = {FALLBACK_PHI:g} (cosine annealing); use method='lanczos' for the "
+                "calibrated link"
+            )
+            return PhiChoice(
+                FALLBACK_PHI,
+                FALLBACK_PHI,
+                False,
+                None,
+                "none (fallback)",
+                link,
+                "fallback: curvature noise not measured",
+                tuple(notes),
+            )
         if noise is None:
             noise = 0.0
             notes.append(

@@ -13,6 +13,7 @@ over ``B`` batches costs ``B`` of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -128,7 +129,7 @@ class CurvatureEstimate:
     warnings: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the density as its nodes and weights)."""
+        """A JSON-ready dict (the density as its nodes and weights; inf and NaN as None)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if self.density is not None:
             out["density"] = {
@@ -146,9 +147,7 @@ class CurvatureEstimate:
             out[key] = list(out[key])
         out["batch_sizes"] = list(self.batch_sizes)
         out["warnings"] = list(self.warnings)
-        if math.isinf(self.condition_number):
-            out["condition_number"] = None  # JSON has no inf
-        return out
+        return json_safe(out)
 
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as a JSON string."""
@@ -180,6 +179,17 @@ class CurvatureEstimate:
         lines.append(f"  cost                {self.num_hvps} HVPs, {self.wall_time_s:.3g} s")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively (JSON has no inf)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class _Progress(SymmetricOperator):
@@ -352,7 +362,7 @@ def probe_curvature(
     hvps: dict[str, int] = {}
     notes: list[str] = []
 
-    with preserve_state(model):
+    with preserve_state(model), contextlib.ExitStack() as stack:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
@@ -360,6 +370,9 @@ def probe_curvature(
                 "probe. Unfreeze the parameters you train"
             )
         device = params[0].device
+        # An enclosing autocast would run the products in reduced precision while the solvers'
+        # vectors keep the parameters' dtype: probe in the parameters' (or the asked) dtype.
+        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
         batch_set = collect_batches(loader, num_batches, device=device, dtype=dtype)
         if batch_set.shortfall_message:
             notes.append(batch_set.shortfall_message)

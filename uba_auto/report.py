@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .probe import CurvatureEstimate
+from .probe import CurvatureEstimate, json_safe
 
 __all__ = ["CurvatureReport", "ReestimationRecord"]
 
@@ -89,10 +89,7 @@ class CurvatureReport:
         out["estimate"] = self.estimate.to_dict()
         out["history"] = [dataclasses.asdict(r) for r in self.history]
         out["warnings"] = list(self.warnings)
-        for key in ("kappa", "phi_unclamped"):
-            if out[key] is not None and not math.isfinite(out[key]):
-                out[key] = None
-        return out
+        return json_safe(out)
 
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as a JSON string (``indent=2`` unless given)."""
@@ -186,9 +183,12 @@ class CurvatureReport:
             ax_density.fill_between(grid.numpy(), dens.numpy(), alpha=0.2, color="C0")
             ax_density.set_yscale("log")
             ax_density.set_ylim(bottom=max(float(dens.max()) * 1e-6, 1e-12))
-            ax_density.set_title(
-                f"Hessian spectral density (SLQ), negative mass {100 * est.negative_mass:.1f} %"
+            mass = (
+                ""
+                if est.negative_mass is None
+                else f", negative mass {100 * est.negative_mass:.1f} %"
             )
+            ax_density.set_title(f"{est.curvature} spectral density (SLQ){mass}")
         else:
             ax_density.text(
                 0.5,
