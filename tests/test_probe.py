@@ -366,3 +366,22 @@ def test_single_batch_has_no_curvature_noise():
     problem = make_problem("tanh_mlp")
     est = probe_curvature(problem.model, problem.batches, problem.loss, num_batches=1)
     assert est.curvature_noise is None and est.top_curvature_per_batch == ()
+
+
+def test_negative_mass_counts_only_clearly_negative_curvature():
+    problem = make_problem("tanh_mlp")
+    est = probe_curvature(
+        problem.model,
+        problem.batches,
+        problem.loss,
+        num_batches=3,
+        dtype=F64,
+        per_batch=False,
+        trace=False,
+        density=True,
+        density_probes=16,
+        density_iters=60,
+    )
+    ev, _ = dense_eigs(problem, problem.batches)
+    expected = float((ev < -1e-3 * ev[-1]).double().mean())
+    assert est.negative_mass == pytest.approx(expected, abs=0.1)

@@ -256,6 +256,17 @@ class AutoUBA:
             "pre-training probe",
         )
         notes += list(choice.warnings) + list(est.warnings)
+        if est.negative_mass is not None and est.negative_mass > 0.2:
+            notes.append(
+                f"{100 * est.negative_mass:.0f}% of the spectrum is negative curvature: the model "
+                "is far from a minimum and its curvature will change as it trains; consider "
+                "reestimate_every"
+            )
+        if est.curvature_noise is not None and est.curvature_noise > 0.5:
+            notes.append(
+                f"the curvature varies by {100 * est.curvature_noise:.0f}% across minibatches: "
+                "phi is uncertain; probe more batches (num_batches) or larger ones"
+            )
         share = self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
         if share > self.probe_fraction:
             notes.append(

@@ -85,7 +85,9 @@ class CurvatureEstimate:
             batch, or for ``method="pyhessian"``). 0 means full-batch-like curvature.
         batch_losses: loss of each probed batch at the current parameters.
         density: the spectral density by stochastic Lanczos quadrature, or ``None``.
-        negative_mass: the fraction of the spectrum below 0 estimated from ``density``.
+        negative_mass: the fraction of the spectrum below :math:`-10^{-3}\lambda_{\max}`
+            estimated from ``density`` (:data:`NEGATIVE_MASS_THRESHOLD`): the near-zero cluster
+            of a network's spectrum straddles 0 and would otherwise count as half negative.
         num_hvps: single-batch Hessian-vector products spent in total.
         hvps: the same, by part (``"extremes"``, ``"per_batch"``, ``"trace"``, ``"density"``).
         wall_time_s: seconds in total; ``time_s`` by part (``"setup"`` included).
@@ -514,7 +516,7 @@ def probe_curvature(
         ),
         batch_losses=batch_losses,
         density=dens,
-        negative_mass=None if dens is None else dens.negative_mass(),
+        negative_mass=None if dens is None else _negative_mass(dens, extremes["lambda_max"]),
         num_hvps=sum(hvps.values()),
         hvps=hvps,
         wall_time_s=wall,
@@ -539,6 +541,14 @@ def probe_curvature(
         wall,
     )
     return estimate
+
+
+NEGATIVE_MASS_THRESHOLD = 1e-3
+"""Eigenvalues below ``-NEGATIVE_MASS_THRESHOLD * |lambda_max|`` count as negative curvature."""
+
+
+def _negative_mass(density: SpectralDensity, lambda_max: float) -> float:
+    return density.negative_mass(threshold=NEGATIVE_MASS_THRESHOLD * abs(lambda_max))
 
 
 def _condition(lambda_max: float, lambda_min_positive: float | None) -> float:
@@ -683,7 +693,7 @@ def _probe_with_pyhessian(
         curvature_noise=None,
         batch_losses=(),
         density=dens,
-        negative_mass=None if dens is None else dens.negative_mass(),
+        negative_mass=None if dens is None else _negative_mass(dens, res.eigenvalues[0]),
         num_hvps=sum(hvps.values()),
         hvps=hvps,
         wall_time_s=time.perf_counter() - start,
