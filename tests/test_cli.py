@@ -52,7 +52,8 @@ def test_plot_writes_png(tmp_path):
         (["plot", "--phi", "abc", "--out", "x.png"], "invalid float value: 'abc'"),
         (["plot", "--out", "x.txt"], "--out must end in .png, .pdf or .svg"),
         (["plot", "--phi", "1"], "the following arguments are required: --out"),
-        (["plot", "--warmup", "5000", "--out", "x.png"], "total_steps must be > warmup_steps"),
+        (["plot", "--warmup", "5000", "--out", "x.png"], "--warmup must lie in [0, --total-steps)"),
+        (["plot", "--total-steps", "0", "--out", "x.png"], "--total-steps must be >= 1"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -29,6 +29,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     bad = [p for p in args.phi if not (math.isfinite(p) and p > 0)]
     if bad:
         raise ValueError(f"--phi values must be finite and > 0, got {bad[0]:g}")
+    if args.total_steps < 1:
+        raise ValueError(f"--total-steps must be >= 1, got {args.total_steps}")
+    if not 0 <= args.warmup < args.total_steps:
+        raise ValueError(
+            f"--warmup must lie in [0, --total-steps), got --warmup {args.warmup} with "
+            f"--total-steps {args.total_steps}"
+        )
     out = Path(args.out)
     if out.suffix.lower() not in {".png", ".pdf", ".svg"}:
         raise ValueError(f"--out must end in .png, .pdf or .svg, got {str(out)!r}")
