@@ -14,8 +14,8 @@ For a network we take the band the schedule can act on within the budget:
 where :math:`\lambda_{+}` is the smallest positive eigenvalue the probe resolved and
 :math:`1/(\eta T)` the smallest curvature a peak rate :math:`\eta` can make progress on in
 :math:`T` steps (PAPER.md's first candidate). On every task of our validation study this κ is
-between 24 and 2000 (``benchmarks/phi_sweep.py``), so φ = 2κ always hits the upper clamp: the link decays too early. It is
-kept selectable so that this can be checked, not recommended.
+between 24 and 2000 (``benchmarks/phi_sweep.py``), so φ = 2κ always hits the upper clamp: the
+link decays too early. It is kept selectable so that this can be checked, not recommended.
 
 **The calibrated link** (``link="calibrated"``, the default; an empirical calibration of ours).
 The quantity that tracked the best φ of our sweep is how much the sharpness a single SGD step
