@@ -34,7 +34,7 @@ from ._validation import check_fraction, check_int, check_nonnegative_finite, ch
 from .phi import LINKS, PHI_MAX, PHI_MIN, PhiChoice, choose_phi
 from .probe import CurvatureEstimate, probe_curvature
 from .report import CurvatureReport, ReestimationRecord
-from .scheduler import UBAScheduler
+from .scheduler import UBAScheduler, check_lr_min_args
 
 __all__ = ["HVP_COST_IN_GRADIENTS", "AutoUBA", "AutoUBAScheduler", "auto_uba"]
 
@@ -65,13 +65,7 @@ def _check_final_rate(
     peaks: list[float] | None, lr_min: float | None, lr_min_ratio: float | None
 ) -> None:
     """The final-rate arguments the scheduler will get, checked before anything runs."""
-    if lr_min is not None and lr_min_ratio is not None:
-        raise ValueError(
-            "pass either lr_min or lr_min_ratio, not both "
-            f"(got lr_min={lr_min!r}, lr_min_ratio={lr_min_ratio!r})"
-        )
-    if lr_min_ratio is not None:
-        check_fraction("lr_min_ratio", lr_min_ratio, closed_low=True, closed_high=True)
+    check_lr_min_args(lr_min, lr_min_ratio)
     if lr_min is not None:
         lr_min = check_nonnegative_finite("lr_min", lr_min)
         for i, peak in enumerate(peaks or []):
@@ -267,7 +261,7 @@ class AutoUBA:
                 f"the curvature varies by {100 * est.curvature_noise:.0f}% across minibatches: "
                 "phi is uncertain; probe more batches (num_batches) or larger ones"
             )
-        share = self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
+        share = self.probe_cost_fraction
         if share > self.probe_fraction:
             notes.append(
                 f"the pre-training probe alone cost {100 * share:.1f}% of the budget in "

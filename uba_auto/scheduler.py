@@ -32,7 +32,12 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ._validation import check_int, check_nonnegative_finite, check_positive_finite
+from ._validation import (
+    check_fraction,
+    check_int,
+    check_nonnegative_finite,
+    check_positive_finite,
+)
 from .schedules import get_schedule, uba_factor
 
 __all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
@@ -50,6 +55,21 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[float]:
             )
         return [check_nonnegative_finite(f"{name}[{i}]", v) for i, v in enumerate(value)]
     return [check_nonnegative_finite(name, value)] * num_groups
+
+
+def check_lr_min_args(lr_min: Any, lr_min_ratio: Any) -> float | None:
+    """Check that at most one of ``lr_min`` / ``lr_min_ratio`` is given; return the ratio.
+
+    Shared by the schedulers and :func:`~uba_auto.auto.auto_uba` (which checks before probing).
+    """
+    if lr_min is not None and lr_min_ratio is not None:
+        raise ValueError(
+            "pass either lr_min or lr_min_ratio, not both "
+            f"(got lr_min={lr_min!r}, lr_min_ratio={lr_min_ratio!r})"
+        )
+    if lr_min_ratio is None:
+        return None
+    return check_fraction("lr_min_ratio", lr_min_ratio, closed_low=True, closed_high=True)
 
 
 def _group_peaks(optimizer: Any) -> list[float]:
@@ -133,15 +153,8 @@ class BudgetScheduler(LRScheduler):
                 f"total_steps must be > warmup_steps, got total_steps={self.total_steps} and "
                 f"warmup_steps={self.warmup_steps}; the decay phase needs at least one step"
             )
-        if lr_min is not None and lr_min_ratio is not None:
-            raise ValueError(
-                "pass either lr_min or lr_min_ratio, not both "
-                f"(got lr_min={lr_min!r}, lr_min_ratio={lr_min_ratio!r})"
-            )
-        if lr_min_ratio is not None:
-            ratio = check_nonnegative_finite("lr_min_ratio", lr_min_ratio)
-            if ratio > 1:
-                raise ValueError(f"lr_min_ratio must lie in [0, 1], got {ratio!r}")
+        ratio = check_lr_min_args(lr_min, lr_min_ratio)
+        if ratio is not None:
             self.lr_mins = [ratio * p for p in peaks]
         else:
             self.lr_mins = _per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
