@@ -9,7 +9,9 @@ The public API, in the order a user meets it:
 * the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
   :func:`phi_from_condition_number`;
-* curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`;
+* curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
+  ``torch.distributed`` it probes the global batch, identically on every rank, and raises
+  :class:`DistributedProbeError` on every rank when one fails;
 * the layers under it: operators (:class:`HessianOperator`, :class:`GGNOperator`,
   :class:`DenseOperator`, any :class:`SymmetricOperator`) and solvers that act on an operator
   (:func:`lanczos`, :func:`power_iteration`, :func:`hutchpp_trace`, :func:`hutchinson_trace`,
@@ -17,6 +19,7 @@ The public API, in the order a user meets it:
 """
 
 from ._batches import ModelLoss
+from ._distributed import DistributedProbeError
 from .auto import AutoUBA, AutoUBAScheduler, auto_uba
 from .hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
 from .lanczos import LanczosResult, lanczos
@@ -53,6 +56,7 @@ __all__ = [
     "CurvatureEstimate",
     "CurvatureReport",
     "DenseOperator",
+    "DistributedProbeError",
     "GGNOperator",
     "HessianOperator",
     "LanczosResult",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._distributed import DistributedProbeError, is_communication_failure, resolve_process_group
 from ._validation import check_fraction, check_int, check_nonnegative_finite, check_positive_finite
 from .phi import LINKS, PHI_MAX, PHI_MIN, PhiChoice, choose_phi
 from .probe import CurvatureEstimate, probe_curvature
@@ -138,6 +139,7 @@ class AutoUBA:
         self.link = link
         self.phi_min, self.phi_max = phi_min, phi_max
         self.probe_kwargs = probe_kwargs
+        self._comm = probe_kwargs.get("process_group") or None
         self.scheduler: AutoUBAScheduler | None = None
         self._notes = [loss_note] if loss_note else []
         self._iterator: Iterator[Any] | None = None
@@ -198,13 +200,31 @@ class AutoUBA:
             phi_max=self.phi_max,
         )
 
+    def _agree_phi(self, error: Exception | None, choice: PhiChoice | None, step: int) -> Any:
+        """Under a process group, make this (re-)estimation's outcome collective: a failure on
+        any rank becomes one on every rank, and φ must be bit-identical on every rank. Returns
+        the error to handle (``None`` on success); see :mod:`uba_auto._distributed`."""
+        if self._comm is None or isinstance(error, DistributedProbeError):
+            return error  # a DistributedProbeError was already raised on every rank
+        try:
+            self._comm.agree(
+                error,
+                f"estimating phi at step {step}",
+                equal={"phi": math.nan if choice is None else choice.phi},
+                hint="the ranks' estimates differ (see UBA_AUTO_DISTRIBUTED_CHECK)",
+            )
+        except (DistributedProbeError, ValueError) as err:
+            return err
+        return None
+
     def _initial_probe(self, peak_lr: float | str | None, optimizer: Any) -> None:
         batches = self._next_batches()
-        if not batches:
+        # Under a process group an empty loader on one rank fails the probe's collective start.
+        if not batches and self._comm is None:
             raise ValueError(
                 "loader yielded no batches; auto_uba needs at least one batch to probe"
             )
-        if self.loss_fn is None:
+        if self.loss_fn is None and batches:
             self.loss_fn, note = _default_loss(batches[0])
             if note:
                 self._notes.append(note)
@@ -239,7 +259,13 @@ class AutoUBA:
             self._peak_source = "no optimizer: assumed 1 / lambda_max (SGD)"
         else:
             self._peak_lr, self._peak_source = 1.0, "unknown (no optimizer, no positive curvature)"
-        choice = self._choose(est, self.budget)
+        try:
+            choice, error = self._choose(est, self.budget), None
+        except Exception as err:
+            choice, error = None, err
+        error = self._agree_phi(error, choice, 0)
+        if error is not None:
+            raise error
         record = ReestimationRecord(
             0,
             "ok",
@@ -320,7 +346,9 @@ class AutoUBA:
         """Re-probe on fresh batches and set φ for the rest of the budget (no jump in the rate).
 
         Never raises because of the probe: a failure keeps the current φ and is recorded in the
-        report's history (and warned about), so training continues.
+        report's history (and warned about), so training continues. Under a process group it is
+        collective: every rank calls it at the same step (the scheduler does), and a failure on
+        any rank is recorded on every rank.
         """
         step = self.scheduler.last_epoch if self.scheduler is not None else 0
         remaining = self.budget - step
@@ -339,11 +367,17 @@ class AutoUBA:
             )
             return self._record(record)
         t0 = time.perf_counter()
+        choice, error = None, None
         try:
             est = self._probe(self._next_batches(), density=False)
             choice = self._choose(est, remaining)
         except Exception as err:  # a failed probe must never stop training
-            message = f"{type(err).__name__}: {err}"
+            if is_communication_failure(err):
+                raise  # the process group is broken: training cannot go on either
+            error = err
+        error = self._agree_phi(error, choice, step)
+        if error is not None:
+            message = f"{type(error).__name__}: {error}"
             warnings.warn(
                 f"uba-auto: re-estimation at step {step} failed, phi kept: {message}",
                 RuntimeWarning,
@@ -452,6 +486,7 @@ def auto_uba(
     density: bool = True,
     seed: int = 0,
     progress: bool | None = None,
+    process_group: Any = "auto",
     **probe_kwargs: Any,
 ) -> AutoUBA:
     """Probe the curvature, choose φ, and return the UBA schedule for a budget of ``budget`` steps.
@@ -484,6 +519,15 @@ def auto_uba(
         density: probe the spectral density for the report (pre-training probe only).
         seed: seed of the probe's random vectors.
         progress: progress bar during probes (``None``: when stderr is a terminal).
+        process_group: ``"auto"`` (default): under ``torch.distributed`` (e.g. a DDP script run
+            with ``torchrun``) every probe is collective: it measures the curvature of the loss on
+            the global batch (each rank draws ``num_batches`` batches of its own loader), φ and
+            the scheduler are identical on every rank (checked at every estimation), and
+            re-estimations happen at the same step on every rank; a failure on any rank is
+            recorded as failed on every rank (φ kept everywhere). Call ``auto_uba`` and step the
+            scheduler on every rank. ``None``/``False``: each process probes alone. Or a
+            ``torch.distributed.ProcessGroup``. See
+            :func:`~uba_auto.probe.probe_curvature`.
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
             ``mode``, ``dtype``).
 
@@ -562,6 +606,7 @@ def auto_uba(
             "density_probes": 2,
             "density_iters": 24,
             **probe_kwargs,
+            "process_group": resolve_process_group(process_group) or False,
         },
     )
     auto._initial_probe(peak_lr, optimizer)

@@ -20,6 +20,7 @@ was built: build a new one after the parameters change (it raises if it notices 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ from uba_auto._batches import (
     outputs_at,
     split_supervised,
 )
+from uba_auto._distributed import resolve_process_group, unwrap_model
 from uba_auto.linear_operator import SymmetricOperator
 
 __all__ = ["ENGINES", "GGNOperator", "HessianOperator", "UnsupportedDerivativeError"]
@@ -265,6 +267,31 @@ def _probe_dtype(trainable: Sequence[Tensor], dtype: torch.dtype | None) -> torc
     return found
 
 
+def _refuse_synced_batchnorm(model: nn.Module, overrides: list[tuple[nn.Module, bool]]) -> None:
+    """Raise if a SyncBatchNorm would synchronise its statistics during the probe.
+
+    With a process group initialised, a training-mode SyncBatchNorm all-reduces inside its forward
+    and backward (collectives the probe does not schedule) and has no double backward.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return  # it then normalises like BatchNorm
+    flags = {id(m): flag for m, flag in overrides}
+    synced = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.SyncBatchNorm) and flags.get(id(m), m.training)
+    ]
+    if synced:
+        raise ValueError(
+            f"the model has SyncBatchNorm layers in training mode ({synced[:3]}): they "
+            "communicate across ranks inside the forward pass and cannot be differentiated "
+            "twice, so the probe cannot use batch statistics. Probe with mode='eval' (running "
+            "statistics), or probe a copy of the model whose SyncBatchNorm layers are "
+            "BatchNorm again (each rank's own batch statistics)"
+        )
+
+
 class _CurvatureOperator(SymmetricOperator):
     """Setup shared by the Hessian and GGN operators: parameters, batches, mode, bookkeeping."""
 
@@ -279,15 +306,62 @@ class _CurvatureOperator(SymmetricOperator):
         dtype: torch.dtype | None,
         params: Iterable[Any] | None,
         cache_graph: bool,
+        process_group: Any,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._comm = resolve_process_group(process_group)
+        # This rank's coefficient of each local batch in the global mean, w_{r,b} / B (see
+        # uba_auto._distributed); None in a single process, where the mean is taken at the end.
+        self._coefficients: list[float] | None = None
+        if self._comm is None:
+            self._setup(model, batches, loss, mode, engine, dtype, params, cache_graph)
+            self._set_batch_losses(self._build())
+            self.global_batch_sizes = list(self.batch_sizes)
+            return
+        name = type(self).__name__
+        error: BaseException | None = None
+        try:
+            self._setup(model, batches, loss, mode, engine, dtype, params, cache_graph)
+            local_losses = self._build()
+            self._set_batch_losses(local_losses)
+        except Exception as err:
+            error = err
+        self._comm.agree(
+            error,
+            f"building {name}",
+            equal={
+                "the number of probe batches": getattr(self, "num_batches", math.nan),
+                "the number of probed parameters": getattr(self, "size", math.nan),
+            },
+            hint="every rank must probe the same model with the same number of batches",
+        )
+        shares, self.global_batch_sizes = self._comm.batch_shares(self.batch_sizes)
+        self._coefficients = [w / self.num_batches for w in shares]
+        weights = torch.tensor(shares, dtype=self.dtype, device=self.device)
+        # The loss of global batch b: the example-weighted mean of every rank's loss on it.
+        self.batch_losses = self._comm.all_reduce_sum(self.batch_losses * weights)
+
+    def _setup(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any] | BatchSet,
+        loss: Any,
+        mode: str,
+        engine: str,
+        dtype: torch.dtype | None,
+        params: Iterable[Any] | None,
+        cache_graph: bool,
+    ) -> None:
+        """This rank's part of the construction: parameters, batches, copies (no collective)."""
+        model = unwrap_model(model)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be a bool, got {type(cache_graph).__name__}")
         self._overrides = mode_overrides(model, mode)
+        _refuse_synced_batchnorm(model, self._overrides)
         names = _select_parameters(model, params)
         named = dict(model.named_parameters())
         self.device = _model_device(model)
@@ -376,18 +450,57 @@ class _CurvatureOperator(SymmetricOperator):
         return self.batch_losses.mean()
 
     def gradient(self) -> Tensor:
-        """The flat gradient of the mean batch loss at the probe's point (no graph attached)."""
+        """The flat gradient of the mean batch loss at the probe's point (no graph attached).
+
+        Under a process group it is the gradient of the global-batch loss (all-reduced), so every
+        rank must call it.
+        """
         if self._gradient is None:
-            self._check_unchanged()
-            total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-            leaves = list(self._leaves.values())
-            with self._computing():
-                for i in range(self.num_batches):
-                    loss = self._batch_loss(i, self._leaves)
-                    if loss.requires_grad:
-                        total += self.flatten(torch.autograd.grad(loss, leaves, allow_unused=True))
-            self._gradient = total / self.num_batches
+            if self._comm is None:
+                self._gradient = self._local_gradient()
+            else:
+                like = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+                self._gradient = self._comm.sum_of_parts(
+                    self._local_gradient, like, f"computing the gradient ({type(self).__name__})"
+                )
         return self._gradient
+
+    def _local_gradient(self) -> Tensor:
+        """This rank's part of :meth:`gradient` (all of it in a single process)."""
+        self._check_unchanged()
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        leaves = list(self._leaves.values())
+        with self._computing():
+            for i in range(self.num_batches):
+                loss = self._batch_loss(i, self._leaves)
+                if loss.requires_grad:
+                    total += self._scaled(
+                        self.flatten(torch.autograd.grad(loss, leaves, allow_unused=True)), i
+                    )
+        return self._mean(total)
+
+    def _build(self) -> list[Tensor]:
+        """Per-batch losses of this rank's batches (and any cached graphs): the subclass's part."""
+        raise NotImplementedError
+
+    def _local_product(self, v: Tensor) -> Tensor:
+        """This rank's weighted part of ``A v`` (all of it in a single process)."""
+        raise NotImplementedError
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        if self._comm is None:
+            return self._local_product(v)
+        return self._comm.sum_of_parts(
+            lambda: self._local_product(v), v, f"computing a {type(self).__name__} product"
+        )
+
+    def _scaled(self, x: Tensor, index: int) -> Tensor:
+        """``x`` times batch ``index``'s coefficient in the global mean (as is in one process)."""
+        return x if self._coefficients is None else x * self._coefficients[index]
+
+    def _mean(self, total: Tensor) -> Tensor:
+        """The local sum over batches turned into this rank's part of the mean."""
+        return total / self.num_batches if self._coefficients is None else total
 
     def _point(self, trainable: Mapping[str, Tensor]) -> dict[str, Tensor]:
         # Fresh buffer copies for every evaluation: train-mode BatchNorm updates them in place, and
@@ -542,21 +655,33 @@ class HessianOperator(_CurvatureOperator):
             parameters, buffers and floating batch tensors; ``None`` keeps the model's dtype.
         params: parameter names or parameters to probe; ``None`` for all with ``requires_grad``.
         cache_graph: keep each batch's gradient graph (``engine="double-backward"`` only).
+        process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
+            than one rank, the operator is the curvature of the loss on the global batch: global
+            batch :math:`b` is the union of every rank's batch :math:`b`, each rank's part
+            weighted by its number of examples, and every product (and :meth:`gradient`) is
+            all-reduced, so it is a collective that every rank must call in the same order (see
+            :mod:`uba_auto._distributed`). ``None``/``False``: this process's batches alone. Or a
+            ``torch.distributed.ProcessGroup``. A ``DistributedDataParallel`` (or
+            ``DataParallel``) model is probed through its inner module; FSDP is refused.
 
     Attributes:
         size, dtype, device: of the flat vectors (``dtype`` is the probe's dtype).
         param_names, param_shapes: the probed parameters.
-        num_batches, batch_sizes: the batches used.
-        batch_losses: the loss of each batch at the probe's point, a 1-D tensor.
+        num_batches, batch_sizes: the batches used (``batch_sizes``: this rank's).
+        global_batch_sizes: the sizes of the global batches, summed over ranks (``None`` where
+            unknown); ``batch_sizes`` in a single process.
+        batch_losses: the loss of each (global) batch at the probe's point, a 1-D tensor.
         num_matvecs: products computed so far.
 
     Raises:
         ValueError: for an empty loader, a missing or misplaced ``loss``, a non-scalar or
             non-finite batch loss (the message names the batch), no parameter to probe, or a
             random forward pass.
-        TypeError: for arguments of the wrong type.
+        TypeError: for arguments of the wrong type, or a fully sharded (FSDP) model.
         UnsupportedDerivativeError: at construction or from :meth:`matvec`, if an operation of
             the model lacks the derivative the engine needs (double backward or forward mode).
+        DistributedProbeError: under a process group, on every rank, when any rank failed
+            (:class:`~uba_auto._distributed.DistributedProbeError`, naming the ranks and errors).
 
     Example:
         >>> import torch
@@ -579,7 +704,9 @@ class HessianOperator(_CurvatureOperator):
         dtype: torch.dtype | None = None,
         params: Iterable[Any] | None = None,
         cache_graph: bool = True,
+        process_group: Any = "auto",
     ) -> None:
+        self._graph_grads: list[Tensor] | None = None
         super().__init__(
             model,
             batches,
@@ -589,9 +716,11 @@ class HessianOperator(_CurvatureOperator):
             dtype=dtype,
             params=params,
             cache_graph=cache_graph,
+            process_group=process_group,
         )
-        self._graph_grads: list[Tensor] | None = None
-        caching = engine == "double-backward" and cache_graph
+
+    def _build(self) -> list[Tensor]:
+        caching = self.engine == "double-backward" and self.cache_graph
         leaves = list(self._leaves.values())
         losses, grads = [], []
         with self._computing(derivatives=True, check_rng=True):
@@ -603,9 +732,9 @@ class HessianOperator(_CurvatureOperator):
                     with torch.no_grad():
                         loss_i = self._batch_loss(i, self._primals)
                 losses.append(loss_i)
-        self._set_batch_losses(losses)
         if caching:
             self._graph_grads = grads
+        return losses
 
     def _differentiable_grad(self, loss: Tensor, leaves: list[Tensor], index: int) -> Tensor:
         """Flat gradient of ``loss`` that keeps its graph (the first half of every product)."""
@@ -615,13 +744,14 @@ class HessianOperator(_CurvatureOperator):
         self._check_twice_differentiable(grad, index)
         return grad
 
-    def gradient(self) -> Tensor:
-        """The flat gradient of the mean batch loss at the probe's point (no graph attached)."""
-        if self._gradient is None and self._graph_grads is not None:
-            self._gradient = torch.stack([g.detach() for g in self._graph_grads]).mean(0)
-        return super().gradient()
+    def _local_gradient(self) -> Tensor:
+        if self._graph_grads is None:
+            return super()._local_gradient()
+        if self._coefficients is None:
+            return torch.stack([g.detach() for g in self._graph_grads]).mean(0)
+        return sum(self._scaled(g.detach(), i) for i, g in enumerate(self._graph_grads))
 
-    def _matvec(self, v: Tensor) -> Tensor:
+    def _local_product(self, v: Tensor) -> Tensor:
         self._check_unchanged()
         leaves = list(self._leaves.values())
         with self._computing(derivatives=True):
@@ -629,12 +759,16 @@ class HessianOperator(_CurvatureOperator):
                 total = self._forward_over_reverse(v)
             elif self._graph_grads is not None:
                 # One backward through all cached gradient graphs: Σ_b ∇(g_bᵀ v).
-                live = [g for g in self._graph_grads if g.requires_grad]
+                live = [i for i, g in enumerate(self._graph_grads) if g.requires_grad]
                 if not live:
                     return torch.zeros_like(v)
                 total = self.flatten(
                     torch.autograd.grad(
-                        live, leaves, [v] * len(live), retain_graph=True, allow_unused=True
+                        [self._graph_grads[i] for i in live],
+                        leaves,
+                        [self._scaled(v, i) for i in live],
+                        retain_graph=True,
+                        allow_unused=True,
                     )
                 )
             else:
@@ -642,8 +776,10 @@ class HessianOperator(_CurvatureOperator):
                 for i in range(self.num_batches):
                     g = self._differentiable_grad(self._batch_loss(i, self._leaves), leaves, i)
                     if g.requires_grad:
-                        total += self.flatten(torch.autograd.grad(g, leaves, v, allow_unused=True))
-        return total / self.num_batches
+                        total += self._scaled(
+                            self.flatten(torch.autograd.grad(g, leaves, v, allow_unused=True)), i
+                        )
+        return self._mean(total)
 
     def _forward_over_reverse(self, v: Tensor) -> Tensor:
         tangents = self.unflatten(v)
@@ -678,7 +814,7 @@ class HessianOperator(_CurvatureOperator):
                 (self._primals, data),
                 (tangents, [torch.zeros_like(t) for t in data]),
             )
-            total += self.flatten(hv)
+            total += self._scaled(self.flatten(hv), i)
         return total
 
 
@@ -731,6 +867,7 @@ class GGNOperator(_CurvatureOperator):
         dtype: torch.dtype | None = None,
         params: Iterable[Any] | None = None,
         cache_graph: bool = True,
+        process_group: Any = "auto",
     ) -> None:
         if isinstance(loss, ModelLoss):
             raise ValueError(
@@ -748,7 +885,11 @@ class GGNOperator(_CurvatureOperator):
             dtype=dtype,
             params=params,
             cache_graph=cache_graph,
+            process_group=process_group,
         )
+
+    def _build(self) -> list[Tensor]:
+        self._cache: list[tuple[Any, ...]] | None = None
         for i, batch in enumerate(self.batches):
             if isinstance(batch, Mapping):
                 raise ValueError(
@@ -758,8 +899,7 @@ class GGNOperator(_CurvatureOperator):
                     "batches with loss=loss_fn(outputs, targets), or use the Hessian "
                     "(HessianOperator)"
                 )
-        self._cache: list[tuple[Any, ...]] | None = None
-        caching = engine == "double-backward" and cache_graph
+        caching = self.engine == "double-backward" and self.cache_graph
         losses, cache = [], []
         with self._computing(derivatives=True, check_rng=True):
             for i in range(self.num_batches):
@@ -772,9 +912,9 @@ class GGNOperator(_CurvatureOperator):
                     with torch.no_grad():
                         z = self._outputs(i, self._primals, inputs)
                         losses.append(self._output_loss(i, z, targets))
-        self._set_batch_losses(losses)
         if caching:
             self._cache = cache
+        return losses
 
     def _outputs(self, index: int, trainable: Mapping[str, Tensor], inputs: Any) -> Tensor:
         z = outputs_at(self._point(trainable), self.model, inputs)
@@ -820,7 +960,7 @@ class GGNOperator(_CurvatureOperator):
             torch.autograd.grad(z, leaves, hjv, retain_graph=retain, allow_unused=True)
         )
 
-    def _matvec(self, v: Tensor) -> Tensor:
+    def _local_product(self, v: Tensor) -> Tensor:
         self._check_unchanged()
         total = torch.zeros_like(v)
         with self._computing(derivatives=True):
@@ -832,8 +972,8 @@ class GGNOperator(_CurvatureOperator):
                 else:
                     part = self._apply(self._linearise(i), v, retain=False)
                 if part is not None:
-                    total += part
-        return total / self.num_batches
+                    total += self._scaled(part, i)
+        return self._mean(total)
 
     def _forward_mode_product(self, index: int, v: Tensor) -> Tensor:
         inputs, targets = split_supervised(self.batches[index])

@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._batches import MODES, collect_batches
+from ._batches import MODES, BatchSet, collect_batches
+from ._distributed import (
+    Communicator,
+    check_enabled,
+    resolve_process_group,
+    unwrap_model,
+)
 from ._pyhessian_backend import run_pyhessian
 from ._state import preserve_state
 from ._validation import check_int, check_positive_finite
@@ -95,6 +102,9 @@ class CurvatureEstimate:
         method, curvature, engine, mode, tol: the settings used.
         device, dtype: where and in which precision it ran.
         warnings: anything the caller should know (short loader, no convergence...).
+        world_size: the number of ranks whose batches make up each (global) batch; 1 in a single
+            process. Under a process group, ``batch_sizes`` and ``batch_losses`` are those of the
+            global batches and every value above is identical on every rank.
     """
 
     lambda_max: float
@@ -129,6 +139,7 @@ class CurvatureEstimate:
     device: str
     dtype: str
     warnings: tuple[str, ...] = field(default=())
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the density as its nodes and weights; inf and NaN as None)."""
@@ -161,7 +172,8 @@ class CurvatureEstimate:
 
         lines = [
             f"CurvatureEstimate ({self.curvature}, {self.method}, {self.num_batches} batch(es), "
-            f"{self.num_params} params, {self.device}/{self.dtype})",
+            + (f"each over {self.world_size} ranks, " if self.world_size > 1 else "")
+            + f"{self.num_params} params, {self.device}/{self.dtype})",
             f"  lambda_max          {fmt(self.lambda_max)}"
             + (
                 f"  ± {self.lambda_max_spread:.3g} across batches" if self.lambda_max_spread else ""
@@ -242,8 +254,9 @@ def _spread(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def _make_bar(progress: bool | None, total: int, desc: str) -> Any:
-    show = progress if progress is not None else sys.stderr.isatty()
+def _make_bar(progress: bool | None, total: int, desc: str, rank: int = 0) -> Any:
+    # By default one bar per job: on rank 0 (all ranks of a torchrun job share the terminal).
+    show = progress if progress is not None else (sys.stderr.isatty() and rank == 0)
     if not show:
         return None
     from tqdm.auto import tqdm
@@ -273,6 +286,7 @@ def probe_curvature(
     seed: int = 0,
     progress: bool | None = None,
     basis_device: torch.device | str | None = None,
+    process_group: Any = "auto",
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -317,6 +331,17 @@ def probe_curvature(
         progress: show a progress bar (tqdm); ``None`` shows one when stderr is a terminal.
         basis_device: where Lanczos keeps its basis (``max_hvps / num_batches`` vectors of the
             model's size), e.g. ``"cpu"`` to spare accelerator memory; default the model's device.
+        process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
+            than one rank, probe the loss on the **global batch**: each rank takes
+            ``num_batches`` batches of its own loader (e.g. with a ``DistributedSampler``), global
+            batch :math:`b` is the union of every rank's batch :math:`b` (what one DDP step
+            sees), each rank's part weighted by its number of examples; every Hessian-vector
+            product is all-reduced and the solvers use the same seed, so the estimate is identical
+            on every rank. It is a collective: call it at the same point, with the same
+            arguments, on every rank. ``None``/``False``: probe this process's batches alone. Or a
+            ``torch.distributed.ProcessGroup``. A ``DistributedDataParallel`` model is probed
+            through its inner module (DDP's hooks never fire, its state is untouched); FSDP is
+            refused. Details: :mod:`uba_auto._distributed`.
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -327,6 +352,10 @@ def probe_curvature(
         TypeError: arguments of the wrong type.
         UnsupportedDerivativeError: an operation of the model lacks a double backward (or a
             forward-mode derivative for ``engine="forward-over-reverse"``).
+        DistributedProbeError: under a process group, raised on every rank when the probe failed
+            on any rank (naming the ranks and their errors), instead of leaving the others
+            waiting; also when ``UBA_AUTO_DISTRIBUTED_CHECK=1`` finds results that differ across
+            ranks.
 
     Example:
         >>> import torch
@@ -358,6 +387,14 @@ def probe_curvature(
         tol = check_positive_finite("tol", tol)
     if method == "pyhessian" and curvature != "hessian":
         raise ValueError("method='pyhessian' computes the Hessian only; use curvature='hessian'")
+    comm = resolve_process_group(process_group)
+    if comm is not None and method == "pyhessian":
+        raise ValueError(
+            "method='pyhessian' runs PyHessian's single-process code and cannot probe the global "
+            "batch of a process group; use method='lanczos' (or 'power'), or process_group=None "
+            "to probe each rank's batches alone"
+        )
+    model = unwrap_model(model)
 
     start = time.perf_counter()
     times: dict[str, float] = {}
@@ -365,17 +402,29 @@ def probe_curvature(
     notes: list[str] = []
 
     with preserve_state(model), contextlib.ExitStack() as stack:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                "model has no parameter with requires_grad=True; there is no curvature to "
-                "probe. Unfreeze the parameters you train"
-            )
-        device = params[0].device
-        # An enclosing autocast would run the products in reduced precision while the solvers'
-        # vectors keep the parameters' dtype: probe in the parameters' (or the asked) dtype.
-        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
-        batch_set = collect_batches(loader, num_batches, device=device, dtype=dtype)
+        error: Exception | None = None
+        batch_set = BatchSet(batches=[])
+        try:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(
+                    "model has no parameter with requires_grad=True; there is no curvature to "
+                    "probe. Unfreeze the parameters you train"
+                )
+            device = params[0].device
+            # An enclosing autocast would run the products in reduced precision while the
+            # solvers' vectors keep the parameters' dtype: probe in the parameters' (or the
+            # asked) dtype.
+            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+            batch_set = collect_batches(loader, num_batches, device=device, dtype=dtype)
+        except Exception as err:
+            if comm is None:
+                raise
+            error = err
+        if comm is not None:
+            settings = (num_batches, max_hvps, tol, method, curvature, engine, mode, str(dtype))
+            settings += (per_batch, trace, trace_matvecs, density, density_probes, density_iters)
+            batch_set = _agree_on_batches(comm, error, batch_set, seed, repr(settings), notes)
         if batch_set.shortfall_message:
             notes.append(batch_set.shortfall_message)
         num_found = batch_set.num_found
@@ -389,7 +438,7 @@ def probe_curvature(
             )
 
         operator_cls = HessianOperator if curvature == "hessian" else GGNOperator
-        op_kwargs = dict(mode=mode, engine=engine, dtype=dtype)
+        op_kwargs = dict(mode=mode, engine=engine, dtype=dtype, process_group=comm or False)
 
         if method == "pyhessian":
             times["setup"] = time.perf_counter() - start
@@ -421,7 +470,7 @@ def probe_curvature(
         total = budget * (2 if per_batch_runs else 1) + (num_found if num_found > 1 else 0)
         total += (trace_matvecs if trace else 0) * num_found
         total += (density_probes * density_iters if density else 0) * num_found
-        bar = _make_bar(progress, total, f"probing {curvature}")
+        bar = _make_bar(progress, total, f"probing {curvature}", comm.rank if comm else 0)
         try:
             t = time.perf_counter()
             tracked = _Progress(op, bar, num_found)
@@ -483,6 +532,7 @@ def probe_curvature(
             if bar is not None:
                 bar.close()
         batch_losses = tuple(float(v) for v in op.batch_losses)
+        batch_sizes = tuple(op.global_batch_sizes)
 
     converged = dict(extremes["converged"])
     if trace_est is not None:
@@ -523,7 +573,7 @@ def probe_curvature(
         time_s=times,
         num_params=op.size,
         num_batches=num_found,
-        batch_sizes=tuple(batch_set.batch_sizes),
+        batch_sizes=batch_sizes,
         method=method,
         curvature=curvature,
         engine=engine,
@@ -532,7 +582,20 @@ def probe_curvature(
         device=str(op.device),
         dtype=str(op.dtype).replace("torch.", ""),
         warnings=tuple(notes),
+        world_size=1 if comm is None else comm.world_size,
     )
+    if comm is not None and check_enabled():
+        comm.check_identical(
+            {
+                "lambda_max": estimate.lambda_max,
+                "lambda_min": estimate.lambda_min,
+                "lambda_min_positive": estimate.lambda_min_positive,
+                "trace": estimate.trace,
+                "curvature_noise": estimate.curvature_noise,
+                "num_hvps": estimate.num_hvps,
+            },
+            "probe_curvature",
+        )
     logger.info(
         "probe: lambda_max=%.6g lambda_min=%.6g, %d HVPs in %.3g s",
         estimate.lambda_max,
@@ -541,6 +604,39 @@ def probe_curvature(
         wall,
     )
     return estimate
+
+
+def _agree_on_batches(
+    comm: Communicator,
+    error: Exception | None,
+    batch_set: BatchSet,
+    seed: int,
+    settings: str,
+    notes: list[str],
+) -> BatchSet:
+    """The collective start of a distributed probe: every rank learns of any rank's failure,
+    checks that all use the same settings, and keeps as many batches as the shortest rank has."""
+    table = comm.agree(
+        error,
+        "collecting the probe's batches",
+        equal={"seed": seed, "the probe's settings (fingerprint)": zlib.crc32(settings.encode())},
+        gather={"batches": batch_set.num_found},
+        hint="pass the same probe arguments (seed, num_batches, max_hvps, method...) on every rank",
+    )
+    counts = [int(c) for c in table["batches"]]
+    common = min(counts)
+    if common != max(counts):
+        notes.append(
+            f"the ranks' loaders yielded different numbers of batches ({counts}, by rank): "
+            f"every rank probed its first {common}"
+        )
+    if common == batch_set.num_found:
+        return batch_set
+    return BatchSet(
+        batches=batch_set.batches[:common],
+        batch_sizes=batch_set.batch_sizes[:common],
+        num_requested=batch_set.num_requested,
+    )
 
 
 NEGATIVE_MASS_THRESHOLD = 1e-3
