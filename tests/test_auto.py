@@ -51,6 +51,9 @@ def test_three_argument_call_works_and_is_useful():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = auto.make_scheduler(opt)
     assert isinstance(sched, AutoUBAScheduler) and auto.scheduler is sched
+    # The assumed peak is replaced by the optimizer's, in the report too.
+    assert auto.report.peak_lr == 0.05 and "make_scheduler" in auto.report.peak_lr_source
+    assert not any("re-estimations will be skipped" in w for w in report.warnings)
     used: list = []
     train(model, opt, sched, problem.batches, 50, record=used)
     assert used[-1] == 0.0  # lr_min on the last step of the budget
@@ -83,6 +86,7 @@ def test_report_text_json_and_plot(tmp_path):
         "why",
         "probe cost",
         "HVPs",
+        "curvature noise",
     ):
         assert needle in text, needle
     data = json.loads(auto.report.to_json())
@@ -384,3 +388,122 @@ def test_numpy_peak_lr_and_strict_json():
     assert auto.report.peak_lr == 0.5 and auto.report.peak_lr_source == "given as peak_lr"
     text = auto.report.to_json()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite {c} in JSON"))
+
+
+def test_chebyshev_phi_is_chosen_again_for_the_optimizer_given_later():
+    problem, model, _ = mlp_setup()
+    auto = auto_uba(model, problem.batches, 50, link="chebyshev", phi_max=1e9, density=False)
+    assumed = auto.phi
+    auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=1e-4))
+    # The budget band's floor 1/(eta T) moves with eta, so chebyshev's phi = 2 kappa does too.
+    again = auto_uba(
+        model,
+        problem.batches,
+        50,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e-4),
+        link="chebyshev",
+        phi_max=1e9,
+        density=False,
+    )
+    assert auto.phi == again.phi != assumed
+    assert auto.report.history[0].phi == auto.phi == auto.scheduler.phi
+
+
+def test_first_reestimation_budget_leaves_out_the_density():
+    problem, model, opt = mlp_setup(num_batches=8)
+    auto = auto_uba(
+        model,
+        problem.batches,
+        600,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        num_batches=2,
+        reestimate_every=200,
+        per_batch=False,
+        trace=False,
+    )
+    est = auto.report.estimate
+    assert est.hvps["density"] > 0
+    # Exactly enough budget for the initial probe plus one re-estimation without density.
+    expected = est.num_hvps - est.hvps["density"]
+    assert auto._expected_reestimation_hvps() == expected
+    auto.probe_fraction = (est.num_hvps + expected) * HVP_COST_IN_GRADIENTS / 600
+    train(model, opt, auto.scheduler, problem.batches, 201)
+    assert [r.status for r in auto.report.history] == ["ok", "ok"]
+
+
+def test_a_loaders_own_generator_is_not_advanced_by_probing():
+    problem = make_problem("tanh_mlp", num_batches=1, batch_size=64)
+    x, y = problem.batches[0]
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def first_epoch(loader):
+        return [b[1].tolist() for b in loader]
+
+    gen = torch.Generator().manual_seed(3)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=gen)
+    reference = first_epoch(
+        torch.utils.data.DataLoader(
+            data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)
+        )
+    )
+    state = gen.get_state()
+    auto = auto_uba(problem.model, loader, 50, num_batches=2, density=False, trace=False)
+    assert torch.equal(gen.get_state(), state)
+    assert first_epoch(loader) == reference
+    # A sampler with its own generator too.
+    sgen = torch.Generator().manual_seed(4)
+    sampler = torch.utils.data.RandomSampler(data, generator=sgen)
+    state = sgen.get_state()
+    auto = auto_uba(
+        problem.model,
+        torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler),
+        50,
+        num_batches=2,
+        density=False,
+        trace=False,
+    )
+    assert torch.equal(sgen.get_state(), state) and auto.report.estimate.num_batches == 2
+
+
+def test_reestimation_records_its_probes_warnings_and_they_survive_resume():
+    problem, model, opt = mlp_setup(num_batches=8)
+    auto = auto_uba(
+        model,
+        problem.batches,
+        600,
+        optimizer=opt,
+        loss_fn=problem.loss,
+        num_batches=2,
+        reestimate_every=300,
+        probe_fraction=1.0,
+        density=False,
+        trace=False,
+        per_batch=False,
+    )
+    auto.probe_kwargs["max_hvps"] = 4  # starve the re-estimation: it cannot converge
+    train(model, opt, auto.scheduler, problem.batches, 301)
+    record = auto.report.history[1]
+    assert record.status == "ok" and any("converge" in w for w in record.warnings)
+    assert f"! step 300: {record.warnings[0]}" in str(auto.report)
+    state = torch.load(_saved(auto.state_dict()), weights_only=True)
+    fresh = auto_uba(
+        model,
+        problem.batches,
+        600,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        loss_fn=problem.loss,
+        num_batches=2,
+        density=False,
+        trace=False,
+        per_batch=False,
+    )
+    fresh.load_state_dict(state)
+    assert fresh.report.history[1] == record
+
+
+def _saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

@@ -17,6 +17,7 @@ they would take the total past ``probe_fraction`` of the budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -75,6 +76,29 @@ def _check_final_rate(
                     f"lr_min must be <= the peak rate of every param group, got lr_min={lr_min!r} "
                     f"> {peak!r} (param group {i}); lower lr_min or use lr_min_ratio"
                 )
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects iterating ``loader`` draws from (each once)."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+@contextlib.contextmanager
+def _loader_generators_preserved(loader: Any) -> Iterator[None]:
+    """Restore the states of ``loader``'s own generators on exit (:func:`_loader_generators`)."""
+    saved = [(gen, gen.get_state()) for gen in _loader_generators(loader)]
+    try:
+        yield
+    finally:
+        for gen, state in saved:
+            gen.set_state(state)
 
 
 class AutoUBAScheduler(UBAScheduler):
@@ -148,6 +172,7 @@ class AutoUBA:
         self.report: CurvatureReport  # set by _initial_probe
         self._peak_lr: float | None = None
         self._peak_source = ""
+        self._peak_assumed = False  # no optimizer, no peak_lr: make_scheduler replaces it
 
     # -- batches -----------------------------------------------------------------------------------
     def _next_batches(self) -> list[Any]:
@@ -156,11 +181,13 @@ class AutoUBA:
         The loader is restarted when it is exhausted, but never within a draw once that draw has
         batches: a loader shorter than ``num_batches`` gives a short draw (which the probe
         records), never a batch twice. Iterating runs under a forked RNG, because a shuffling
-        ``DataLoader`` draws its seed from the global generator: probing must not change the data
-        order or dropout masks of the training run.
+        ``DataLoader`` draws its seed from the global generator, and with the states of the
+        loader's own generators (``DataLoader(generator=...)``, a sampler's ``generator``) restored
+        afterwards: probing must not change the data order or dropout masks of the training run.
+        The probe therefore sees the batches the training's next pass over the loader starts with.
         """
         out: list[Any] = []
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _loader_generators_preserved(self.loader):
             for _ in range(2):  # at most one restart, and only for an empty draw
                 if self._iterator is None:
                     self._iterator = iter(self.loader)
@@ -255,10 +282,11 @@ class AutoUBA:
             peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
             self._peak_lr, self._peak_source = max(peaks), "the optimizer's largest group lr"
         elif suggested is not None:
-            self._peak_lr = suggested
-            self._peak_source = "no optimizer: assumed 1 / lambda_max (SGD)"
+            self._peak_lr, self._peak_assumed = suggested, True
+            self._peak_source = "no optimizer: assumed 1 / lambda_max (SGD) until make_scheduler"
         else:
-            self._peak_lr, self._peak_source = 1.0, "unknown (no optimizer, no positive curvature)"
+            self._peak_lr, self._peak_assumed = 1.0, True
+            self._peak_source = "unknown (no optimizer, no positive curvature) until make_scheduler"
         try:
             choice, error = self._choose(est, self.budget), None
         except Exception as err:
@@ -288,7 +316,7 @@ class AutoUBA:
                 "phi is uncertain; probe more batches (num_batches) or larger ones"
             )
         share = self.probe_cost_fraction
-        if share > self.probe_fraction:
+        if self.reestimate_every and share > self.probe_fraction:
             notes.append(
                 f"the pre-training probe alone cost {100 * share:.1f}% of the budget in "
                 f"gradient-equivalents (probe_fraction {100 * self.probe_fraction:g}%): "
@@ -329,8 +357,17 @@ class AutoUBA:
         """Build (and keep as :attr:`scheduler`) the UBA scheduler with the chosen φ.
 
         The schedule spans ``budget`` optimizer steps: ``total_steps = budget - 1``, so the last
-        update of the budget uses ``lr_min``.
+        update of the budget uses ``lr_min``. If :func:`auto_uba` had no optimizer (and no
+        ``peak_lr``), the peak rate it assumed is replaced by ``optimizer``'s largest group rate,
+        in the report too, and φ is chosen again for that rate where the link depends on it.
         """
+        if self._peak_assumed:
+            peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+            _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
+            self._peak_lr = max(peaks)
+            self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
+            self._peak_assumed = False
+            self._rechoose_initial()
         self.scheduler = AutoUBAScheduler(
             optimizer,
             self,
@@ -352,7 +389,7 @@ class AutoUBA:
         """
         step = self.scheduler.last_epoch if self.scheduler is not None else 0
         remaining = self.budget - step
-        expected = self.report.history[-1].hvps or self.report.estimate.num_hvps
+        expected = self._expected_reestimation_hvps()
         spent = self.probe_hvps * HVP_COST_IN_GRADIENTS
         if spent + expected * HVP_COST_IN_GRADIENTS > self.probe_fraction * self.budget:
             record = ReestimationRecord(
@@ -397,11 +434,38 @@ class AutoUBA:
             est.num_hvps,
             time.perf_counter() - t0,
             choice.reason,
+            warnings=(*choice.warnings, *est.warnings),
         )
         logger.info(
             "uba-auto: step %d, kappa=%.4g, phi -> %.4g", step, choice.kappa or math.nan, choice.phi
         )
         return self._record(record)
+
+    def _rechoose_initial(self) -> None:
+        """Choose the pre-training φ again for the current peak rate (before any scheduler)."""
+        choice = self._choose(self.report.estimate, self.budget)
+        first = replace(self.report.history[0], kappa=choice.kappa, phi=choice.phi)
+        self.report = replace(
+            self.report,
+            phi=choice.phi,
+            phi_unclamped=choice.phi_unclamped,
+            clamped=choice.clamped,
+            kappa=choice.kappa,
+            kappa_kind=choice.kappa_kind,
+            reason=choice.reason,
+            peak_lr=self._peak_lr,
+            peak_lr_source=self._peak_source,
+            history=(first, *self.report.history[1:]),
+        )
+
+    def _expected_reestimation_hvps(self) -> int:
+        """What the next re-estimation will cost: the last one that ran, or else the pre-training
+        probe without its spectral density (re-estimations do not probe the density)."""
+        done = [r.hvps for r in self.report.history[1:] if r.status == "ok"]
+        if done:
+            return done[-1]
+        est = self.report.estimate
+        return est.num_hvps - est.hvps.get("density", 0)
 
     def _record(self, record: ReestimationRecord) -> ReestimationRecord:
         self.report = replace(self.report, history=(*self.report.history, record))
@@ -436,7 +500,7 @@ class AutoUBA:
                     "optimizer= to auto_uba) before load_state_dict"
                 )
             self.scheduler.load_state_dict(state["scheduler"])
-        history = tuple(ReestimationRecord(*row) for row in state["history"])
+        history = tuple(ReestimationRecord.from_row(row) for row in state["history"])
         last_phi = history[-1].phi
         saved = state["report"]
         self.report = replace(

@@ -24,7 +24,9 @@ class ReestimationRecord:
         phi: φ in force after this record.
         hvps: single-batch Hessian-vector products spent.
         seconds: wall time spent.
-        message: why it was skipped or how it failed.
+        message: why it was skipped or how it failed (for ``ok``: how φ was derived).
+        warnings: what the probe of this estimation warned about (e.g. no convergence within
+            its budget of products); empty when all went well.
     """
 
     step: int
@@ -34,6 +36,15 @@ class ReestimationRecord:
     hvps: int
     seconds: float
     message: str = ""
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Any) -> ReestimationRecord:
+        """Rebuild a record from ``dataclasses.astuple(record)`` (lists back to tuples)."""
+        fields = list(row)
+        if len(fields) > 7:
+            fields[7] = tuple(fields[7])
+        return cls(*fields)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,13 @@ class CurvatureReport:
                 + (f" ± {est.trace_std_error:.2g}" if est.trace_std_error is not None else ""),
             ),
         ]
+        if est.curvature_noise is not None:
+            rows.append(
+                (
+                    "curvature noise",
+                    f"{num(est.curvature_noise, '.3g')}  [std over batches of v·H_b·v / λ_max]",
+                )
+            )
         if est.negative_mass is not None:
             rows.append(("negative-curvature mass", f"{100 * est.negative_mass:.1f} %"))
         rows += [
@@ -145,7 +163,10 @@ class CurvatureReport:
             rows.append(
                 (
                     "re-estimations",
-                    ", ".join(f"step {r.step}: {r.status} φ={r.phi:.3g}" for r in self.history[1:]),
+                    ", ".join(
+                        f"step {r.step}: {r.status} φ={r.phi:.3g}" + (" (!)" if r.warnings else "")
+                        for r in self.history[1:]
+                    ),
                 )
             )
         width = max(len(k) for k, _ in rows)
@@ -154,6 +175,7 @@ class CurvatureReport:
         ]
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  ! {w}" for w in self.warnings]
+        lines += [f"  ! step {r.step}: {w}" for r in self.history[1:] for w in r.warnings]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------- plot
