@@ -6,13 +6,14 @@ import io
 import itertools
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 from _models import make_problem
 from torch import nn
 
-from uba_auto import ModelLoss, auto_uba
+from uba_auto import CurvatureReport, ModelLoss, auto_uba
 from uba_auto._state import assert_state_unchanged, snapshot_state
 from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
 from uba_auto.phi import FALLBACK_PHI
@@ -507,3 +508,84 @@ def _saved(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_report_round_trips_through_from_dict_and_json():
+    problem, model, opt = mlp_setup()
+    report = auto_uba(model, problem.batches, 100, optimizer=opt, loss_fn=problem.loss).report
+    assert report.estimate.density is not None
+    back = CurvatureReport.from_dict(json.loads(report.to_json()))
+    assert back.to_dict() == report.to_dict() and str(back) == str(report)
+    assert torch.equal(back.estimate.density.num_nodes, report.estimate.density.num_nodes)
+    with pytest.raises(ValueError, match="no 'phi'"):
+        CurvatureReport.from_dict({k: v for k, v in report.to_dict().items() if k != "phi"})
+
+
+def _shuffled_loader(problem, seed):
+    x = torch.cat([b[0] for b in problem.batches])
+    y = torch.cat([b[1] for b in problem.batches])
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=gen)
+
+
+@pytest.mark.parametrize("optimizer_at_resume", [True, False])
+def test_resume_from_skips_the_probe_and_continues_bit_exactly(monkeypatch, optimizer_at_resume):
+    settings = dict(
+        num_batches=2,
+        reestimate_every=100,
+        probe_fraction=1.0,
+        density=False,
+        per_batch=False,
+        trace=False,
+    )
+
+    def run(steps, state=None):
+        problem, model, opt = mlp_setup(num_batches=8)
+        loader = _shuffled_loader(problem, seed=11)
+        if state is None:
+            auto = auto_uba(model, loader, 400, optimizer=opt, **settings)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            with monkeypatch.context() as m:  # resuming must not probe
+                m.setattr("uba_auto.auto.probe_curvature", None)
+                auto = auto_uba(
+                    model,
+                    loader,
+                    400,
+                    optimizer=opt if optimizer_at_resume else None,
+                    resume_from=state["auto"],
+                    **settings,
+                )
+            if not optimizer_at_resume:
+                auto.make_scheduler(opt)
+        used = []
+        for t in range(auto.scheduler.last_epoch, steps):
+            x, y = problem.batches[t % 8]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            auto.scheduler.step()
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "auto": auto.state_dict()}
+        return used, auto, torch.load(_saved(saved), weights_only=True)
+
+    full, auto_full, _ = run(400)
+    first, auto_first, state = run(150)
+    rest, auto_resumed, _ = run(400, state)
+    assert len(first) == 150 and first + rest == full
+
+    def timeless(auto):
+        return [replace(r, seconds=0.0) for r in auto.report.history]
+
+    assert timeless(auto_resumed) == timeless(auto_full)
+    assert [r.status for r in auto_full.report.history] == ["ok", "ok", "ok", "ok"]
+    assert auto_resumed.report.estimate.to_dict() == auto_first.report.estimate.to_dict()
+    assert auto_resumed.probe_hvps == auto_full.probe_hvps
+
+
+def test_resume_from_a_foreign_state_is_refused():
+    problem, model, _ = mlp_setup()
+    with pytest.raises(ValueError, match="state must come from AutoUBA.state_dict"):
+        auto_uba(model, problem.batches, 50, resume_from={"version": 99})

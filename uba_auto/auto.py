@@ -173,6 +173,7 @@ class AutoUBA:
         self._peak_lr: float | None = None
         self._peak_source = ""
         self._peak_assumed = False  # no optimizer, no peak_lr: make_scheduler replaces it
+        self._pending_scheduler_state: dict[str, Any] | None = None  # resumed, no scheduler yet
 
     # -- batches -----------------------------------------------------------------------------------
     def _next_batches(self) -> list[Any]:
@@ -200,13 +201,18 @@ class AutoUBA:
         self.batches_drawn += len(out)
         return out
 
-    def _skip_to(self, drawn: int) -> None:
-        """Fast-forward a fresh loader iterator past ``drawn`` batches (used on resume)."""
+    def _skip_to(self, drawn: int) -> Any:
+        """Fast-forward a fresh loader iterator past ``drawn`` batches (used on resume); returns
+        the first batch drawn (``None`` if none)."""
         self._iterator, self.batches_drawn = None, 0
+        first = None
         while self.batches_drawn < drawn:
             got = self._next_batches()
             if not got:
                 break
+            if first is None:
+                first = got[0]
+        return first
 
     # -- probing -----------------------------------------------------------------------------------
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
@@ -360,6 +366,7 @@ class AutoUBA:
         update of the budget uses ``lr_min``. If :func:`auto_uba` had no optimizer (and no
         ``peak_lr``), the peak rate it assumed is replaced by ``optimizer``'s largest group rate,
         in the report too, and φ is chosen again for that rate where the link depends on it.
+        After ``auto_uba(..., resume_from=state)``, the scheduler continues the saved one.
         """
         if self._peak_assumed:
             peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
@@ -377,6 +384,8 @@ class AutoUBA:
             lr_min_ratio=self.lr_min_ratio,
             warmup_steps=self.warmup_steps,
         )
+        if self._pending_scheduler_state is not None:  # resumed: continue the saved schedule
+            self._load_scheduler(self._pending_scheduler_state)
         return self.scheduler
 
     def reestimate(self) -> ReestimationRecord:
@@ -486,47 +495,54 @@ class AutoUBA:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`: the remaining learning-rate sequence is then identical.
+        """Restore :meth:`state_dict`: the report (estimate, φ, history) becomes the saved run's,
+        and the remaining learning-rate sequence is identical.
 
         The scheduler must exist (``optimizer=`` given to :func:`auto_uba` or
-        :meth:`make_scheduler` called) if the state holds one.
+        :meth:`make_scheduler` called) if the state holds one. To resume without paying for a
+        new pre-training probe, pass the state to ``auto_uba(..., resume_from=state)`` instead.
         """
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("state must come from AutoUBA.state_dict() of this uba-auto version")
-        if state["scheduler"] is not None:
-            if self.scheduler is None:
-                raise ValueError(
-                    "the state holds a scheduler: call make_scheduler(optimizer) (or pass "
-                    "optimizer= to auto_uba) before load_state_dict"
-                )
-            self.scheduler.load_state_dict(state["scheduler"])
+        _check_state(state)
+        if state["scheduler"] is not None and self.scheduler is None:
+            raise ValueError(
+                "the state holds a scheduler: call make_scheduler(optimizer) (or pass "
+                "optimizer= to auto_uba) before load_state_dict"
+            )
+        self._restore(state)
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self._load_scheduler(state["scheduler"])
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """All of ``state`` but the scheduler's own state (kept for :meth:`make_scheduler`)."""
+        report = CurvatureReport.from_dict(state["report"])
+        # The history rows are authoritative (the report's copy is the same data).
         history = tuple(ReestimationRecord.from_row(row) for row in state["history"])
-        last_phi = history[-1].phi
-        saved = state["report"]
-        self.report = replace(
-            self.report,
-            history=history,
-            phi=saved["phi"],
-            phi_unclamped=math.inf if saved["phi_unclamped"] is None else saved["phi_unclamped"],
-            clamped=saved["clamped"],
-            kappa=saved["kappa"],
-            kappa_kind=saved["kappa_kind"],
-            link=saved["link"],
-            reason=saved["reason"],
-            peak_lr=saved["peak_lr"],
-            peak_lr_source=saved["peak_lr_source"],
-            suggested_lr=saved["suggested_lr"],
-            warnings=(
-                *saved["warnings"],
-                "resumed from a state dict: phi, its reason and history are the saved run's; "
-                "the estimate shown is the probe made when this AutoUBA was built",
-            ),
-        )
+        self.report = replace(report, history=history)
+        self.suggested_lr = report.suggested_lr
         self.probe_hvps = state["probe_hvps"]
         self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
-        self._skip_to(state["batches_drawn"])
-        if self.scheduler is not None and not math.isclose(self.scheduler.phi, last_phi):
+        self._peak_assumed = False
+        self._pending_scheduler_state = state["scheduler"]
+        first = self._skip_to(state["batches_drawn"])
+        if self.loss_fn is None and first is not None:
+            self.loss_fn, _ = _default_loss(first)  # as the saved run chose it
+
+    def _load_scheduler(self, scheduler_state: dict[str, Any]) -> None:
+        assert self.scheduler is not None
+        self.scheduler.load_state_dict(scheduler_state)
+        self._pending_scheduler_state = None
+        if not math.isclose(self.scheduler.phi, self.report.history[-1].phi):
             raise ValueError("state is inconsistent: the scheduler's phi differs from the history")
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        got = type(state).__name__
+        if isinstance(state, dict):
+            got = f"version {state.get('version')!r}"
+        raise ValueError(
+            f"state must come from AutoUBA.state_dict() of this uba-auto version, got {got}"
+        )
 
 
 def auto_uba(
@@ -551,6 +567,7 @@ def auto_uba(
     seed: int = 0,
     progress: bool | None = None,
     process_group: Any = "auto",
+    resume_from: dict[str, Any] | None = None,
     **probe_kwargs: Any,
 ) -> AutoUBA:
     """Probe the curvature, choose φ, and return the UBA schedule for a budget of ``budget`` steps.
@@ -592,6 +609,11 @@ def auto_uba(
             scheduler on every rank. ``None``/``False``: each process probes alone. Or a
             ``torch.distributed.ProcessGroup``. See
             :func:`~uba_auto.probe.probe_curvature`.
+        resume_from: an :meth:`AutoUBA.state_dict` saved by an earlier run with the same
+            settings: no pre-training probe is made; the report, φ, its history, the probing
+            counters and (with ``optimizer=``, or at :meth:`~AutoUBA.make_scheduler`) the
+            scheduler are the saved run's, and the loader is fast-forwarded past the batches it
+            probed, so the run goes on exactly as if it had not stopped.
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
             ``mode``, ``dtype``).
 
@@ -673,7 +695,11 @@ def auto_uba(
             "process_group": resolve_process_group(process_group) or False,
         },
     )
-    auto._initial_probe(peak_lr, optimizer)
+    if resume_from is not None:
+        _check_state(resume_from)
+        auto._restore(resume_from)
+    else:
+        auto._initial_probe(peak_lr, optimizer)
     if optimizer is not None:
         auto.make_scheduler(optimizer)
     return auto

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,7 @@ class CurvatureEstimate:
                 "weights": self.density.weights.tolist(),
                 "size": self.density.size,
                 "num_matvecs": self.density.num_matvecs,
+                "num_nodes": self.density.num_nodes.tolist(),
             }
         for key in (
             "lambda_max_per_batch",
@@ -165,6 +166,47 @@ class CurvatureEstimate:
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CurvatureEstimate:
+        """Rebuild an estimate from :meth:`to_dict` (or its JSON): ``from_dict(e.to_dict())``
+        has the same :meth:`to_dict` as ``e``. ``None`` stands for an infinite condition number.
+
+        Raises:
+            ValueError: if ``data`` lacks a field (it names the first missing one).
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ValueError(
+                f"data is not a CurvatureEstimate.to_dict(): it has no {missing[0]!r} field"
+            )
+        kw = {n: data[n] for n in names if n in data}
+        for key in (
+            "lambda_max_per_batch",
+            "lambda_min_per_batch",
+            "top_curvature_per_batch",
+            "batch_losses",
+            "batch_sizes",
+            "warnings",
+        ):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if kw["condition_number"] is None:
+            kw["condition_number"] = math.inf
+        if kw["density"] is not None:
+            d = kw["density"]
+            nodes = torch.tensor(d["nodes"], dtype=torch.float64)
+            num_nodes = d.get("num_nodes") or [nodes.shape[1]] * nodes.shape[0]
+            kw["density"] = SpectralDensity(
+                nodes=nodes,
+                weights=torch.tensor(d["weights"], dtype=torch.float64),
+                num_matvecs=d["num_matvecs"],
+                size=d["size"],
+                num_nodes=torch.tensor(num_nodes, dtype=torch.int64),
+            )
+        return cls(**kw)
 
     def __str__(self) -> str:
         def fmt(x: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,31 @@ class CurvatureReport:
         """:meth:`to_dict` as a JSON string (``indent=2`` unless given)."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CurvatureReport:
+        """Rebuild a report from :meth:`to_dict` (or its JSON, after ``json.loads``):
+        ``from_dict(r.to_dict())`` prints and serialises as ``r`` does.
+
+        Raises:
+            ValueError: if ``data`` lacks a field (it names the first missing one).
+        """
+        fields = dataclasses.fields(cls)
+        missing = [
+            f.name for f in fields if f.default is dataclasses.MISSING and f.name not in data
+        ]
+        if missing:
+            raise ValueError(f"data is not a CurvatureReport.to_dict(): it has no {missing[0]!r}")
+        kw = {f.name: data[f.name] for f in fields if f.name in data}
+        kw["estimate"] = CurvatureEstimate.from_dict(data["estimate"])
+        if kw["phi_unclamped"] is None:  # json_safe wrote inf as None
+            kw["phi_unclamped"] = math.inf
+        kw["history"] = tuple(
+            ReestimationRecord(**{**r, "warnings": tuple(r.get("warnings", ()))})
+            for r in data.get("history", ())
+        )
+        kw["warnings"] = tuple(data.get("warnings", ()))
+        return cls(**kw)
 
     # ------------------------------------------------------------------------------------- text
     def __str__(self) -> str:
