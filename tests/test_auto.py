@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import warnings
 from dataclasses import replace
 
@@ -589,3 +590,10 @@ def test_resume_from_a_foreign_state_is_refused():
     problem, model, _ = mlp_setup()
     with pytest.raises(ValueError, match="state must come from AutoUBA.state_dict"):
         auto_uba(model, problem.batches, 50, resume_from={"version": 99})
+
+
+def test_report_says_when_the_trace_has_no_error_bar():
+    problem, model, _ = mlp_setup()
+    auto = auto_uba(model, problem.batches, 50, trace_matvecs=3, density=False)
+    assert math.isnan(auto.report.estimate.trace_std_error)
+    assert "no error bar" in str(auto.report) and "nan" not in str(auto.report)

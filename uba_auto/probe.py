@@ -228,7 +228,11 @@ class CurvatureEstimate:
             f"  curvature noise     {fmt(self.curvature_noise)}",
             f"  lambda_max / that   {fmt(self.condition_number)}",
             f"  trace               {fmt(self.trace)}"
-            + (f"  ± {self.trace_std_error:.3g}" if self.trace_std_error is not None else ""),
+            + (
+                f"  ± {self.trace_std_error:.3g}"
+                if self.trace_std_error is not None and math.isfinite(self.trace_std_error)
+                else ""
+            ),
         ]
         if self.negative_mass is not None:
             lines.append(f"  negative mass       {self.negative_mass:.3g}")

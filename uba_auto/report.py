@@ -153,7 +153,13 @@ class CurvatureReport:
             (
                 "trace",
                 num(est.trace)
-                + (f" ± {est.trace_std_error:.2g}" if est.trace_std_error is not None else ""),
+                + (
+                    f" ± {est.trace_std_error:.2g}"
+                    if est.trace_std_error is not None and math.isfinite(est.trace_std_error)
+                    else " (no error bar: too few probe vectors)"
+                    if est.trace is not None
+                    else ""
+                ),
             ),
         ]
         if est.curvature_noise is not None:
