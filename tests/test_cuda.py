@@ -53,9 +53,7 @@ def test_extremes_on_cuda_match_dense_cpu_hessian(name):
 def test_ggn_on_cuda_matches_dense_cpu_ggn(name):
     problem, ref, model, batches = on_cuda(name)
     ev = torch.linalg.eigvalsh(ref.ggn())
-    est = probe_curvature(
-        model, batches, problem.loss, num_batches=3, dtype=F64, curvature="ggn"
-    )
+    est = probe_curvature(model, batches, problem.loss, num_batches=3, dtype=F64, curvature="ggn")
     assert rel_err(est.lambda_max, float(ev[-1])) <= REL
 
 
