@@ -422,7 +422,7 @@ class DemoResult:
         Returns:
             The matplotlib Figure.
         """
-        from .plotting import _figure
+        from .plotting import _draw_density, _figure
 
         fig = _figure((11.0, 7.5))
         (ax_train, ax_held), (ax_lr, ax_density) = fig.subplots(2, 2)
@@ -445,34 +445,18 @@ class DemoResult:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(frameon=False, fontsize="small")
-        _draw_density(ax_density, self.report)
+        mass = self.report.estimate.negative_mass
+        _draw_density(
+            ax_density,
+            self.report.estimate,
+            title="Hessian spectral density at initialisation"
+            + ("" if mass is None else f", {100 * mass:.0f} % negative"),
+        )
         fig.suptitle(
             f"uba-auto demo: CNN on digits, {self.budget} steps, peak lr {self.peak_lr:g}, "
             f"auto φ = {self.report.phi:.3g}"
         )
         return fig
-
-
-def _draw_density(ax: Any, report: CurvatureReport) -> None:
-    est = report.estimate
-    if est.density is None:
-        ax.text(0.5, 0.5, "no density probed", ha="center", va="center", transform=ax.transAxes)
-    else:
-        lo, hi = float(est.density.nodes.min()), float(est.density.nodes.max())
-        pad = 0.05 * (hi - lo or 1.0)
-        grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
-        dens = est.density.density(grid)
-        ax.plot(grid.numpy(), dens.numpy(), color="C0")
-        ax.fill_between(grid.numpy(), dens.numpy(), alpha=0.2, color="C0")
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=max(float(dens.max()) * 1e-6, 1e-12))
-    for value, style, label in ((est.lambda_max, "--", "λ_max"), (est.lambda_min, ":", "λ_min")):
-        if value is not None and math.isfinite(value):
-            ax.axvline(value, color="k", ls=style, lw=1, label=f"{label} = {value:.3g}")
-    mass = "" if est.negative_mass is None else f", {100 * est.negative_mass:.0f} % negative"
-    ax.set_title(f"Hessian spectral density at initialisation{mass}", fontsize="medium")
-    ax.set_xlabel("eigenvalue")
-    ax.legend(frameon=False, fontsize="small")
 
 
 def _train(

@@ -104,3 +104,40 @@ def _viridis(n: int) -> list[Any]:
     from matplotlib import colormaps
 
     return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.9, n)]
+
+
+def _draw_density(ax: Any, estimate: Any, *, title: str | None = None) -> None:
+    """Draw ``estimate``'s SLQ spectral density (log scale) with λ_max and λ_min marked on ``ax``.
+
+    ``estimate`` is a :class:`~uba_auto.probe.CurvatureEstimate`; without a density the panel says
+    so. ``title`` defaults to "<curvature> spectral density (SLQ), <negative mass>".
+    """
+    import torch
+
+    est = estimate
+    mass = "" if est.negative_mass is None else f", {100 * est.negative_mass:.1f} % negative"
+    if est.density is None:
+        ax.text(
+            0.5,
+            0.5,
+            "no density probed\n(probe with density=True)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    else:
+        lo, hi = float(est.density.nodes.min()), float(est.density.nodes.max())
+        pad = 0.05 * (hi - lo or 1.0)
+        grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
+        dens = est.density.density(grid)
+        ax.plot(grid.numpy(), dens.numpy(), color="C0")
+        ax.fill_between(grid.numpy(), dens.numpy(), alpha=0.2, color="C0")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(float(dens.max()) * 1e-6, 1e-12))
+        ax.set_ylabel("density (per unit eigenvalue)")
+    for value, style, label in ((est.lambda_max, "--", "λ_max"), (est.lambda_min, ":", "λ_min")):
+        if value is not None and np.isfinite(value):
+            ax.axvline(value, color="k", ls=style, lw=1, label=f"{label} = {value:.3g}")
+    ax.set_title(title or f"{est.curvature} spectral density (SLQ){mass}", fontsize="medium")
+    ax.set_xlabel("eigenvalue")
+    ax.legend(frameon=False, fontsize="small", loc="upper left")

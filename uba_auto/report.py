@@ -219,48 +219,12 @@ class CurvatureReport:
         """
         import numpy as np
 
-        from .plotting import _figure
+        from .plotting import _draw_density, _figure
         from .schedules import cosine_lr, uba_lr
 
         fig = _figure((10.0, 4.0))
         ax_density, ax_lr = fig.subplots(1, 2)
-        est = self.estimate
-        if est.density is not None:
-            lo = float(est.density.nodes.min())
-            hi = float(est.density.nodes.max())
-            pad = 0.05 * (hi - lo or 1.0)
-            import torch
-
-            grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
-            dens = est.density.density(grid)
-            ax_density.plot(grid.numpy(), dens.numpy(), color="C0")
-            ax_density.fill_between(grid.numpy(), dens.numpy(), alpha=0.2, color="C0")
-            ax_density.set_yscale("log")
-            ax_density.set_ylim(bottom=max(float(dens.max()) * 1e-6, 1e-12))
-            mass = (
-                ""
-                if est.negative_mass is None
-                else f", negative mass {100 * est.negative_mass:.1f} %"
-            )
-            ax_density.set_title(f"{est.curvature} spectral density (SLQ){mass}")
-        else:
-            ax_density.text(
-                0.5,
-                0.5,
-                "no density probed\n(probe with density=True)",
-                ha="center",
-                va="center",
-                transform=ax_density.transAxes,
-            )
-            ax_density.set_title("spectral density")
-        for value, style, label in (
-            (est.lambda_max, "--", "λ_max"),
-            (est.lambda_min, ":", "λ_min"),
-        ):
-            if value is not None:
-                ax_density.axvline(value, color="k", ls=style, lw=1, label=label)
-        ax_density.set_xlabel("eigenvalue")
-        ax_density.legend(frameon=False, fontsize="small")
+        _draw_density(ax_density, self.estimate)
 
         peak = self.peak_lr if lr_max is None else lr_max
         total = max(self.budget - 1, self.warmup_steps + 1)
