@@ -61,3 +61,8 @@ def empty_data() -> list:
 
 def wrong_shape_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(16, 5), torch.randint(0, 3, (16,)))]
+
+
+def key_error_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A loss with a bug of the user's: the report must say so in one line."""
+    raise KeyError("label")

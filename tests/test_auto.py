@@ -470,11 +470,7 @@ def test_a_loaders_own_generator_is_not_advanced_by_probing():
 
 def test_reestimation_records_its_probes_warnings_and_they_survive_resume():
     problem, model, opt = mlp_setup(num_batches=8)
-    auto = auto_uba(
-        model,
-        problem.batches,
-        600,
-        optimizer=opt,
+    settings = dict(
         loss_fn=problem.loss,
         num_batches=2,
         reestimate_every=300,
@@ -483,6 +479,7 @@ def test_reestimation_records_its_probes_warnings_and_they_survive_resume():
         trace=False,
         per_batch=False,
     )
+    auto = auto_uba(model, problem.batches, 600, optimizer=opt, **settings)
     auto.probe_kwargs["max_hvps"] = 4  # starve the re-estimation: it cannot converge
     train(model, opt, auto.scheduler, problem.batches, 301)
     record = auto.report.history[1]
@@ -494,14 +491,48 @@ def test_reestimation_records_its_probes_warnings_and_they_survive_resume():
         problem.batches,
         600,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        loss_fn=problem.loss,
-        num_batches=2,
-        density=False,
-        trace=False,
-        per_batch=False,
+        resume_from=state,
+        **settings,
     )
-    fresh.load_state_dict(state)
     assert fresh.report.history[1] == record
+
+
+def test_make_scheduler_twice_is_refused():
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(model, problem.batches, 50, optimizer=opt, density=False)
+    with pytest.raises(ValueError, match="make_scheduler was already called"):
+        auto.make_scheduler(opt)
+
+
+def test_resuming_with_other_settings_is_refused_and_names_them():
+    problem, model, opt = mlp_setup()
+    auto = auto_uba(model, problem.batches, 100, optimizer=opt, density=False, warmup_steps=5)
+    state = auto.state_dict()
+    with pytest.raises(ValueError, match=r"budget=100 \(now 500\), warmup_steps=5 \(now 0\)"):
+        auto_uba(model, problem.batches, 500, optimizer=opt, density=False, resume_from=state)
+    with pytest.raises(ValueError, match="it has no 'history'"):
+        auto.load_state_dict({k: v for k, v in state.items() if k != "history"})
+
+
+def test_resuming_a_state_saved_before_make_scheduler_keeps_the_assumed_peak_open():
+    problem, model, _ = mlp_setup()
+    kw = dict(link="chebyshev", phi_max=1e9, density=False)
+    auto = auto_uba(model, problem.batches, 50, **kw)
+    clamp_free = auto_uba(
+        model, problem.batches, 50, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4), **kw
+    )
+    resumed = auto_uba(model, problem.batches, 50, resume_from=auto.state_dict(), **kw)
+    resumed.make_scheduler(torch.optim.SGD(model.parameters(), lr=1e-4))
+    assert resumed.phi == clamp_free.phi and resumed.report.peak_lr == 1e-4
+
+
+def test_rechoosing_phi_replaces_the_clamp_warning():
+    problem, model, _ = mlp_setup()
+    auto = auto_uba(model, problem.batches, 50, link="chebyshev", density=False)
+    assert auto.report.clamped and any("clamp" in w for w in auto.report.warnings)
+    auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=1e-4))
+    assert not auto.report.clamped
+    assert not any("clamp" in w for w in auto.report.warnings)
 
 
 def _saved(obj):

@@ -235,6 +235,11 @@ def report_args(*args: str, budget: str = "100") -> list[str]:
             "bce_with_logits or PKG.MODULE:FN, got 'frobnicate'",
         ),
         (report_args("--loss", f"{FACTORIES}:NOT_CALLABLE"), "must name a callable loss"),
+        (
+            report_args("--loss", f"{FACTORIES}:key_error_loss"),
+            "the probe failed: KeyError: 'label' (raised in the model, the data or the loss",
+        ),
+        (report_args("--seed", "-1"), "--seed must be >= 0, got -1"),
         (report_args(budget="0"), "--budget must be >= 2"),
         (report_args(budget="-5"), "--budget must be >= 2"),
         (report_args(budget="many"), "invalid int value: 'many'"),

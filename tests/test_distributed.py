@@ -283,6 +283,20 @@ def _scenarios(rank: int) -> dict[str, Any]:
     out["flaky"] = [(r.step, r.status, r.phi) for r in auto.report.history]
     out["flaky_messages"] = [r.message for r in auto.report.history]
 
+    # Different auto_uba settings on the ranks (here reestimate_every) would make the ranks meet
+    # in different collectives later: refused at the pre-training estimate, on every rank.
+    model = _model()
+    try:
+        uba_auto.auto_uba(
+            model,
+            _shard(rank, (6, 6)),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+            **{**AUTO_SETTINGS, "reestimate_every": 50 if rank == 0 else None},
+        )
+        out["settings_mismatch"] = None
+    except ValueError as err:
+        out["settings_mismatch"] = str(err)
+
     # Fully sharded models are refused on every rank, before any collective.
     out["fsdp"] = {}
     for kind in ("FSDP", "fully_shard"):
@@ -478,6 +492,13 @@ def test_a_failed_reestimation_is_recorded_on_every_rank(ranks: list[dict[str, A
     statuses = [status for _, status, _ in ranks[0]["flaky"]]
     assert statuses == ["ok", "ok", "failed", "ok"], ranks[0]["flaky_messages"]
     assert "rank 1's loader broke" in ranks[0]["flaky_messages"][2]
+
+
+def test_different_auto_uba_settings_on_the_ranks_are_refused(ranks: list[dict[str, Any]]) -> None:
+    for result in ranks:
+        message = result["settings_mismatch"]
+        assert message is not None and "the auto_uba settings" in message
+        assert "same auto_uba arguments on every rank" in message
 
 
 # ------------------------------------------------------------------------- single process

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -47,6 +48,7 @@ HVP_COST_IN_GRADIENTS = 2.0
 from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
 
 _STATE_VERSION = 1
+_STATE_KEYS = ("report", "history", "scheduler", "batches_drawn", "probe_hvps", "peak_lr")
 
 
 def _default_loss(batch: Any) -> tuple[Any, str]:
@@ -61,6 +63,11 @@ def _default_loss(batch: Any) -> tuple[Any, str]:
         "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
         "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
     )
+
+
+def _group_peaks(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each param group's peak rate: ``initial_lr`` once a scheduler has run, else ``lr``."""
+    return [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
 
 
 def _check_final_rate(
@@ -174,6 +181,7 @@ class AutoUBA:
         self._peak_source = ""
         self._peak_assumed = False  # no optimizer, no peak_lr: make_scheduler replaces it
         self._pending_scheduler_state: dict[str, Any] | None = None  # resumed, no scheduler yet
+        self._choice_warnings: tuple[str, ...] = ()  # what the pre-training phi choice warned
 
     # -- batches -----------------------------------------------------------------------------------
     def _next_batches(self) -> list[Any]:
@@ -214,6 +222,21 @@ class AutoUBA:
                 first = got[0]
         return first
 
+    def _settings(self) -> dict[str, Any]:
+        """The settings a resumed run (and every rank of a distributed one) must share."""
+        return {
+            "budget": self.budget,
+            "warmup_steps": self.warmup_steps,
+            "lr_min": self.lr_min,
+            "lr_min_ratio": self.lr_min_ratio,
+            "num_batches": self.num_batches,
+            "reestimate_every": self.reestimate_every,
+            "probe_fraction": self.probe_fraction,
+            "link": self.link,
+            "phi_min": self.phi_min,
+            "phi_max": self.phi_max,
+        }
+
     # -- probing -----------------------------------------------------------------------------------
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
         kwargs = {**self.probe_kwargs, **overrides}
@@ -240,11 +263,19 @@ class AutoUBA:
         if self._comm is None or isinstance(error, DistributedProbeError):
             return error  # a DistributedProbeError was already raised on every rank
         try:
+            # The settings' fingerprint too: ranks with, say, different reestimate_every would
+            # otherwise meet in different collectives later and wait for the group's timeout.
+            fingerprint = zlib.crc32(repr(sorted(self._settings().items())).encode())
             self._comm.agree(
                 error,
                 f"estimating phi at step {step}",
-                equal={"phi": math.nan if choice is None else choice.phi},
-                hint="the ranks' estimates differ (see UBA_AUTO_DISTRIBUTED_CHECK)",
+                equal={
+                    "phi": math.nan if choice is None else choice.phi,
+                    "the auto_uba settings (budget, warmup_steps, lr_min, num_batches, "
+                    "reestimate_every, probe_fraction, link, phi bounds)": float(fingerprint),
+                },
+                hint="pass the same auto_uba arguments on every rank; if they are the same, the "
+                "ranks' estimates differ (see UBA_AUTO_DISTRIBUTED_CHECK)",
             )
         except (DistributedProbeError, ValueError) as err:
             return err
@@ -285,14 +316,14 @@ class AutoUBA:
                     group.pop("initial_lr", None)
                 notes.append(f"peak_lr='suggest' set every param group's lr to {suggested:.4g}")
         elif optimizer is not None:
-            peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-            self._peak_lr, self._peak_source = max(peaks), "the optimizer's largest group lr"
+            self._peak_lr = max(_group_peaks(optimizer))
+            self._peak_source = "the optimizer's largest group lr"
         elif suggested is not None:
             self._peak_lr, self._peak_assumed = suggested, True
-            self._peak_source = "no optimizer: assumed 1 / lambda_max (SGD) until make_scheduler"
+            self._peak_source = "no optimizer given: assumed 1 / lambda_max (plain SGD)"
         else:
             self._peak_lr, self._peak_assumed = 1.0, True
-            self._peak_source = "unknown (no optimizer, no positive curvature) until make_scheduler"
+            self._peak_source = "unknown (no optimizer given, no positive curvature)"
         try:
             choice, error = self._choose(est, self.budget), None
         except Exception as err:
@@ -309,6 +340,7 @@ class AutoUBA:
             time.perf_counter() - t0,
             "pre-training probe",
         )
+        self._choice_warnings = tuple(choice.warnings)
         notes += list(choice.warnings) + list(est.warnings)
         if est.negative_mass is not None and est.negative_mass > 0.2:
             notes.append(
@@ -368,8 +400,13 @@ class AutoUBA:
         in the report too, and φ is chosen again for that rate where the link depends on it.
         After ``auto_uba(..., resume_from=state)``, the scheduler continues the saved one.
         """
+        if self.scheduler is not None:
+            raise ValueError(
+                "make_scheduler was already called: use auto.scheduler (a second scheduler would "
+                "restart the budget at step 0 while the report's history goes on)"
+            )
         if self._peak_assumed:
-            peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+            peaks = _group_peaks(optimizer)
             _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
             self._peak_lr = max(peaks)
             self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
@@ -413,7 +450,7 @@ class AutoUBA:
             )
             return self._record(record)
         t0 = time.perf_counter()
-        choice, error = None, None
+        choice, error, spent_before = None, None, self.probe_hvps
         try:
             est = self._probe(self._next_batches(), density=False)
             choice = self._choose(est, remaining)
@@ -429,8 +466,9 @@ class AutoUBA:
                 RuntimeWarning,
                 stacklevel=2,
             )
+            spent_now = self.probe_hvps - spent_before  # a probe that ran before a later failure
             record = ReestimationRecord(
-                step, "failed", None, self.phi, 0, time.perf_counter() - t0, message
+                step, "failed", None, self.phi, spent_now, time.perf_counter() - t0, message
             )
             return self._record(record)
         if self.scheduler is not None:
@@ -454,6 +492,8 @@ class AutoUBA:
         """Choose the pre-training φ again for the current peak rate (before any scheduler)."""
         choice = self._choose(self.report.estimate, self.budget)
         first = replace(self.report.history[0], kappa=choice.kappa, phi=choice.phi)
+        kept = tuple(w for w in self.report.warnings if w not in self._choice_warnings)
+        self._choice_warnings = tuple(choice.warnings)
         self.report = replace(
             self.report,
             phi=choice.phi,
@@ -465,6 +505,7 @@ class AutoUBA:
             peak_lr=self._peak_lr,
             peak_lr_source=self._peak_source,
             history=(first, *self.report.history[1:]),
+            warnings=(*kept, *choice.warnings),
         )
 
     def _expected_reestimation_hvps(self) -> int:
@@ -492,6 +533,9 @@ class AutoUBA:
             "probe_hvps": self.probe_hvps,
             "peak_lr": self._peak_lr,
             "peak_lr_source": self._peak_source,
+            "peak_assumed": self._peak_assumed,
+            "choice_warnings": list(self._choice_warnings),
+            "settings": self._settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -514,6 +558,19 @@ class AutoUBA:
 
     def _restore(self, state: dict[str, Any]) -> None:
         """All of ``state`` but the scheduler's own state (kept for :meth:`make_scheduler`)."""
+        saved = state.get("settings")
+        if saved is not None:
+            differ = [
+                f"{k}={saved[k]!r} (now {v!r})"
+                for k, v in self._settings().items()
+                if k in saved and saved[k] != v
+            ]
+            if differ:
+                raise ValueError(
+                    "the state was saved with other settings: "
+                    + ", ".join(differ)
+                    + "; pass the saved run's arguments to auto_uba"
+                )
         report = CurvatureReport.from_dict(state["report"])
         # The history rows are authoritative (the report's copy is the same data).
         history = tuple(ReestimationRecord.from_row(row) for row in state["history"])
@@ -521,7 +578,8 @@ class AutoUBA:
         self.suggested_lr = report.suggested_lr
         self.probe_hvps = state["probe_hvps"]
         self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
-        self._peak_assumed = False
+        self._peak_assumed = bool(state.get("peak_assumed", False))
+        self._choice_warnings = tuple(state.get("choice_warnings", ()))
         self._pending_scheduler_state = state["scheduler"]
         first = self._skip_to(state["batches_drawn"])
         if self.loss_fn is None and first is not None:
@@ -542,6 +600,12 @@ def _check_state(state: Any) -> None:
             got = f"version {state.get('version')!r}"
         raise ValueError(
             f"state must come from AutoUBA.state_dict() of this uba-auto version, got {got}"
+        )
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"state is not a whole AutoUBA.state_dict(): it has no {missing[0]!r}; save and pass "
+            "the dict state_dict() returns, unchanged"
         )
 
 
@@ -656,7 +720,7 @@ def auto_uba(
     # Checked now, so that a bad setting fails before the probe's cost, not after it.
     peaks = None
     if optimizer is not None and peak_lr != "suggest":
-        peaks = [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
+        peaks = _group_peaks(optimizer)
     _check_final_rate(peaks, lr_min, lr_min_ratio)
     if reestimate_every is not None and getattr(loader, "persistent_workers", False):
         raise ValueError(

@@ -232,6 +232,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.peak_lr is not None and not (math.isfinite(args.peak_lr) and args.peak_lr > 0):
         raise ValueError(f"--peak-lr must be finite and > 0, got {args.peak_lr:g}")
     json_out = _check_output(args.json, "--json", (".json",)) if args.json else None
@@ -273,8 +275,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
             num_batches=args.batches,
             seed=args.seed,
         )
-    except RuntimeError as err:  # raised inside the user's model or loss, e.g. a shape mismatch
-        raise ValueError(f"the probe failed: {type(err).__name__}: {err}") from None
+    except (ValueError, TypeError):  # the library's own messages already name the fix
+        raise
+    except Exception as err:  # raised inside the user's model, data or loss (shape, KeyError...)
+        raise ValueError(
+            f"the probe failed: {type(err).__name__}: {err} (raised in the model, the data or "
+            "the loss; call your factories and loss in Python to see the traceback)"
+        ) from None
     print(auto.report)
     warmup = f", warmup_steps={args.warmup}" if args.warmup else ""
     print(
@@ -338,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
             "cosine annealing and with any --phi for the same budget, peak learning rate, "
             "initial weights and minibatch order, print the comparison and write a figure, the "
             'report and the results into --out. Needs: pip install "uba-auto[demo]". About '
-            "one to two minutes on two CPU cores."
+            "a minute on two CPU cores (under 1 s per 100 steps and schedule)."
         ),
     )
     demo.add_argument(
