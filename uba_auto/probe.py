@@ -580,6 +580,12 @@ def probe_curvature(
         batch_losses = tuple(float(v) for v in op.batch_losses)
         batch_sizes = tuple(op.global_batch_sizes)
 
+    if comm is not None and any(size is None for size in batch_sizes):
+        notes.append(
+            "some rank's batch has no leading dimension to count examples by: every rank's part "
+            "of a global batch was weighted equally (1 / world_size), which is the global-batch "
+            "mean only if the ranks' batches are the same size"
+        )
     converged = dict(extremes["converged"])
     if trace_est is not None:
         converged["trace"] = bool(trace_est.std_error <= 0.1 * abs(trace_est.estimate))
