@@ -4,7 +4,7 @@ Run from the repository root, after ``benchmarks/phi_sweep.py`` (which fixes eac
 learning rate and holds the fixed-φ and baseline results for the same tasks, budgets and seeds):
 
     python benchmarks/phi_validation.py [--sweep benchmarks/results/phi_sweep.json]
-        [--links calibrated chebyshev] [--num-batches 8] [--workers 2]
+        [--links gated calibrated chebyshev] [--num-batches 8] [--workers 2]
         [--out benchmarks/results/phi_validation.json]
 
 For every cell (task × budget) and seed of the sweep, it trains the task with the schedule
@@ -93,7 +93,7 @@ def _run(job: tuple) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="benchmarks/results/phi_sweep.json")
-    parser.add_argument("--links", nargs="+", default=["calibrated", "chebyshev"])
+    parser.add_argument("--links", nargs="+", default=["gated", "calibrated", "chebyshev"])
     parser.add_argument("--num-batches", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -118,3 +119,11 @@ def test_run_demo_rejects_bad_arguments():
         run_demo(1)
     with pytest.raises(ValueError, match="phis must be finite and > 0"):
         run_demo(10, phis=[0.0])
+
+
+def test_cosine_is_not_trained_twice_when_auto_chooses_phi_two():
+    forced = {**QUICK_PROBE, "phi_min": 2.0, "phi_max": 2.0}
+    result = run_demo(6, num_batches=2, probe_kwargs=forced, curve_points=2, progress=False)
+    auto, cosine = result.run("auto"), result.run("cosine")
+    assert result.report.phi == 2.0 and cosine.label == "cosine"
+    assert dataclasses.replace(cosine, name="auto", label=auto.label) == auto

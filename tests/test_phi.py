@@ -20,11 +20,24 @@ def test_chebyshev_link_is_two_kappa():
 
 
 def test_calibrated_link_closed_form_and_anchor():
-    assert P.phi_from_condition_number(P.KAPPA_COSINE) == pytest.approx(2.0)
+    assert P.phi_from_condition_number(P.KAPPA_COSINE, link="calibrated") == pytest.approx(2.0)
     for kappa in [1.05, 1.2, 1.4]:
         expected = 2 * ((kappa - 1) / (P.KAPPA_COSINE - 1)) ** P.SENSITIVITY
-        got = P.phi_from_condition_number(kappa, phi_min=1e-9, phi_max=1e9)
+        got = P.phi_from_condition_number(kappa, link="calibrated", phi_min=1e-9, phi_max=1e9)
         assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_gated_link_is_the_default_cosine_above_the_gate_and_linear_below():
+    gate = P.minibatch_condition_number(P.GATE_NOISE)
+    assert P.LINKS[0] == "gated"
+    for sigma in [P.GATE_NOISE, 0.067, 0.2, 0.5, 0.99]:
+        assert P.phi_from_condition_number(P.minibatch_condition_number(sigma)) == 2.0
+    for kappa in [1.02, 1.05, 1.09]:
+        expected = 2 * (kappa - 1) / (gate - 1)
+        got = P.phi_from_condition_number(kappa, phi_min=1e-9)
+        assert got == pytest.approx(expected, rel=1e-12)
+    assert P.phi_from_condition_number(1.0) == P.PHI_MIN  # full batch: held high longest
+    assert P.phi_from_condition_number(math.inf) == 2.0
 
 
 @pytest.mark.parametrize("link", P.LINKS)
@@ -36,9 +49,10 @@ def test_monotone_non_decreasing_in_kappa(link):
 
 
 def test_clamp_range_is_respected_and_reported():
-    assert P.phi_from_condition_number(1.0) == P.PHI_MIN
-    assert P.phi_from_condition_number(math.inf) == P.PHI_MAX
+    assert P.phi_from_condition_number(1.0, link="calibrated") == P.PHI_MIN
+    assert P.phi_from_condition_number(math.inf, link="calibrated") == P.PHI_MAX
     assert P.phi_from_condition_number(1.0, phi_min=0.5) == 0.5
+    assert P.phi_from_condition_number(1.5, phi_max=1.0) == 1.0
     assert P.phi_from_condition_number(50.0, link="chebyshev", phi_max=8.0) == 8.0
 
 
@@ -80,8 +94,11 @@ def test_choose_phi_uses_the_curvature_noise(estimate):
     kappa = P.minibatch_condition_number(estimate.curvature_noise)
     assert choice.kappa == pytest.approx(kappa)
     assert choice.phi == P.phi_from_condition_number(kappa)
-    assert "calibrated" in choice.reason and choice.link == "calibrated"
+    assert "gated" in choice.reason and choice.link == "gated"
     assert any("only 3 batch" in w for w in choice.warnings)
+    calibrated = P.choose_phi(estimate, peak_lr=0.1, budget=1000, link="calibrated")
+    assert calibrated.phi == P.phi_from_condition_number(kappa, link="calibrated")
+    assert "calibrated" in calibrated.reason and calibrated.kappa == choice.kappa
 
 
 def test_choose_phi_chebyshev_hits_the_clamp_and_says_so(estimate):

@@ -623,7 +623,7 @@ def auto_uba(
     num_batches: int = 8,
     reestimate_every: int | None = None,
     probe_fraction: float = 0.02,
-    link: str = "calibrated",
+    link: str = "gated",
     phi_min: float = PHI_MIN,
     phi_max: float = PHI_MAX,
     curvature: str = "hessian",
@@ -652,13 +652,16 @@ def auto_uba(
             with an optimizer, set on every param group) ``1 / lambda_max``, the plain-SGD
             suggestion from the curvature; ``None`` takes the optimizer's largest group lr (or the
             suggestion when there is no optimizer).
-        num_batches: minibatches per probe (8: the curvature noise that drives the calibrated link
-            is a standard deviation across batches, and needs several).
+        num_batches: minibatches per probe (8: the curvature noise that drives the gated and
+            calibrated links is a standard deviation across batches, and needs several).
         reestimate_every: re-probe every this many steps (``None``: never).
         probe_fraction: the most probing may cost, as a fraction of the budget in
             gradient-equivalents (re-estimations past it are skipped and recorded).
-        link: the κ→φ link, ``"calibrated"`` (default, fitted to our validation study) or
-            ``"chebyshev"`` (the theory-only link φ = 2κ); see :mod:`uba_auto.phi`.
+        link: the κ→φ link: ``"gated"`` (default: cosine, φ = 2, unless the probe sees almost
+            no minibatch noise, then down to 0.25; never worse than cosine by more than 1 % in
+            our study), ``"calibrated"`` (a power law in the curvature noise fitted to our study;
+            it also lost badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
+            :mod:`uba_auto.phi` and BENCHMARKS.md.
         phi_min, phi_max: the range φ is clamped to.
         curvature: ``"hessian"`` or ``"ggn"``.
         density: probe the spectral density for the report (pre-training probe only).

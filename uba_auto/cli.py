@@ -366,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--phi",
         type=float,
         nargs="+",
-        default=[],
+        default=[0.5, 8.0],
         metavar="PHI",
-        help="also train with these fixed phi (e.g. --phi 0.5 4)",
+        help="also train with these fixed phi (default: 0.5 8, a late and an early decay)",
     )
     demo.add_argument(
         "--out",

@@ -635,10 +635,13 @@ def run_demo(
             )
 
         train("auto", f"UBA auto φ={auto.phi:.3g}", auto.phi, model, opt, auto.scheduler)
-        model, opt = fresh()
-        train(
-            "cosine", "cosine", 2.0, model, opt, BudgetScheduler(opt, budget - 1, schedule="cosine")
-        )
+        if auto.phi == 2.0:  # UBA with phi = 2 is cosine: the same run, not trained twice
+            runs.append(dataclasses.replace(runs[0], name="cosine", label="cosine"))
+            say("cosine: the same run (the auto-chosen φ = 2 is cosine annealing)")
+        else:
+            model, opt = fresh()
+            cosine = BudgetScheduler(opt, budget - 1, schedule="cosine")
+            train("cosine", "cosine", 2.0, model, opt, cosine)
         for phi in phis:
             model, opt = fresh()
             sched = UBAScheduler(opt, total_steps=budget - 1, phi=phi)

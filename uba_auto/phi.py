@@ -1,6 +1,28 @@
 r"""From measured curvature to the UBA shape parameter φ.
 
-Two links, kept apart because they have different standing:
+Three links, kept apart because they have different standing. In one line each: ``"gated"`` (the
+default) is cosine unless the probe sees no minibatch noise; ``"calibrated"`` maps the noise to φ
+by a power law fitted to our study; ``"chebyshev"`` is the theory-only φ = 2κ. How each fared in
+training is in BENCHMARKS.md (``benchmarks/phi_validation.py``).
+
+**The gated link** (``link="gated"``, the default; a guard of ours, not a fitted map). With σ the
+curvature noise (below),
+
+.. math::
+
+    \varphi = 2 \min\Big(1, \frac{\kappa_{mb} - 1}{\kappa_g - 1}\Big), \qquad
+    \kappa_g = \frac{1 + \sigma_g}{1 - \sigma_g},\ \sigma_g = 0.05
+    \ (:data:`GATE_NOISE`),
+
+clamped to ``[phi_min, phi_max]``: cosine annealing (φ = 2) whenever the minibatches disagree about
+the curvature by 5 % or more, and a rate held high for longer, down to φ = 0.25, as the training
+becomes noise-free (full-batch gradient descent has σ = 0). Why: in our study cosine was within
+1 % of the best φ in 7 of 10 task × budget cells, and the one quantity that reliably said "deviate"
+was the absence of gradient noise (least squares, where φ = 0.25 beats cosine by 3 %). Every
+minibatch-noise statistic we tried, at initialisation or along the run, failed to say which
+minibatch tasks want a smaller or larger φ (BENCHMARKS.md, findings 2 and 6), and the calibrated
+link below, which tries, lost up to 208 % against cosine on a task at the edge of stability. The
+gate σ_g = 0.05 lies below every minibatch task we measured (σ ≥ 0.067 per seed) and is not fitted.
 
 **The theory-only link** (``link="chebyshev"``; our derivation, not the paper's statement). For
 gradient descent on a quadratic whose curvature lies in :math:`[\lambda_{lo}, \lambda_{hi}]`, the
@@ -17,7 +39,8 @@ where :math:`\lambda_{+}` is the smallest positive eigenvalue the probe resolved
 between 24 and 2000 (``benchmarks/phi_sweep.py``), so φ = 2κ always hits the upper clamp: the
 link decays too early. It is kept selectable so that this can be checked, not recommended.
 
-**The calibrated link** (``link="calibrated"``, the default; an empirical calibration of ours).
+**The calibrated link** (``link="calibrated"``; an empirical calibration of ours, the default
+before the gated link measured better).
 The quantity that tracked the best φ of our sweep is how much the sharpness a single SGD step
 sees fluctuates across minibatches. With :math:`v` the top eigenvector and
 :math:`s_b = v^\top H_b v` the curvature of minibatch :math:`b` along it, the probe reports
@@ -39,7 +62,7 @@ anneal. Noisy curvature gives large φ: decay early. :math:`\kappa_{mb} = \kappa
 This direction (more spread, larger φ) is the opposite of reading φ = 2κ with κ the Hessian's
 condition number, as PAPER.md's first sweep already suggested.
 
-Both links clamp φ to ``[phi_min, phi_max]`` (default [0.25, 16], the range our sweep covered:
+All links clamp φ to ``[phi_min, phi_max]`` (default [0.25, 16], the range our sweep covered:
 outside it the calibration has no data) and say so when they do.
 """
 
@@ -52,6 +75,7 @@ from ._validation import check_positive_finite
 from .probe import CurvatureEstimate
 
 __all__ = [
+    "GATE_NOISE",
     "KAPPA_COSINE",
     "LINKS",
     "PHI_MAX",
@@ -64,7 +88,7 @@ __all__ = [
     "phi_from_condition_number",
 ]
 
-LINKS = ("calibrated", "chebyshev")
+LINKS = ("gated", "calibrated", "chebyshev")
 PHI_MIN = 0.25
 PHI_MAX = 16.0
 FALLBACK_PHI = 2.0
@@ -75,6 +99,9 @@ KAPPA_COSINE = 1.175
 """The minibatch condition number at which the calibrated link picks cosine (φ = 2)."""
 SENSITIVITY = 0.5
 """The power ``p`` of the calibrated link."""
+GATE_NOISE = 0.05
+"""The curvature noise at and above which the gated link picks cosine (φ = 2): below every
+minibatch task of our study (σ ≥ 0.067 per seed), above full-batch training (σ = 0)."""
 
 
 def minibatch_condition_number(curvature_noise: float) -> float:
@@ -114,12 +141,14 @@ def budget_condition_number(
 def phi_from_condition_number(
     kappa: float,
     *,
-    link: str = "calibrated",
+    link: str = "gated",
     phi_min: float = PHI_MIN,
     phi_max: float = PHI_MAX,
 ) -> float:
     r"""The κ→φ link, clamped to ``[phi_min, phi_max]``.
 
+    ``link="gated"`` (default): :math:`\varphi = 2\min(1, (\kappa - 1)/(\kappa_g - 1))` with
+    :math:`\kappa_g` the minibatch condition number at :data:`GATE_NOISE`.
     ``link="chebyshev"``: :math:`\varphi = 2\kappa` (κ of a curvature band, see
     :func:`budget_condition_number`). ``link="calibrated"``:
     :math:`\varphi = 2((\kappa - 1)/(\kappa_c - 1))^p` with κ the minibatch condition number
@@ -127,16 +156,18 @@ def phi_from_condition_number(
 
     Args:
         kappa: a condition number, >= 1 (``inf`` maps to ``phi_max``).
-        link: ``"calibrated"`` or ``"chebyshev"``.
+        link: one of :data:`LINKS`.
         phi_min, phi_max: the clamp.
 
     Example:
         >>> phi_from_condition_number(3.0, link="chebyshev")
         6.0
-        >>> phi_from_condition_number(KAPPA_COSINE)
+        >>> phi_from_condition_number(KAPPA_COSINE, link="calibrated")
         2.0
-        >>> phi_from_condition_number(1.0), phi_from_condition_number(float("inf"))
-        (0.25, 16.0)
+        >>> phi_from_condition_number(1.0), phi_from_condition_number(1.5)  # gated
+        (0.25, 2.0)
+        >>> phi_from_condition_number(float("inf"), link="calibrated")
+        16.0
     """
     return _unclamped_and_clamped(kappa, link, phi_min, phi_max)[1]
 
@@ -154,6 +185,9 @@ def _unclamped_and_clamped(
         raise ValueError(f"phi_min must be <= phi_max, got {phi_min} > {phi_max}")
     if link == "chebyshev":
         raw = 2.0 * kappa
+    elif link == "gated":
+        gate = minibatch_condition_number(GATE_NOISE)
+        raw = 2.0 * min(1.0, (kappa - 1.0) / (gate - 1.0))
     elif math.isinf(kappa):
         raw = math.inf
     else:
@@ -180,7 +214,7 @@ def choose_phi(
     *,
     peak_lr: float | None,
     budget: int,
-    link: str = "calibrated",
+    link: str = "gated",
     phi_min: float = PHI_MIN,
     phi_max: float = PHI_MAX,
 ) -> PhiChoice:
@@ -193,7 +227,7 @@ def choose_phi(
         estimate: the probe's result.
         peak_lr: the run's peak learning rate (used by the Chebyshev link).
         budget: steps left in the run.
-        link: ``"calibrated"`` or ``"chebyshev"``.
+        link: one of :data:`LINKS`.
         phi_min, phi_max: the clamp.
     """
     if link not in LINKS:
@@ -237,7 +271,7 @@ def choose_phi(
             notes.append(
                 f"curvature noise not available from method={estimate.method!r}: fell back to "
                 f"phi = {FALLBACK_PHI:g} (cosine annealing); use method='lanczos' for the "
-                "calibrated link"
+                f"{link} link"
             )
             return PhiChoice(
                 FALLBACK_PHI,
@@ -258,10 +292,18 @@ def choose_phi(
             )
         kappa = minibatch_condition_number(noise)
         kind = "minibatch sharpness band: (1 + sigma)/(1 - sigma), sigma = curvature noise"
-        why = (
-            f"calibrated link: curvature noise sigma = {noise:.3g} -> kappa_mb = {kappa:.4g}; "
-            f"phi = 2 ((kappa_mb - 1)/({KAPPA_COSINE:g} - 1))^{SENSITIVITY:g}"
-        )
+        if link == "gated":
+            why = f"gated link: curvature noise sigma = {noise:.3g} " + (
+                f">= {GATE_NOISE:g}: minibatch noise, cosine (phi = 2)"
+                if noise >= GATE_NOISE
+                else f"< {GATE_NOISE:g}: (nearly) noise-free, keep the rate high longer; "
+                f"phi = 2 (kappa_mb - 1)/(kappa_gate - 1)"
+            )
+        else:
+            why = (
+                f"calibrated link: curvature noise sigma = {noise:.3g} -> kappa_mb = {kappa:.4g}; "
+                f"phi = 2 ((kappa_mb - 1)/({KAPPA_COSINE:g} - 1))^{SENSITIVITY:g}"
+            )
         if estimate.num_batches < 4:
             notes.append(
                 f"curvature noise from only {estimate.num_batches} batch(es): phi is uncertain; "

@@ -63,7 +63,7 @@ class CurvatureReport:
         phi_min, phi_max: the clamp range.
         kappa: the condition number fed to the φ mapping.
         kappa_kind: which κ that is, in words.
-        link: the κ→φ link used (``"calibrated"`` or ``"chebyshev"``).
+        link: the κ→φ link used (one of :data:`uba_auto.phi.LINKS`).
         reason: one sentence on how φ was derived.
         peak_lr: the peak learning rate the mapping assumed, and ``peak_lr_source`` where it came
             from (the optimizer, the caller, or the curvature suggestion).
