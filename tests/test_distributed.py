@@ -29,6 +29,7 @@ from torch import nn
 
 import uba_auto
 from uba_auto._distributed import (
+    Communicator,
     DistributedProbeError,
     resolve_process_group,
     unwrap_model,
@@ -169,6 +170,16 @@ def _scenarios(rank: int) -> dict[str, Any]:
             _model(), _shard(rank, (6, 6)), F.cross_entropy, curvature="ggn", **PROBE_KWARGS
         )
     )
+
+    # Batches with no leading dimension to count examples by: ranks weighted equally, and said.
+    def tagged_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[1]), batch[2])
+
+    tagged = [(torch.tensor(0.0), x, y) for x, y in _shard(rank, (6, 6))]
+    est = uba_auto.probe_curvature(
+        _model(), tagged, uba_auto.ModelLoss(tagged_loss), **PROBE_KWARGS
+    )
+    out["unsized"] = (list(est.warnings), est.lambda_max, list(est.batch_sizes))
 
     # DDP: the probe sees the inner module; parameters, buffers, grads and DDP's reducer are
     # left alone, and a DDP step afterwards still synchronises (no stray all-reduce, no hang).
@@ -575,3 +586,26 @@ def test_the_ddp_example_runs_under_torchrun() -> None:
     teardown_abort = "terminate called without an active exception" in output
     assert finished and (done.returncode == 0 or teardown_abort), output[-6000:]
     assert "uba-auto curvature report" in done.stdout and "step   300  ok" in done.stdout
+
+
+def test_ranks_are_weighted_equally_and_say_so_without_batch_sizes(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in ranks:
+        warnings, lam, sizes = result["unsized"]
+        assert any("weighted equally" in w for w in warnings)
+        assert sizes == [None] * len(sizes)
+        # Equal shards (6 + 6): equal weights are the global-batch mean, so lambda matches.
+        assert lam == pytest.approx(result["equal"]["lambda_max"], rel=1e-10)
+
+
+def test_gpu_backend_bookkeeping_goes_to_the_models_device() -> None:
+    # NCCL needs its small agreement tensors on each rank's own GPU: the operators record the
+    # model's device, so a script that never calls torch.cuda.set_device does not put every
+    # rank's on cuda:0. (Checked without a GPU: only where the tensors would go.)
+    comm = Communicator(None, rank=1, world_size=2, backend="nccl")
+    comm.device = torch.device("cuda", 1)
+    assert comm._small_device() == torch.device("cuda", 1)
+    gloo = Communicator(None, rank=1, world_size=2, backend="gloo")
+    gloo.device = torch.device("cuda", 1)
+    assert gloo._small_device() == torch.device("cpu")

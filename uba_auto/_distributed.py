@@ -122,6 +122,10 @@ class Communicator:
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
+        # The CUDA device of the probed model, set by the operators: a GPU-only backend's small
+        # tensors go there rather than to the current device, which a script that never calls
+        # torch.cuda.set_device leaves at cuda:0 on every rank.
+        self.device: torch.device | None = None
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, {self.backend})"
@@ -132,6 +136,8 @@ class Communicator:
         backend = self.backend.lower()
         if "gloo" in backend or "mpi" in backend or "cpu:" in backend:
             return torch.device("cpu")
+        if self.device is not None and self.device.type == "cuda":
+            return self.device
         return torch.device("cuda", torch.cuda.current_device())
 
     def _all_gather(self, values: Tensor) -> Tensor:

@@ -324,6 +324,8 @@ class _CurvatureOperator(SymmetricOperator):
         error: BaseException | None = None
         try:
             self._setup(model, batches, loss, mode, engine, dtype, params, cache_graph)
+            if self.device.type == "cuda":
+                self._comm.device = self.device  # NCCL bookkeeping next to the model
             local_losses = self._build()
             self._set_batch_losses(local_losses)
         except Exception as err:
