@@ -154,6 +154,21 @@ class _FlakyLoader:
 
 
 # ------------------------------------------------------------------------------------ workers
+def _probe_after_a_ddp_step(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int
+) -> tuple[dict[str, Any], str]:
+    """One DDP backward (grads and BatchNorm statistics set), then the probe: its summary, and
+    "unchanged" or what the probe changed in the model."""
+    F.cross_entropy(net(x), y).backward()
+    snap = snapshot_state(net)
+    est = uba_auto.probe_curvature(net, _shard(rank, (6, 6)), F.cross_entropy, **PROBE_KWARGS)
+    try:
+        assert_state_unchanged(net, snap)
+    except AssertionError as err:
+        return _summary(est), str(err)
+    return _summary(est), "unchanged"
+
+
 def _scenarios(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     os.environ["UBA_AUTO_DISTRIBUTED_CHECK"] = "1"
@@ -185,15 +200,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
     # left alone, and a DDP step afterwards still synchronises (no stray all-reduce, no hang).
     net = nn.parallel.DistributedDataParallel(_model())
     x, y = _shard(rank, (6, 6))[0]
-    F.cross_entropy(net(x), y).backward()
-    snap = snapshot_state(net)
-    est = uba_auto.probe_curvature(net, _shard(rank, (6, 6)), F.cross_entropy, **PROBE_KWARGS)
-    out["ddp"] = _summary(est)
-    try:
-        assert_state_unchanged(net, snap)
-        out["ddp_state"] = "unchanged"
-    except AssertionError as err:
-        out["ddp_state"] = str(err)
+    out["ddp"], out["ddp_state"] = _probe_after_a_ddp_step(net, x, y, rank)
     net.zero_grad()
     F.cross_entropy(net(x), y).backward()
     out["ddp_grads_after"] = [p.grad.clone() for p in net.parameters()]
@@ -202,15 +209,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
     net = nn.parallel.DistributedDataParallel(
         nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
     )
-    F.cross_entropy(net(x), y).backward()
-    snap = snapshot_state(net)
-    est = uba_auto.probe_curvature(net, _shard(rank, (6, 6)), F.cross_entropy, **PROBE_KWARGS)
-    out["ddp_bn"] = _summary(est)
-    try:
-        assert_state_unchanged(net, snap)
-        out["ddp_bn_state"] = "unchanged"
-    except AssertionError as err:
-        out["ddp_bn_state"] = str(err)
+    out["ddp_bn"], out["ddp_bn_state"] = _probe_after_a_ddp_step(net, x, y, rank)
 
     # auto_uba on a DistributedSampler loader, DDP-wrapped, with re-estimations.
     x_all, y_all = _data(4 * GLOBAL_BATCH)
