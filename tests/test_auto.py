@@ -17,7 +17,7 @@ from torch import nn
 from uba_auto import CurvatureReport, ModelLoss, auto_uba
 from uba_auto._state import assert_state_unchanged, snapshot_state
 from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
-from uba_auto.phi import FALLBACK_PHI
+from uba_auto.phi import EDGE_FRACTION, EDGE_PHI, FALLBACK_PHI, GATE_NOISE
 from uba_auto.schedules import uba_lr
 
 
@@ -628,3 +628,80 @@ def test_report_says_when_the_trace_has_no_error_bar():
     auto = auto_uba(model, problem.batches, 50, trace_matvecs=3, density=False)
     assert math.isnan(auto.report.estimate.trace_std_error)
     assert "no error bar" in str(auto.report) and "nan" not in str(auto.report)
+
+
+# -- the gated-edge link: the optimizer's stability edge -------------------------------------------
+def _edge_auto(model, problem, optimizer, **kw):
+    kw = {"link": "gated-edge", "density": False, **kw}
+    return auto_uba(model, problem.batches, 50, optimizer=optimizer, loss_fn=problem.loss, **kw)
+
+
+@pytest.mark.parametrize(
+    "make_opt,limit",
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.01), 2.0),
+        (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 3.8),
+        (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True), 3.8 / 2.8),
+    ],
+)
+def test_gated_edge_reads_the_sgd_stability_limit(make_opt, limit):
+    problem, model, _ = mlp_setup()
+    auto = _edge_auto(model, problem, make_opt(model.parameters()))
+    report = auto.report
+    assert report.estimate.curvature_noise >= GATE_NOISE  # the noise gate alone says cosine
+    assert report.edge_fraction == pytest.approx(0.01 * report.estimate.lambda_max / limit)
+    assert report.edge_fraction < EDGE_FRACTION
+    assert auto.phi == auto.scheduler.phi == report.history[0].phi == EDGE_PHI
+    assert "far below the edge" in report.reason
+    assert "distance to the edge" in str(report)
+    assert CurvatureReport.from_dict(report.to_dict()).edge_fraction == report.edge_fraction
+    # A peak near the edge (or the plain gated link) keeps cosine.
+    near = _edge_auto(model, problem, torch.optim.SGD(model.parameters(), lr=0.5))
+    assert near.report.edge_fraction >= EDGE_FRACTION and near.phi == 2.0
+    default = auto_uba(model, problem.batches, 50, optimizer=make_opt(model.parameters()))
+    assert default.phi == 2.0 and default.report.edge_fraction is None  # the gated link
+
+
+def test_gated_edge_is_off_for_adaptive_optimizers_and_says_so():
+    problem, model, _ = mlp_setup()
+    auto = _edge_auto(model, problem, torch.optim.Adam(model.parameters(), lr=1e-4))
+    assert auto.report.edge_fraction is None and auto.phi == 2.0
+    assert "edge gate off" in auto.report.reason
+    assert "distance to the edge" not in str(auto.report)
+
+
+def test_gated_edge_applies_when_the_sgd_optimizer_comes_at_make_scheduler():
+    problem, model, _ = mlp_setup()
+    kw = dict(loss_fn=problem.loss, density=False, link="gated-edge")
+    auto = auto_uba(model, problem.batches, 50, **kw)
+    assert auto.report.edge_fraction is None and auto.phi == 2.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    auto.make_scheduler(opt)
+    direct = _edge_auto(model, problem, torch.optim.SGD(model.parameters(), lr=0.01))
+    assert auto.report.edge_fraction == direct.report.edge_fraction
+    assert auto.phi == auto.scheduler.phi == auto.report.history[0].phi == EDGE_PHI
+    # With a peak_lr given up front, the edge uses it once the optimizer tells the momentum.
+    given = auto_uba(model, problem.batches, 50, peak_lr=1.0, **kw)
+    given.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.01))
+    assert given.report.edge_fraction == pytest.approx(given.report.estimate.lambda_max / 2.0)
+    assert given.phi == 2.0
+
+
+def test_reestimation_keeps_the_initial_edge_and_resume_restores_it():
+    problem, model, opt = mlp_setup(num_batches=8)
+    opt.param_groups[0]["lr"] = 0.01
+    kw = dict(num_batches=2, probe_fraction=1.0, density=False, per_batch=False, trace=False)
+    kw["link"] = "gated-edge"
+    auto = auto_uba(model, problem.batches, 400, optimizer=opt, loss_fn=problem.loss, **kw)
+    edge = auto.report.edge_fraction
+    train(model, opt, auto.scheduler, problem.batches, 100)
+    record = auto.reestimate()
+    assert record.status == "ok" and record.phi == EDGE_PHI == auto.scheduler.phi
+    assert f"{edge:.3g} of the stability limit at init" in record.message
+    state = auto.state_dict()
+    assert state["edge_fraction"] == edge
+    resumed = auto_uba(model, problem.batches, 400, resume_from=state, loss_fn=problem.loss, **kw)
+    assert resumed.report.edge_fraction == edge
+    # An optimizer met only at resume does not re-choose the saved run's phi.
+    resumed.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.5))
+    assert resumed.phi == EDGE_PHI and resumed.report.edge_fraction == edge

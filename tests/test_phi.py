@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from _models import make_problem
 
 from uba_auto import phi as P
@@ -27,17 +28,92 @@ def test_calibrated_link_closed_form_and_anchor():
         assert got == pytest.approx(expected, rel=1e-12)
 
 
-def test_gated_link_is_the_default_cosine_above_the_gate_and_linear_below():
+@pytest.mark.parametrize("link", ["gated", "gated-edge"])
+def test_noise_gate_cosine_above_the_gate_and_linear_below(link):
     gate = P.minibatch_condition_number(P.GATE_NOISE)
-    assert P.LINKS[0] == "gated"
     for sigma in [P.GATE_NOISE, 0.067, 0.2, 0.5, 0.99]:
-        assert P.phi_from_condition_number(P.minibatch_condition_number(sigma)) == 2.0
+        assert P.phi_from_condition_number(P.minibatch_condition_number(sigma), link=link) == 2.0
     for kappa in [1.02, 1.05, 1.09]:
         expected = 2 * (kappa - 1) / (gate - 1)
-        got = P.phi_from_condition_number(kappa, phi_min=1e-9)
+        got = P.phi_from_condition_number(kappa, link=link, phi_min=1e-9)
         assert got == pytest.approx(expected, rel=1e-12)
-    assert P.phi_from_condition_number(1.0) == P.PHI_MIN  # full batch: held high longest
-    assert P.phi_from_condition_number(math.inf) == 2.0
+    assert P.phi_from_condition_number(1.0, link=link) == P.PHI_MIN  # full batch
+    assert P.phi_from_condition_number(math.inf, link=link) == 2.0
+
+
+def test_gated_is_the_default_and_gated_edge_caps_phi_far_below_the_edge():
+    assert P.LINKS[0] == "gated"
+    noisy = P.minibatch_condition_number(0.2)
+    below, at = P.EDGE_FRACTION * 0.99, P.EDGE_FRACTION
+
+    def edge(kappa, fraction):
+        return P.phi_from_condition_number(kappa, link="gated-edge", edge_fraction=fraction)
+
+    assert edge(noisy, below) == P.EDGE_PHI == 1.0
+    assert edge(noisy, 0.0) == 1.0
+    assert edge(noisy, at) == 2.0
+    assert edge(noisy, 5.0) == 2.0
+    assert edge(noisy, None) == 2.0  # unknown: the gated link
+    # The cap only lowers φ: the noise gate's smaller φ stands.
+    assert edge(1.0, below) == P.PHI_MIN
+    # Other links, the default among them, ignore the edge.
+    for link in ("gated", "calibrated", "chebyshev"):
+        k = 1.3
+        assert P.phi_from_condition_number(k, link=link, edge_fraction=below) == (
+            P.phi_from_condition_number(k, link=link)
+        )
+    with pytest.raises(ValueError, match="edge_fraction must be a number >= 0"):
+        edge(noisy, -0.1)
+
+
+@pytest.mark.parametrize(
+    "momentum,dampening,nesterov,expected",
+    [
+        (0.0, 0.0, False, 2.0),
+        (0.9, 0.0, False, 3.8),
+        (0.5, 0.5, False, 6.0),
+        (0.9, 0.0, True, 3.8 / 2.8),
+        (0.5, 0.0, True, 1.5),
+    ],
+)
+def test_stability_limit_closed_form_and_real_sgd(momentum, dampening, nesterov, expected):
+    limit = P.stability_limit(momentum, dampening, nesterov)
+    assert limit == pytest.approx(expected, rel=1e-12)
+
+    # Ground truth: torch.optim.SGD on f(x) = λ x² / 2 decays just below the limit and blows up
+    # just above it.
+    def final(lr_times_lambda: float) -> float:
+        lam = 3.0
+        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD(
+            [x],
+            lr=lr_times_lambda / lam,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+        )
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * lam * x**2).sum().backward()
+            opt.step()
+        return abs(float(x.detach()))
+
+    assert final(0.98 * limit) < 1e-3
+    assert final(1.02 * limit) > 1e3
+
+
+def test_stability_fraction_and_bad_input():
+    assert P.stability_fraction(2.0, 0.1, 3.8) == pytest.approx(0.2 / 3.8, rel=1e-15)
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        P.stability_limit(1.0)
+    with pytest.raises(ValueError, match="dampening must be a number in"):
+        P.stability_limit(0.9, -0.1)
+    with pytest.raises(ValueError, match="nesterov momentum requires dampening=0"):
+        P.stability_limit(0.9, 0.1, nesterov=True)
+    with pytest.raises(ValueError, match="lambda_max must be finite and > 0"):
+        P.stability_fraction(0.0, 0.1, 2.0)
+    with pytest.raises(ValueError, match="peak_lr must be finite and > 0"):
+        P.stability_fraction(1.0, -0.1, 2.0)
 
 
 @pytest.mark.parametrize("link", P.LINKS)
@@ -95,10 +171,27 @@ def test_choose_phi_uses_the_curvature_noise(estimate):
     assert choice.kappa == pytest.approx(kappa)
     assert choice.phi == P.phi_from_condition_number(kappa)
     assert "gated" in choice.reason and choice.link == "gated"
+    assert choice.edge_fraction is None and "edge" not in choice.reason
+    no_optimizer = P.choose_phi(estimate, peak_lr=0.1, budget=1000, link="gated-edge")
+    assert no_optimizer.phi == choice.phi and "edge gate off" in no_optimizer.reason
     assert any("only 3 batch" in w for w in choice.warnings)
     calibrated = P.choose_phi(estimate, peak_lr=0.1, budget=1000, link="calibrated")
     assert calibrated.phi == P.phi_from_condition_number(kappa, link="calibrated")
     assert "calibrated" in calibrated.reason and calibrated.kappa == choice.kappa
+
+
+def test_choose_phi_edge_gate(estimate):
+    lam = estimate.lambda_max
+    far = P.stability_fraction(lam, 0.01, P.stability_limit())
+    assert far < P.EDGE_FRACTION
+    kw = dict(budget=1000, link="gated-edge")
+    choice = P.choose_phi(estimate, peak_lr=0.01, edge_fraction=far, **kw)
+    assert choice.phi == P.EDGE_PHI and choice.edge_fraction == far
+    assert "far below the edge" in choice.reason and f"{far:.3g}" in choice.reason
+    near = P.choose_phi(estimate, peak_lr=1.0, edge_fraction=0.5, **kw)
+    assert near.phi == 2.0 and "no edge cap" in near.reason
+    gated = P.choose_phi(estimate, peak_lr=0.01, budget=1000, edge_fraction=far)
+    assert gated.phi == 2.0 and gated.edge_fraction is None and "edge" not in gated.reason
 
 
 def test_choose_phi_chebyshev_hits_the_clamp_and_says_so(estimate):

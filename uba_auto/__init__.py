@@ -8,7 +8,8 @@ The public API, in the order a user meets it:
 * plotting: :func:`plot_schedules` (needs the ``plot`` extra);
 * the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
-  :func:`phi_from_condition_number`;
+  :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
+  :func:`stability_fraction`);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
   ``torch.distributed`` it probes the global batch, identically on every rank, and raises
   :class:`DistributedProbeError` on every rank when one fails;
@@ -24,7 +25,13 @@ from .auto import AutoUBA, AutoUBAScheduler, auto_uba
 from .hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
-from .phi import PhiChoice, choose_phi, phi_from_condition_number
+from .phi import (
+    PhiChoice,
+    choose_phi,
+    phi_from_condition_number,
+    stability_fraction,
+    stability_limit,
+)
 from .plotting import plot_schedules
 from .power_iteration import PowerIterationResult, power_iteration
 from .probe import CurvatureEstimate, probe_curvature
@@ -87,6 +94,8 @@ __all__ = [
     "probe_curvature",
     "rex_lr",
     "slq_density",
+    "stability_fraction",
+    "stability_limit",
     "step_lr",
     "uba_factor",
     "uba_lr",

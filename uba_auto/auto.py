@@ -34,7 +34,15 @@ from torch import nn
 
 from ._distributed import DistributedProbeError, is_communication_failure, resolve_process_group
 from ._validation import check_fraction, check_int, check_nonnegative_finite, check_positive_finite
-from .phi import LINKS, PHI_MAX, PHI_MIN, PhiChoice, choose_phi
+from .phi import (
+    LINKS,
+    PHI_MAX,
+    PHI_MIN,
+    PhiChoice,
+    choose_phi,
+    stability_fraction,
+    stability_limit,
+)
 from .probe import CurvatureEstimate, probe_curvature
 from .report import CurvatureReport, ReestimationRecord
 from .scheduler import UBAScheduler, check_lr_min_args
@@ -68,6 +76,20 @@ def _default_loss(batch: Any) -> tuple[Any, str]:
 def _group_peaks(optimizer: torch.optim.Optimizer) -> list[float]:
     """Each param group's peak rate: ``initial_lr`` once a scheduler has run, else ``lr``."""
     return [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
+
+
+def _stability_limit_of(optimizer: torch.optim.Optimizer) -> float | None:
+    """The largest stable ``lr * lambda`` of ``optimizer`` on a quadratic, for its group with the
+    largest peak rate; ``None`` unless it is ``torch.optim.SGD`` (see :func:`stability_limit`)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    peaks = _group_peaks(optimizer)
+    group = optimizer.param_groups[peaks.index(max(peaks))]
+    return stability_limit(
+        float(group.get("momentum", 0.0)),
+        float(group.get("dampening", 0.0)),
+        bool(group.get("nesterov", False)),
+    )
 
 
 def _check_final_rate(
@@ -182,6 +204,10 @@ class AutoUBA:
         self._peak_assumed = False  # no optimizer, no peak_lr: make_scheduler replaces it
         self._pending_scheduler_state: dict[str, Any] | None = None  # resumed, no scheduler yet
         self._choice_warnings: tuple[str, ...] = ()  # what the pre-training phi choice warned
+        # The optimizer's stability limit (SGD only) and the peak rate's distance to it at init,
+        # which the gated-edge link reads at every estimation (it is calibrated at init).
+        self._stability_limit: float | None = None
+        self._edge_fraction: float | None = None
 
     # -- batches -----------------------------------------------------------------------------------
     def _next_batches(self) -> list[Any]:
@@ -254,7 +280,18 @@ class AutoUBA:
             link=self.link,
             phi_min=self.phi_min,
             phi_max=self.phi_max,
+            edge_fraction=self._edge_fraction,
         )
+
+    def _set_edge(self, est: CurvatureEstimate) -> None:
+        """The peak rate's distance to the stability edge on the pre-training estimate (``None``
+        while the optimizer, or a positive curvature, is unknown)."""
+        lam = est.lambda_max
+        known = self._stability_limit is not None and not self._peak_assumed
+        if known and math.isfinite(lam) and lam > 0 and self._peak_lr is not None:
+            self._edge_fraction = stability_fraction(lam, self._peak_lr, self._stability_limit)
+        else:
+            self._edge_fraction = None
 
     def _agree_phi(self, error: Exception | None, choice: PhiChoice | None, step: int) -> Any:
         """Under a process group, make this (re-)estimation's outcome collective: a failure on
@@ -324,6 +361,9 @@ class AutoUBA:
         else:
             self._peak_lr, self._peak_assumed = 1.0, True
             self._peak_source = "unknown (no optimizer given, no positive curvature)"
+        if optimizer is not None:
+            self._stability_limit = _stability_limit_of(optimizer)
+        self._set_edge(est)
         try:
             choice, error = self._choose(est, self.budget), None
         except Exception as err:
@@ -379,6 +419,7 @@ class AutoUBA:
             probe_fraction=self.probe_fraction,
             history=(record,),
             warnings=tuple(notes),
+            edge_fraction=choice.edge_fraction,
         )
 
     # -- public ------------------------------------------------------------------------------------
@@ -397,7 +438,9 @@ class AutoUBA:
         The schedule spans ``budget`` optimizer steps: ``total_steps = budget - 1``, so the last
         update of the budget uses ``lr_min``. If :func:`auto_uba` had no optimizer (and no
         ``peak_lr``), the peak rate it assumed is replaced by ``optimizer``'s largest group rate,
-        in the report too, and φ is chosen again for that rate where the link depends on it.
+        in the report too, and φ is chosen again for that rate where the link depends on it; the
+        same happens when ``optimizer`` is the first optimizer seen and the link reads its
+        stability limit (the gated-edge link, with ``torch.optim.SGD``).
         After ``auto_uba(..., resume_from=state)``, the scheduler continues the saved one.
         """
         if self.scheduler is not None:
@@ -405,12 +448,19 @@ class AutoUBA:
                 "make_scheduler was already called: use auto.scheduler (a second scheduler would "
                 "restart the budget at step 0 while the report's history goes on)"
             )
-        if self._peak_assumed:
-            peaks = _group_peaks(optimizer)
-            _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
-            self._peak_lr = max(peaks)
-            self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
-            self._peak_assumed = False
+        # A resumed run keeps its saved choice (its scheduler state is pending).
+        first_optimizer = self._stability_limit is None and self._pending_scheduler_state is None
+        new_limit = _stability_limit_of(optimizer) if first_optimizer else None
+        if self._peak_assumed or new_limit is not None:
+            if self._peak_assumed:
+                peaks = _group_peaks(optimizer)
+                _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
+                self._peak_lr = max(peaks)
+                self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
+                self._peak_assumed = False
+            if new_limit is not None:
+                self._stability_limit = new_limit
+            self._set_edge(self.report.estimate)
             self._rechoose_initial()
         self.scheduler = AutoUBAScheduler(
             optimizer,
@@ -506,6 +556,7 @@ class AutoUBA:
             peak_lr_source=self._peak_source,
             history=(first, *self.report.history[1:]),
             warnings=(*kept, *choice.warnings),
+            edge_fraction=choice.edge_fraction,
         )
 
     def _expected_reestimation_hvps(self) -> int:
@@ -535,6 +586,8 @@ class AutoUBA:
             "peak_lr_source": self._peak_source,
             "peak_assumed": self._peak_assumed,
             "choice_warnings": list(self._choice_warnings),
+            "stability_limit": self._stability_limit,
+            "edge_fraction": self._edge_fraction,
             "settings": self._settings(),
         }
 
@@ -580,6 +633,8 @@ class AutoUBA:
         self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
         self._peak_assumed = bool(state.get("peak_assumed", False))
         self._choice_warnings = tuple(state.get("choice_warnings", ()))
+        self._stability_limit = state.get("stability_limit")
+        self._edge_fraction = state.get("edge_fraction")
         self._pending_scheduler_state = state["scheduler"]
         first = self._skip_to(state["batches_drawn"])
         if self.loss_fn is None and first is not None:
@@ -658,9 +713,12 @@ def auto_uba(
         probe_fraction: the most probing may cost, as a fraction of the budget in
             gradient-equivalents (re-estimations past it are skipped and recorded).
         link: the κ→φ link: ``"gated"`` (default: cosine, φ = 2, unless the probe sees almost
-            no minibatch noise, then down to 0.25; never worse than cosine by more than 1 % in
-            our study), ``"calibrated"`` (a power law in the curvature noise fitted to our study;
-            it also lost badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
+            no minibatch noise, then down to 0.25; never worse than cosine by more than 1 % on
+            the 14 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
+            ``torch.optim.SGD``, the peak rate is under 3.8 % of the stability limit at init;
+            fitted, and 7-12 % worse than cosine on the demo's task, so not the default),
+            ``"calibrated"`` (a power law in the curvature noise fitted to our study; it lost
+            badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
             :mod:`uba_auto.phi` and BENCHMARKS.md.
         phi_min, phi_max: the range φ is clamped to.
         curvature: ``"hessian"`` or ``"ggn"``.

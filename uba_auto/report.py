@@ -73,6 +73,9 @@ class CurvatureReport:
         probe_fraction: the share of the budget probing may take (in gradient-equivalents).
         history: every (re-)estimation, a list of :class:`ReestimationRecord`.
         warnings: anything the user should act on.
+        edge_fraction: ``peak_lr * lambda_max`` over the optimizer's stability limit at
+            initialisation (:func:`uba_auto.phi.stability_fraction`), what the gated-edge link
+            reads; ``None`` when the optimizer is unknown or not SGD, or for other links.
     """
 
     estimate: CurvatureEstimate
@@ -93,6 +96,7 @@ class CurvatureReport:
     probe_fraction: float
     history: tuple[ReestimationRecord, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    edge_fraction: float | None = None
 
     # ------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +178,16 @@ class CurvatureReport:
         rows += [
             ("κ used for φ", f"{num(self.kappa)}  [{self.kappa_kind}]"),
             ("peak lr assumed", f"{self.peak_lr:.4g}  [{self.peak_lr_source}]"),
+        ]
+        if self.edge_fraction is not None:
+            rows.append(
+                (
+                    "distance to the edge",
+                    f"{num(self.edge_fraction, '.3g')}  [peak lr · λ_max / the optimizer's "
+                    "stability limit]",
+                )
+            )
+        rows += [
             (
                 "φ chosen",
                 f"{self.phi:.4g}"
