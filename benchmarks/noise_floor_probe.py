@@ -33,28 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uba_auto
 from benchmarks.tasks import get_task
+from benchmarks.train import gradient_stats
 
 FRACS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 ROOT = Path(__file__).resolve().parent
-
-
-def _measure(task, model, batches) -> dict:
-    grads, losses = [], []
-    for xb, yb in batches:
-        model.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(xb), yb)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
-    model.zero_grad(set_to_none=True)
-    g = torch.stack(grads)
-    mean = g.mean(0)
-    n = len(batches)
-    return {
-        "trS": float(((g - mean) ** 2).sum(1).mean()) * n / (n - 1),
-        "g2": float(mean @ mean),
-        "loss": sum(losses) / n,
-    }
 
 
 def run_cell(cell: dict, seed: int) -> dict:
@@ -70,7 +52,7 @@ def run_cell(cell: dict, seed: int) -> dict:
         if step in at:
             # Fresh batches from a stream of their own, so training's stream is not consumed.
             probe = list(itertools.islice(task.batches(seed + 100 + step), 8))
-            m = _measure(task, model, probe)
+            m = gradient_stats(task, model, probe)
             lr = opt.param_groups[0]["lr"]
             m.update(frac=at[step], step=step, lr=lr)
             m["q"] = lr / (1 - task.momentum) * m["trS"] / (4 * m["loss"])

@@ -3,8 +3,9 @@
 Run from the repository root, after ``benchmarks/phi_sweep.py`` (which fixes each cell's peak
 learning rate and holds the fixed-φ and baseline results for the same tasks, budgets and seeds):
 
-    python benchmarks/phi_validation.py [--sweep benchmarks/results/phi_sweep.json]
-        [--links gated calibrated chebyshev] [--num-batches 8] [--workers 2]
+    python benchmarks/phi_validation.py
+        [--sweeps benchmarks/results/phi_sweep.json benchmarks/results/phi_sweep_holdout.json]
+        [--links gated-edge gated calibrated chebyshev] [--num-batches 8] [--workers 2]
         [--out benchmarks/results/phi_validation.json]
 
 For every cell (task × budget) and seed of the sweep, it trains the task with the schedule
@@ -13,6 +14,10 @@ end of the budget (mean over seeds) with the best fixed φ and with cosine. ``au
 freshly built copy of the seed's model (identical to the one trained: same seed, and the probe
 changes nothing) on the first ``--num-batches`` minibatches of that seed's stream. The probe's
 wall time is reported as a share of the run's training time.
+
+The summary counts cells and tasks (a task passes when both of its budgets are within 1 % of the
+best fixed φ) separately for the five calibration tasks, on which the links' constants were fitted,
+and the out-of-sample tasks (``benchmarks.tasks.HOLDOUT_TASK_NAMES``), which no fit has seen.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uba_auto
-from benchmarks.tasks import get_task
+from benchmarks.tasks import HOLDOUT_TASK_NAMES, get_task
 from benchmarks.train import train
 
 PHIS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
@@ -92,15 +97,28 @@ def _run(job: tuple) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="benchmarks/results/phi_sweep.json")
-    parser.add_argument("--links", nargs="+", default=["gated", "calibrated", "chebyshev"])
+    parser.add_argument(
+        "--sweeps",
+        "--sweep",
+        nargs="+",
+        default=[
+            "benchmarks/results/phi_sweep.json",
+            "benchmarks/results/phi_sweep_holdout.json",
+        ],
+    )
+    parser.add_argument(
+        "--links", nargs="+", default=["gated-edge", "gated", "calibrated", "chebyshev"]
+    )
     parser.add_argument("--num-batches", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     parser.add_argument("--out", default="benchmarks/results/phi_validation.json")
     args = parser.parse_args()
-    sweep = json.loads(Path(args.sweep).read_text())
-    seeds = sweep["settings"]["seeds"]
+    sweeps = [json.loads(Path(f).read_text()) for f in args.sweeps]
+    seeds = sweeps[0]["settings"]["seeds"]
+    if any(s["settings"]["seeds"] != seeds for s in sweeps):
+        raise SystemExit("the sweeps were run with different seeds")
+    sweep = {"cells": [c for s in sweeps for c in s["cells"]]}
     if args.tasks:
         sweep["cells"] = [c for c in sweep["cells"] if c["task"] in args.tasks]
     jobs = [
@@ -118,6 +136,8 @@ def main() -> None:
     for link in args.links:
         within = not_worse = 0
         chosen, best = [], []
+        split = {"calibration": [0, 0, 0], "out-of-sample": [0, 0, 0]}  # within, not worse, cells
+        task_ok: dict[str, bool] = {}
         for c in sweep["cells"]:
             mine = [
                 r
@@ -133,6 +153,11 @@ def main() -> None:
             gap_cos = auto_loss / cos - 1
             within += gap_best <= 0.01
             not_worse += gap_cos <= 0.01
+            part = split["out-of-sample" if c["task"] in HOLDOUT_TASK_NAMES else "calibration"]
+            part[0] += gap_best <= 0.01
+            part[1] += gap_cos <= 0.01
+            part[2] += 1
+            task_ok[c["task"]] = task_ok.get(c["task"], True) and gap_best <= 0.01
             phis = [r["phi"] for r in mine]
             chosen.append(statistics.median(phis))
             best.append(best_phi)
@@ -158,6 +183,23 @@ def main() -> None:
             "cells_not_worse_than_cosine_by_1pct": not_worse,
             "num_cells": len(sweep["cells"]),
             "spearman_chosen_vs_best_phi": rho,
+            "by_set": {
+                name: {
+                    "cells_within_1pct_of_best": w,
+                    "cells_not_worse_than_cosine_by_1pct": nw,
+                    "num_cells": n,
+                    "tasks_within_1pct_in_both_budgets": sum(
+                        ok
+                        for t, ok in task_ok.items()
+                        if (t in HOLDOUT_TASK_NAMES) == (name == "out-of-sample")
+                    ),
+                    "num_tasks": sum(
+                        (t in HOLDOUT_TASK_NAMES) == (name == "out-of-sample") for t in task_ok
+                    ),
+                }
+                for name, (w, nw, n) in split.items()
+                if n
+            },
         }
 
     print(
@@ -189,6 +231,13 @@ def main() -> None:
             f"{s['cells_not_worse_than_cosine_by_1pct']}/{s['num_cells']}; Spearman(chosen φ, "
             f"best φ) = {s['spearman_chosen_vs_best_phi']:.2f}"
         )
+        for name, b in s["by_set"].items():
+            print(
+                f"    {name}: {b['cells_within_1pct_of_best']}/{b['num_cells']} cells within 1%, "
+                f"{b['cells_not_worse_than_cosine_by_1pct']}/{b['num_cells']} not worse than "
+                f"cosine by >1%, {b['tasks_within_1pct_in_both_budgets']}/{b['num_tasks']} tasks "
+                "within 1% in both budgets"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

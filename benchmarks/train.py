@@ -192,19 +192,23 @@ def train(
     return result
 
 
-def probe_at_init(task: Task, seed: int, **probe_kwargs) -> uba_auto.CurvatureEstimate:
+def probe_at_init(
+    task: Task, seed: int, num_batches: int | None = None, **probe_kwargs
+) -> uba_auto.CurvatureEstimate:
     """The curvature of ``task``'s model at initialisation (seed ``seed``), by
-    :func:`uba_auto.probe_curvature` on the first ``task.probe_batches`` minibatches of the run's
-    own stream (the batches training sees first), in float64, with the SLQ density.
+    :func:`uba_auto.probe_curvature` on the first ``num_batches`` (default
+    ``task.probe_batches``) minibatches of the run's own stream (the batches training sees first),
+    in float64, with the SLQ density.
 
     ``probe_kwargs`` override the defaults (``density=True``, ``dtype=torch.float64``,
-    ``num_batches=task.probe_batches``, ``seed=seed``, ``progress=False``).
+    ``seed=seed``, ``progress=False``).
     """
+    num_batches = num_batches or task.probe_batches
     model = task.make_model(seed)
     model.train()
-    batches = list(itertools.islice(task.batches(seed), task.probe_batches))
+    batches = init_batches(task, seed, num_batches)
     kwargs = dict(
-        num_batches=task.probe_batches,
+        num_batches=num_batches,
         density=True,
         dtype=torch.float64,
         seed=seed,
@@ -212,3 +216,32 @@ def probe_at_init(task: Task, seed: int, **probe_kwargs) -> uba_auto.CurvatureEs
     )
     kwargs.update(probe_kwargs)
     return uba_auto.probe_curvature(model, batches, task.loss_fn, **kwargs)
+
+
+def init_batches(task: Task, seed: int, num: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``num`` minibatches of run ``seed``'s stream (one for a full-batch task)."""
+    return list(itertools.islice(task.batches(seed), num if task.batch_size else 1))
+
+
+def gradient_stats(task: Task, model: nn.Module, batches: list) -> dict:
+    r"""Minibatch gradient statistics of ``model`` on ``batches`` (its ``.grad`` left cleared).
+
+    ``trS``: :math:`\operatorname{tr}\Sigma_B`, the unbiased variance of the per-batch gradients
+    (0 for a single batch); ``g2``: the squared norm of their mean; ``loss``: their mean loss.
+    """
+    grads, losses = [], []
+    for xb, yb in batches:
+        model.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(xb), yb)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    g = torch.stack(grads)
+    mean = g.mean(0)
+    n = len(batches)
+    return {
+        "trS": float(((g - mean) ** 2).sum()) / (n - 1) if n > 1 else 0.0,
+        "g2": float(mean @ mean),
+        "loss": sum(losses) / n,
+    }
