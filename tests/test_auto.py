@@ -653,7 +653,7 @@ def test_gated_edge_reads_the_sgd_stability_limit(make_opt, limit):
     assert report.edge_fraction < EDGE_FRACTION
     assert auto.phi == auto.scheduler.phi == report.history[0].phi == EDGE_PHI
     assert "far below the edge" in report.reason
-    assert "distance to the edge" in str(report)
+    assert "share of stability limit" in str(report)
     assert CurvatureReport.from_dict(report.to_dict()).edge_fraction == report.edge_fraction
     # A peak near the edge (or the plain gated link) keeps cosine.
     near = _edge_auto(model, problem, torch.optim.SGD(model.parameters(), lr=0.5))
@@ -667,7 +667,7 @@ def test_gated_edge_is_off_for_adaptive_optimizers_and_says_so():
     auto = _edge_auto(model, problem, torch.optim.Adam(model.parameters(), lr=1e-4))
     assert auto.report.edge_fraction is None and auto.phi == 2.0
     assert "edge gate off" in auto.report.reason
-    assert "distance to the edge" not in str(auto.report)
+    assert "share of stability limit" not in str(auto.report)
 
 
 def test_gated_edge_applies_when_the_sgd_optimizer_comes_at_make_scheduler():
@@ -697,7 +697,7 @@ def test_reestimation_keeps_the_initial_edge_and_resume_restores_it():
     train(model, opt, auto.scheduler, problem.batches, 100)
     record = auto.reestimate()
     assert record.status == "ok" and record.phi == EDGE_PHI == auto.scheduler.phi
-    assert f"{edge:.3g} of the stability limit at init" in record.message
+    assert f"{edge:.3g} of the optimizer's stability limit at init" in record.message
     state = auto.state_dict()
     assert state["edge_fraction"] == edge
     resumed = auto_uba(model, problem.batches, 400, resume_from=state, loss_fn=problem.loss, **kw)
@@ -705,3 +705,59 @@ def test_reestimation_keeps_the_initial_edge_and_resume_restores_it():
     # An optimizer met only at resume does not re-choose the saved run's phi.
     resumed.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.5))
     assert resumed.phi == EDGE_PHI and resumed.report.edge_fraction == edge
+
+
+def test_sgd_settings_outside_the_edge_analysis_do_not_break_any_link():
+    problem, model, _ = mlp_setup()
+    for opt in (
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=1.0),
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, dampening=1.0),
+    ):
+        assert auto_uba(model, problem.batches, 50, optimizer=opt, density=False).phi == 2.0
+        edge = _edge_auto(model, problem, opt)
+        assert edge.report.edge_fraction is None and "edge gate off" in edge.report.reason
+
+
+def test_gated_edge_counts_weight_decay_as_curvature():
+    problem, model, _ = mlp_setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.5)
+    auto = _edge_auto(model, problem, opt)
+    report = auto.report
+    assert report.edge_fraction == pytest.approx(0.01 * (report.estimate.lambda_max + 0.5) / 2)
+    assert auto.state_dict()["stability"] == [2.0, 0.5]  # (limit, weight decay), for a resume
+
+
+def test_failed_make_scheduler_leaves_the_choice_as_it_was():
+    problem, model, _ = mlp_setup()
+    kw = dict(loss_fn=problem.loss, density=False, link="gated-edge", peak_lr=0.01, lr_min=0.02)
+    auto = auto_uba(model, problem.batches, 50, **kw)
+    before = auto.report
+    with pytest.raises(ValueError, match="lr_min"):
+        auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.01))
+    assert auto.report is before and auto.scheduler is None and auto._stability is None
+    # A retry with another optimizer reads that optimizer's limit.
+    auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    assert auto.report.edge_fraction == pytest.approx(0.01 * auto.report.estimate.lambda_max / 3.8)
+
+
+def test_reestimation_before_make_scheduler_is_the_phi_the_scheduler_starts_from():
+    problem, model, _ = mlp_setup(num_batches=8)
+    # Chebyshev's phi = 2 kappa moves with the batches probed, so a re-estimate changes it.
+    kw = dict(num_batches=2, probe_fraction=1.0, density=False, link="chebyshev", phi_max=1e9)
+    auto = auto_uba(model, problem.batches, 400, loss_fn=problem.loss, peak_lr=0.01, **kw)
+    record = auto.reestimate()
+    assert record.status == "ok" and record.phi != auto.report.phi and auto.phi == record.phi
+    sched = auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.01))
+    assert sched.phi == auto.phi == auto.report.history[-1].phi == record.phi
+    state = auto.state_dict()
+    resumed = auto_uba(
+        model,
+        problem.batches,
+        400,
+        loss_fn=problem.loss,
+        peak_lr=0.01,
+        **kw,
+        resume_from=state,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+    )
+    assert resumed.phi == record.phi

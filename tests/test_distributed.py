@@ -307,6 +307,20 @@ def _scenarios(rank: int) -> dict[str, Any]:
     except ValueError as err:
         out["settings_mismatch"] = str(err)
 
+    # An optimizer first met at make_scheduler, from which the gated-edge link re-chooses phi,
+    # that differs across ranks: refused on every rank rather than two schedules in one run.
+    edge = uba_auto.auto_uba(
+        _model(), _shard(rank, (6, 6)), **{**AUTO_SETTINGS, "link": "gated-edge"}
+    )
+    out["optimizer_mismatch_before"] = edge.phi
+    try:
+        lr = 1e-4 if rank == 0 else 1.0
+        edge.make_scheduler(torch.optim.SGD(_model().parameters(), lr=lr))
+        out["optimizer_mismatch"] = None
+    except ValueError as err:
+        out["optimizer_mismatch"] = str(err)
+    out["optimizer_mismatch_after"] = (edge.scheduler is None, edge.phi)
+
     # Fully sharded models are refused on every rank, before any collective.
     out["fsdp"] = {}
     for kind in ("FSDP", "fully_shard"):
@@ -509,6 +523,16 @@ def test_different_auto_uba_settings_on_the_ranks_are_refused(ranks: list[dict[s
         message = result["settings_mismatch"]
         assert message is not None and "the auto_uba settings" in message
         assert "same auto_uba arguments on every rank" in message
+
+
+def test_ranks_whose_optimizers_give_different_phi_are_refused(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in ranks:
+        message = result["optimizer_mismatch"]
+        assert message is not None and "building the scheduler" in message and "phi" in message
+        # Nothing was built, and the choice is the agreed pre-training one.
+        assert result["optimizer_mismatch_after"] == (True, result["optimizer_mismatch_before"])
 
 
 # ------------------------------------------------------------------------- single process

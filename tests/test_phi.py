@@ -72,6 +72,7 @@ def test_gated_is_the_default_and_gated_edge_caps_phi_far_below_the_edge():
         (0.0, 0.0, False, 2.0),
         (0.9, 0.0, False, 3.8),
         (0.5, 0.5, False, 6.0),
+        (0.0, 0.5, False, 2.0),  # torch ignores dampening without momentum
         (0.9, 0.0, True, 3.8 / 2.8),
         (0.5, 0.0, True, 1.5),
     ],
@@ -104,6 +105,9 @@ def test_stability_limit_closed_form_and_real_sgd(momentum, dampening, nesterov,
 
 def test_stability_fraction_and_bad_input():
     assert P.stability_fraction(2.0, 0.1, 3.8) == pytest.approx(0.2 / 3.8, rel=1e-15)
+    assert P.stability_fraction(2.0, 0.1, 2.0, weight_decay=0.5) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        P.stability_fraction(2.0, 0.1, 2.0, weight_decay=-1.0)
     with pytest.raises(ValueError, match="momentum must be a number in"):
         P.stability_limit(1.0)
     with pytest.raises(ValueError, match="dampening must be a number in"):
@@ -190,6 +194,9 @@ def test_choose_phi_edge_gate(estimate):
     assert "far below the edge" in choice.reason and f"{far:.3g}" in choice.reason
     near = P.choose_phi(estimate, peak_lr=1.0, edge_fraction=0.5, **kw)
     assert near.phi == 2.0 and "no edge cap" in near.reason
+    quiet = dataclasses.replace(estimate, curvature_noise=0.0)  # the noise gate gives 0.25
+    below = P.choose_phi(quiet, peak_lr=0.01, edge_fraction=far, **kw)
+    assert below.phi == P.PHI_MIN and "above that phi already" in below.reason
     gated = P.choose_phi(estimate, peak_lr=0.01, budget=1000, edge_fraction=far)
     assert gated.phi == 2.0 and gated.edge_fraction is None and "edge" not in gated.reason
 

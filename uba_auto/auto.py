@@ -78,18 +78,24 @@ def _group_peaks(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
 
 
-def _stability_limit_of(optimizer: torch.optim.Optimizer) -> float | None:
-    """The largest stable ``lr * lambda`` of ``optimizer`` on a quadratic, for its group with the
-    largest peak rate; ``None`` unless it is ``torch.optim.SGD`` (see :func:`stability_limit`)."""
+def _sgd_stability(optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
+    """``(stability limit, weight decay)`` of ``optimizer``'s group with the largest peak rate
+    (see :func:`stability_limit`); ``None`` unless it is ``torch.optim.SGD`` with settings the
+    limit is derived for (momentum and dampening in [0, 1))."""
     if not isinstance(optimizer, torch.optim.SGD):
         return None
     peaks = _group_peaks(optimizer)
     group = optimizer.param_groups[peaks.index(max(peaks))]
-    return stability_limit(
-        float(group.get("momentum", 0.0)),
-        float(group.get("dampening", 0.0)),
-        bool(group.get("nesterov", False)),
-    )
+    try:
+        limit = stability_limit(
+            float(group.get("momentum", 0.0)),
+            float(group.get("dampening", 0.0)),
+            bool(group.get("nesterov", False)),
+        )
+    except ValueError:
+        return None
+    decay = float(group.get("weight_decay", 0.0))
+    return (limit, decay) if math.isfinite(decay) and decay >= 0 else None
 
 
 def _check_final_rate(
@@ -204,9 +210,9 @@ class AutoUBA:
         self._peak_assumed = False  # no optimizer, no peak_lr: make_scheduler replaces it
         self._pending_scheduler_state: dict[str, Any] | None = None  # resumed, no scheduler yet
         self._choice_warnings: tuple[str, ...] = ()  # what the pre-training phi choice warned
-        # The optimizer's stability limit (SGD only) and the peak rate's distance to it at init,
-        # which the gated-edge link reads at every estimation (it is calibrated at init).
-        self._stability_limit: float | None = None
+        # For the gated-edge link: the SGD optimizer's (stability limit, weight decay) and the
+        # peak rate as a fraction of that limit at init, read at every estimation.
+        self._stability: tuple[float, float] | None = None
         self._edge_fraction: float | None = None
 
     # -- batches -----------------------------------------------------------------------------------
@@ -284,16 +290,17 @@ class AutoUBA:
         )
 
     def _set_edge(self, est: CurvatureEstimate) -> None:
-        """The peak rate's distance to the stability edge on the pre-training estimate (``None``
-        while the optimizer, or a positive curvature, is unknown)."""
+        """The peak rate as a fraction of the stability limit on the pre-training estimate
+        (``None`` while the SGD optimizer, or a positive curvature, is unknown)."""
         lam = est.lambda_max
-        known = self._stability_limit is not None and not self._peak_assumed
+        known = self._stability is not None and not self._peak_assumed
         if known and math.isfinite(lam) and lam > 0 and self._peak_lr is not None:
-            self._edge_fraction = stability_fraction(lam, self._peak_lr, self._stability_limit)
+            limit, decay = self._stability
+            self._edge_fraction = stability_fraction(lam, self._peak_lr, limit, decay)
         else:
             self._edge_fraction = None
 
-    def _agree_phi(self, error: Exception | None, choice: PhiChoice | None, step: int) -> Any:
+    def _agree_phi(self, error: Exception | None, phi: float | None, what: str) -> Any:
         """Under a process group, make this (re-)estimation's outcome collective: a failure on
         any rank becomes one on every rank, and φ must be bit-identical on every rank. Returns
         the error to handle (``None`` on success); see :mod:`uba_auto._distributed`."""
@@ -305,9 +312,9 @@ class AutoUBA:
             fingerprint = zlib.crc32(repr(sorted(self._settings().items())).encode())
             self._comm.agree(
                 error,
-                f"estimating phi at step {step}",
+                what,
                 equal={
-                    "phi": math.nan if choice is None else choice.phi,
+                    "phi": math.nan if phi is None else phi,
                     "the auto_uba settings (budget, warmup_steps, lr_min, num_batches, "
                     "reestimate_every, probe_fraction, link, phi bounds)": float(fingerprint),
                 },
@@ -361,14 +368,14 @@ class AutoUBA:
         else:
             self._peak_lr, self._peak_assumed = 1.0, True
             self._peak_source = "unknown (no optimizer given, no positive curvature)"
-        if optimizer is not None:
-            self._stability_limit = _stability_limit_of(optimizer)
+        if optimizer is not None and self.link == "gated-edge":
+            self._stability = _sgd_stability(optimizer)
         self._set_edge(est)
         try:
             choice, error = self._choose(est, self.budget), None
         except Exception as err:
             choice, error = None, err
-        error = self._agree_phi(error, choice, 0)
+        error = self._agree_phi(error, None if choice is None else choice.phi, "estimating phi")
         if error is not None:
             raise error
         record = ReestimationRecord(
@@ -425,7 +432,8 @@ class AutoUBA:
     # -- public ------------------------------------------------------------------------------------
     @property
     def phi(self) -> float:
-        return self.scheduler.phi if self.scheduler is not None else self.report.phi
+        """φ in force: the scheduler's, or before there is one, the last estimate's."""
+        return self.scheduler.phi if self.scheduler is not None else self.report.history[-1].phi
 
     @property
     def probe_cost_fraction(self) -> float:
@@ -448,32 +456,53 @@ class AutoUBA:
                 "make_scheduler was already called: use auto.scheduler (a second scheduler would "
                 "restart the budget at step 0 while the report's history goes on)"
             )
-        # A resumed run keeps its saved choice (its scheduler state is pending).
-        first_optimizer = self._stability_limit is None and self._pending_scheduler_state is None
-        new_limit = _stability_limit_of(optimizer) if first_optimizer else None
-        if self._peak_assumed or new_limit is not None:
-            if self._peak_assumed:
-                peaks = _group_peaks(optimizer)
-                _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
-                self._peak_lr = max(peaks)
-                self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
-                self._peak_assumed = False
-            if new_limit is not None:
-                self._stability_limit = new_limit
-            self._set_edge(self.report.estimate)
-            self._rechoose_initial()
-        self.scheduler = AutoUBAScheduler(
-            optimizer,
-            self,
-            total_steps=self.budget - 1,
-            phi=self.report.phi,
-            lr_min=self.lr_min,
-            lr_min_ratio=self.lr_min_ratio,
-            warmup_steps=self.warmup_steps,
-        )
-        if self._pending_scheduler_state is not None:  # resumed: continue the saved schedule
-            self._load_scheduler(self._pending_scheduler_state)
+        saved = dict(vars(self))  # restored if anything below fails: a retry starts clean
+        try:
+            self._adopt(optimizer)
+            phi = self.report.history[-1].phi
+            # Every rank builds its scheduler once: agree that phi is the same everywhere (a rank
+            # whose optimizer differs could have re-chosen it differently above).
+            error = self._agree_phi(None, phi, "building the scheduler")
+            if error is not None:
+                raise error
+            self.scheduler = AutoUBAScheduler(
+                optimizer,
+                self,
+                total_steps=self.budget - 1,
+                phi=phi,
+                lr_min=self.lr_min,
+                lr_min_ratio=self.lr_min_ratio,
+                warmup_steps=self.warmup_steps,
+            )
+            if self._pending_scheduler_state is not None:  # resumed: continue the saved schedule
+                self._load_scheduler(self._pending_scheduler_state)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
         return self.scheduler
+
+    def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take what the first optimizer tells the φ choice: the peak rate if it was assumed, the
+        SGD stability limit for the gated-edge link; choose φ again if that changes anything and
+        φ has not moved on (a re-estimation ran, or the run is resumed)."""
+        if self._peak_assumed:
+            peaks = _group_peaks(optimizer)
+            _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
+            self._peak_lr = max(peaks)
+            self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
+            self._peak_assumed = False
+        elif self.link != "gated-edge" or self._stability is not None:
+            return
+        if self.link == "gated-edge" and self._stability is None:
+            self._stability = _sgd_stability(optimizer)
+        if len(self.report.history) > 1 or self._pending_scheduler_state is not None:
+            self.report = replace(
+                self.report, peak_lr=self._peak_lr, peak_lr_source=self._peak_source
+            )
+            return
+        self._set_edge(self.report.estimate)
+        self._rechoose_initial()
 
     def reestimate(self) -> ReestimationRecord:
         """Re-probe on fresh batches and set φ for the rest of the budget (no jump in the rate).
@@ -508,7 +537,8 @@ class AutoUBA:
             if is_communication_failure(err):
                 raise  # the process group is broken: training cannot go on either
             error = err
-        error = self._agree_phi(error, choice, step)
+        what = f"estimating phi at step {step}"
+        error = self._agree_phi(error, None if choice is None else choice.phi, what)
         if error is not None:
             message = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -586,7 +616,7 @@ class AutoUBA:
             "peak_lr_source": self._peak_source,
             "peak_assumed": self._peak_assumed,
             "choice_warnings": list(self._choice_warnings),
-            "stability_limit": self._stability_limit,
+            "stability": None if self._stability is None else list(self._stability),
             "edge_fraction": self._edge_fraction,
             "settings": self._settings(),
         }
@@ -633,7 +663,8 @@ class AutoUBA:
         self._peak_lr, self._peak_source = state["peak_lr"], state["peak_lr_source"]
         self._peak_assumed = bool(state.get("peak_assumed", False))
         self._choice_warnings = tuple(state.get("choice_warnings", ()))
-        self._stability_limit = state.get("stability_limit")
+        stability = state.get("stability")
+        self._stability = None if stability is None else (float(stability[0]), float(stability[1]))
         self._edge_fraction = state.get("edge_fraction")
         self._pending_scheduler_state = state["scheduler"]
         first = self._skip_to(state["batches_drawn"])

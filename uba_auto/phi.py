@@ -26,8 +26,8 @@ minibatch statistic we tried, at initialisation or along the run (curvature nois
 floor, the distance to the stability edge, a noisy quadratic model, the held-out trend), failed to
 say which minibatch tasks want a smaller or larger φ on tasks it was not fitted to (BENCHMARKS.md,
 §2), and the calibrated link below, which tries, lost up to 208 % against cosine on a task at the
-edge of stability. The gate σ_g = 0.05 lies below every minibatch task we measured (σ ≥ 0.067 per
-seed) and is not fitted.
+edge of its stable range of rates. The gate σ_g = 0.05 lies below every minibatch task we measured
+(σ ≥ 0.067 per seed) and is not fitted.
 
 **The gated-edge link** (``link="gated-edge"``; an empirical rule of ours, one threshold fitted,
 not the default). The gated link, then a second gate on how far the peak rate η is below the rate
@@ -154,7 +154,7 @@ def stability_limit(momentum: float = 0.0, dampening: float = 0.0, nesterov: boo
     :math:`v \leftarrow \beta v + (1-d) g,\ \theta \leftarrow \theta - \eta v`, stable for
     :math:`\eta\lambda < 2(1+\beta)/(1-d)`. Nesterov (``nesterov=True``, no dampening):
     :math:`\theta \leftarrow \theta - \eta(g + \beta v)`, stable for
-    :math:`\eta\lambda < 2(1+\beta)/(1+2\beta)`. Plain SGD: 2.
+    :math:`\eta\lambda < 2(1+\beta)/(1+2\beta)`. Plain SGD (β = 0, whatever the dampening): 2.
 
     Example:
         >>> stability_limit(), stability_limit(0.9), round(stability_limit(0.9, nesterov=True), 4)
@@ -163,6 +163,8 @@ def stability_limit(momentum: float = 0.0, dampening: float = 0.0, nesterov: boo
     for name, value in (("momentum", momentum), ("dampening", dampening)):
         if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
             raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if momentum == 0:
+        return 2.0  # torch.optim.SGD ignores dampening (and Nesterov) without momentum
     if nesterov:
         if dampening:
             raise ValueError("nesterov momentum requires dampening=0 (as torch.optim.SGD does)")
@@ -170,11 +172,15 @@ def stability_limit(momentum: float = 0.0, dampening: float = 0.0, nesterov: boo
     return 2.0 * (1.0 + momentum) / (1.0 - dampening)
 
 
-def stability_fraction(lambda_max: float, peak_lr: float, limit: float) -> float:
-    r"""How close the peak rate is to the stability edge: :math:`e = \eta\lambda_{\max}/\ell`.
+def stability_fraction(
+    lambda_max: float, peak_lr: float, limit: float, weight_decay: float = 0.0
+) -> float:
+    r"""The peak rate as a fraction of the stability limit: :math:`e = \eta(\lambda_{\max} +
+    w)/\ell`.
 
-    ``limit`` is :func:`stability_limit` of the optimizer; :math:`e \ge 1` means the top
-    eigen-direction is unstable at the peak rate.
+    ``limit`` is :func:`stability_limit` of the optimizer and ``weight_decay`` :math:`w` its
+    (coupled, as in ``torch.optim.SGD``) weight decay, which adds :math:`w` to every curvature;
+    :math:`e \ge 1` means the top eigen-direction is unstable at the peak rate.
 
     Example:
         >>> round(stability_fraction(2.0, 0.1, stability_limit(0.9)), 6)  # 0.2 / 3.8
@@ -184,7 +190,9 @@ def stability_fraction(lambda_max: float, peak_lr: float, limit: float) -> float
         raise ValueError(f"lambda_max must be finite and > 0, got {lambda_max!r}")
     peak_lr = check_positive_finite("peak_lr", peak_lr)
     limit = check_positive_finite("limit", limit)
-    return peak_lr * lambda_max / limit
+    if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return peak_lr * (lambda_max + weight_decay) / limit
 
 
 def minibatch_condition_number(curvature_noise: float) -> float:
@@ -383,6 +391,7 @@ def choose_phi(
                 link,
                 "fallback: curvature noise not measured",
                 tuple(notes),
+                edge_fraction if link == "gated-edge" else None,
             )
         if noise is None:
             noise = 0.0
@@ -401,7 +410,8 @@ def choose_phi(
                 f"phi = 2 (kappa_mb - 1)/(kappa_gate - 1)"
             )
             if link == "gated-edge":
-                why += "; then " + _edge_reason(edge_fraction)
+                noise_phi = _unclamped_and_clamped(kappa, "gated", phi_min, phi_max)[0]
+                why += "; then " + _edge_reason(edge_fraction, noise_phi)
         else:
             why = (
                 f"calibrated link: curvature noise sigma = {noise:.3g} -> kappa_mb = {kappa:.4g}; "
@@ -423,19 +433,18 @@ def choose_phi(
     return PhiChoice(phi, raw, clamped, kappa, kind, link, why, tuple(notes), edge)
 
 
-def _edge_reason(edge_fraction: float | None) -> str:
+def _edge_reason(edge_fraction: float | None, noise_phi: float) -> str:
     if edge_fraction is None:
         return (
             "edge gate off: no stability limit known (it is read from a torch.optim.SGD "
-            "optimizer, given to auto_uba or make_scheduler)"
+            "optimizer with momentum < 1, given to auto_uba or make_scheduler)"
         )
-    if edge_fraction < EDGE_FRACTION:
-        return (
-            f"peak_lr * lambda_max is {edge_fraction:.3g} of the stability limit at init "
-            f"(< {EDGE_FRACTION:g}): far below the edge, keep the rate high longer, phi capped "
-            f"at {EDGE_PHI:g}"
-        )
+    head = f"the peak rate is {edge_fraction:.3g} of the optimizer's stability limit at init"
+    if edge_fraction >= EDGE_FRACTION:
+        return f"{head} (>= {EDGE_FRACTION:g}): no edge cap"
+    if noise_phi <= EDGE_PHI:
+        return f"{head} (< {EDGE_FRACTION:g}): the edge cap {EDGE_PHI:g} is above that phi already"
     return (
-        f"peak_lr * lambda_max is {edge_fraction:.3g} of the stability limit at init "
-        f"(>= {EDGE_FRACTION:g}): no edge cap"
+        f"{head} (< {EDGE_FRACTION:g}): far below the edge, keep the rate high longer, phi "
+        f"capped at {EDGE_PHI:g}"
     )

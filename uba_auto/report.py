@@ -73,8 +73,9 @@ class CurvatureReport:
         probe_fraction: the share of the budget probing may take (in gradient-equivalents).
         history: every (re-)estimation, a list of :class:`ReestimationRecord`.
         warnings: anything the user should act on.
-        edge_fraction: ``peak_lr * lambda_max`` over the optimizer's stability limit at
-            initialisation (:func:`uba_auto.phi.stability_fraction`), what the gated-edge link
+        edge_fraction: the peak rate as a fraction of the optimizer's stability limit at
+            initialisation, ``peak_lr * (lambda_max + weight_decay) / stability_limit``
+            (:func:`uba_auto.phi.stability_fraction`; 1 is the edge), what the gated-edge link
             reads; ``None`` when the optimizer is unknown or not SGD, or for other links.
     """
 
@@ -182,9 +183,9 @@ class CurvatureReport:
         if self.edge_fraction is not None:
             rows.append(
                 (
-                    "distance to the edge",
+                    "share of stability limit",
                     f"{num(self.edge_fraction, '.3g')}  [peak lr · λ_max / the optimizer's "
-                    "stability limit]",
+                    "stability limit, at init; 1 = the edge]",
                 )
             )
         rows += [
