@@ -4,7 +4,8 @@ Run from the repository root, after ``benchmarks/phi_sweep.py`` (which fixes eac
 learning rate and holds the fixed-φ and baseline results for the same tasks, budgets and seeds):
 
     python benchmarks/phi_validation.py
-        [--sweeps benchmarks/results/phi_sweep.json benchmarks/results/phi_sweep_holdout.json]
+        [--sweeps benchmarks/results/phi_sweep.json benchmarks/results/phi_sweep_holdout.json
+                  benchmarks/results/phi_sweep_holdout_gd.json]
         [--links gated-edge gated calibrated chebyshev] [--num-batches 8] [--workers 2]
         [--out benchmarks/results/phi_validation.json]
 
@@ -104,6 +105,7 @@ def main() -> None:
         default=[
             "benchmarks/results/phi_sweep.json",
             "benchmarks/results/phi_sweep_holdout.json",
+            "benchmarks/results/phi_sweep_holdout_gd.json",
         ],
     )
     parser.add_argument(

@@ -426,7 +426,7 @@ def _lstsq_illcond() -> Task:
 # link carries over to tasks it has not seen.
 
 
-def _diabetes_mlp() -> Task:
+def _diabetes_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from sklearn.datasets import load_diabetes
 
     data = load_diabetes()
@@ -435,20 +435,21 @@ def _diabetes_mlp() -> Task:
     x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
     y_mean, y_std = y[train.numpy()].mean(), y[train.numpy()].std()
     y_t = torch.tensor((y - y_mean) / y_std, dtype=torch.float32)
+    return x_train, y_t[train], x_held, y_t[held]
 
-    def model() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(10, 64),
-            nn.ReLU(),
-            nn.Linear(64, 64),
-            nn.ReLU(),
-            nn.Linear(64, 1),
-            nn.Flatten(0),
-        )
 
-    def half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
-        return 0.5 * F.mse_loss(outputs, targets)
+def _diabetes_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1), nn.Flatten(0)
+    )
 
+
+def _half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    return 0.5 * F.mse_loss(outputs, targets)
+
+
+def _diabetes_mlp() -> Task:
+    x_train, y_train, x_held, y_held = _diabetes_data()
     return Task(
         name="diabetes_mlp",
         description=(
@@ -456,12 +457,12 @@ def _diabetes_mlp() -> Task:
             "SGD momentum 0.9, batch 16"
         ),
         kind="regression",
-        model_factory=model,
-        loss_fn=half_mse,
+        model_factory=_diabetes_model,
+        loss_fn=_half_mse,
         x_train=x_train,
-        y_train=y_t[train],
+        y_train=y_train,
         x_heldout=x_held,
-        y_heldout=y_t[held],
+        y_heldout=y_held,
         batch_size=16,
         momentum=0.9,
         budgets=(200, 2000),
@@ -470,11 +471,63 @@ def _diabetes_mlp() -> Task:
     )
 
 
+def _diabetes_mlp_gd() -> Task:
+    # The full-batch twin of diabetes_mlp: tests the one departure from cosine the default link
+    # makes (no minibatch noise: a small phi) on a non-convex task it was not set on.
+    x_train, y_train, x_held, y_held = _diabetes_data()
+    return Task(
+        name="diabetes_mlp_gd",
+        description=(
+            "MLP 10-64-64-1 regression on 300 standardised diabetes rows (standardised target), "
+            "full-batch gradient descent with momentum 0.9"
+        ),
+        kind="regression",
+        model_factory=_diabetes_model,
+        loss_fn=_half_mse,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=None,
+        momentum=0.9,
+        budgets=(200, 2000),
+        expected_regime={200: "under-fit", 2000: "over-fit"},
+        base_lr={200: 0.01, 2000: 0.00125},
+        probe_batches=1,
+    )
+
+
+def _digits_logreg_gd() -> Task:
+    # The full-batch twin of digits_logreg (convex, like lstsq_illcond, but not quadratic).
+    x_train, y_train, x_held, y_held = _digits(num_train=1000)
+    return Task(
+        name="digits_logreg_gd",
+        description=(
+            "multinomial logistic regression on 1000 standardised digits, full-batch gradient "
+            "descent"
+        ),
+        kind="classification",
+        model_factory=_digits_linear,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=None,
+        momentum=0.0,
+        budgets=(100, 1000),
+        expected_regime={100: "under-fit", 1000: "under-fit"},
+        base_lr={100: 4.0, 1000: 1.0},
+        probe_batches=1,
+    )
+
+
+def _digits_linear() -> nn.Module:
+    return nn.Linear(64, 10)
+
+
 def _digits_logreg() -> Task:
     x_train, y_train, x_held, y_held = _digits(num_train=1000)
-
-    def model() -> nn.Module:
-        return nn.Linear(64, 10)
 
     return Task(
         name="digits_logreg",
@@ -482,7 +535,7 @@ def _digits_logreg() -> Task:
             "multinomial logistic regression on 1000 standardised digits, plain SGD, batch 16"
         ),
         kind="classification",
-        model_factory=model,
+        model_factory=_digits_linear,
         loss_fn=F.cross_entropy,
         x_train=x_train,
         y_train=y_train,
@@ -510,6 +563,8 @@ TASK_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 _HOLDOUT_BUILDERS: dict[str, Callable[[], Task]] = {
     "diabetes_mlp": _diabetes_mlp,
     "digits_logreg": _digits_logreg,
+    "diabetes_mlp_gd": _diabetes_mlp_gd,
+    "digits_logreg_gd": _digits_logreg_gd,
 }
 HOLDOUT_TASK_NAMES: tuple[str, ...] = tuple(_HOLDOUT_BUILDERS)
 """Out-of-sample tasks, never used to fit a link."""

@@ -744,8 +744,8 @@ def auto_uba(
         probe_fraction: the most probing may cost, as a fraction of the budget in
             gradient-equivalents (re-estimations past it are skipped and recorded).
         link: the κ→φ link: ``"gated"`` (default: cosine, φ = 2, unless the probe sees almost
-            no minibatch noise, then down to 0.25; never worse than cosine by more than 1 % on
-            the 14 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
+            no minibatch noise, then down to 0.25; worse than cosine by more than 1 % in 1 of the
+            18 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
             ``torch.optim.SGD``, the peak rate is under 3.8 % of the stability limit at init;
             fitted, and 7-12 % worse than cosine on the demo's task, so not the default),
             ``"calibrated"`` (a power law in the curvature noise fitted to our study; it lost
