@@ -486,23 +486,26 @@ class AutoUBA:
         """Take what the first optimizer tells the φ choice: the peak rate if it was assumed, the
         SGD stability limit for the gated-edge link; choose φ again if that changes anything and
         φ has not moved on (a re-estimation ran, or the run is resumed)."""
+        open_choice = len(self.report.history) == 1 and self._pending_scheduler_state is None
+        changed = self._peak_assumed
         if self._peak_assumed:
             peaks = _group_peaks(optimizer)
             _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
             self._peak_lr = max(peaks)
             self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
             self._peak_assumed = False
-        elif self.link != "gated-edge" or self._stability is not None:
-            return
-        if self.link == "gated-edge" and self._stability is None:
+        if open_choice and self.link == "gated-edge" and self._stability is None:
             self._stability = _sgd_stability(optimizer)
-        if len(self.report.history) > 1 or self._pending_scheduler_state is not None:
+            changed = changed or self._stability is not None
+        if not changed:
+            return
+        if open_choice:
+            self._set_edge(self.report.estimate)
+            self._rechoose_initial()
+        else:
             self.report = replace(
                 self.report, peak_lr=self._peak_lr, peak_lr_source=self._peak_source
             )
-            return
-        self._set_edge(self.report.estimate)
-        self._rechoose_initial()
 
     def reestimate(self) -> ReestimationRecord:
         """Re-probe on fresh batches and set φ for the rest of the budget (no jump in the rate).
