@@ -31,6 +31,7 @@ import uba_auto
 from uba_auto._distributed import (
     Communicator,
     DistributedProbeError,
+    is_communication_failure,
     resolve_process_group,
     unwrap_model,
 )
@@ -374,12 +375,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Every rank's results, from one spawn of ``WORLD_SIZE`` gloo processes."""
-    outdir = tmp_path_factory.mktemp("ranks")
+def _spawn(worker: Any, outdir: Path) -> list[Any]:
+    """Run ``worker(rank, port, outdir)`` on ``WORLD_SIZE`` spawned processes, within
+    ``JOIN_TIMEOUT_S``; returns what each rank saved to ``outdir / f"rank{rank}.pt"``."""
     context = torch.multiprocessing.start_processes(
-        _worker,
+        worker,
         args=(_free_port(), str(outdir)),
         nprocs=WORLD_SIZE,
         join=False,
@@ -401,7 +401,13 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
             if process.is_alive():
                 process.kill()
             process.join(5)
-    results = [torch.load(f, weights_only=False) for f in files]
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every rank's results, from one spawn of ``WORLD_SIZE`` gloo processes."""
+    results = _spawn(_worker, tmp_path_factory.mktemp("ranks"))
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
     return results
@@ -533,6 +539,30 @@ def test_ranks_whose_optimizers_give_different_phi_are_refused(
         assert message is not None and "building the scheduler" in message and "phi" in message
         # Nothing was built, and the choice is the agreed pre-training one.
         assert result["optimizer_mismatch_after"] == (True, result["optimizer_mismatch_before"])
+
+
+def _timeout_worker(rank: int, port: int, outdir: str) -> None:
+    # Rank 0 meets a collective rank 1 never joins: a real transport timeout of this torch build.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=2))
+    result: Any = None
+    if rank == 0:
+        try:
+            dist.all_reduce(torch.ones(1))
+        except Exception as err:
+            result = (type(err).__name__, str(err), is_communication_failure(err))
+    else:
+        time.sleep(4)
+    torch.save(result, Path(outdir) / f"rank{rank}.pt")
+
+
+def test_a_transport_timeout_is_a_communication_failure(tmp_path: Path) -> None:
+    caught = _spawn(_timeout_worker, tmp_path)[0]
+    assert caught is not None, "the lone collective did not time out"
+    name, message, recognised = caught
+    assert recognised, f"{name}: {message}"
+    assert not is_communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_communication_failure(ValueError("Timed out waiting"))
 
 
 # ------------------------------------------------------------------------- single process

@@ -85,14 +85,30 @@ def check_enabled() -> bool:
     return os.environ.get(CHECK_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# What gloo and NCCL put in the plain RuntimeErrors they raise for a failed transport (gloo's
+# timeouts and lost peers are not DistError subclasses in torch 2.13).
+_TRANSPORT_MARKERS = (
+    "third_party/gloo",
+    "Timed out waiting",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "ProcessGroupNCCL",
+    "NCCL error",
+    "NCCL communicator",
+)
+
+
 def is_communication_failure(err: BaseException) -> bool:
     """Whether ``err`` is a failure of ``torch.distributed`` itself (a timeout, a lost peer).
 
     After one, the process group is unusable: such errors must propagate, not be recorded as a
-    failed probe while training continues.
+    failed probe while training continues (the collective that would record it would only wait
+    for the group's timeout a second time).
     """
     dist_error = getattr(torch.distributed, "DistError", None)
-    return dist_error is not None and isinstance(err, dist_error)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _TRANSPORT_MARKERS)
 
 
 def _fingerprint(text: str) -> float:
