@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ._distributed import DistributedProbeError, is_communication_failure, resolve_process_group
+from ._optim import group_peaks
 from ._validation import check_fraction, check_int, check_nonnegative_finite, check_positive_finite
 from .phi import (
     LINKS,
@@ -73,18 +74,13 @@ def _default_loss(batch: Any) -> tuple[Any, str]:
     )
 
 
-def _group_peaks(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Each param group's peak rate: ``initial_lr`` once a scheduler has run, else ``lr``."""
-    return [float(g.get("initial_lr", g.get("lr", math.inf))) for g in optimizer.param_groups]
-
-
 def _sgd_stability(optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
     """``(stability limit, weight decay)`` of ``optimizer``'s group with the largest peak rate
     (see :func:`stability_limit`); ``None`` unless it is ``torch.optim.SGD`` with settings the
     limit is derived for (momentum and dampening in [0, 1))."""
     if not isinstance(optimizer, torch.optim.SGD):
         return None
-    peaks = _group_peaks(optimizer)
+    peaks = group_peaks(optimizer)
     group = optimizer.param_groups[peaks.index(max(peaks))]
     try:
         limit = stability_limit(
@@ -360,7 +356,7 @@ class AutoUBA:
                     group.pop("initial_lr", None)
                 notes.append(f"peak_lr='suggest' set every param group's lr to {suggested:.4g}")
         elif optimizer is not None:
-            self._peak_lr = max(_group_peaks(optimizer))
+            self._peak_lr = max(group_peaks(optimizer))
             self._peak_source = "the optimizer's largest group lr"
         elif suggested is not None:
             self._peak_lr, self._peak_assumed = suggested, True
@@ -489,7 +485,7 @@ class AutoUBA:
         open_choice = len(self.report.history) == 1 and self._pending_scheduler_state is None
         changed = self._peak_assumed
         if self._peak_assumed:
-            peaks = _group_peaks(optimizer)
+            peaks = group_peaks(optimizer)
             _check_final_rate(peaks, self.lr_min, self.lr_min_ratio)
             self._peak_lr = max(peaks)
             self._peak_source = "the largest group lr of the optimizer given to make_scheduler"
@@ -815,7 +811,7 @@ def auto_uba(
     # Checked now, so that a bad setting fails before the probe's cost, not after it.
     peaks = None
     if optimizer is not None and peak_lr != "suggest":
-        peaks = _group_peaks(optimizer)
+        peaks = group_peaks(optimizer)
     _check_final_rate(peaks, lr_min, lr_min_ratio)
     if reestimate_every is not None and getattr(loader, "persistent_workers", False):
         raise ValueError(

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._serialize import json_safe
 from ._validation import check_int, check_positive_finite
-from .probe import json_safe
 from .report import CurvatureReport
 
 __all__ = [

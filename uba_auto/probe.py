@@ -37,6 +37,7 @@ from ._distributed import (
     unwrap_model,
 )
 from ._pyhessian_backend import run_pyhessian
+from ._serialize import json_safe
 from ._state import preserve_state
 from ._validation import check_int, check_positive_finite
 from .hessian import ENGINES, GGNOperator, HessianOperator
@@ -239,17 +240,6 @@ class CurvatureEstimate:
         lines.append(f"  cost                {self.num_hvps} HVPs, {self.wall_time_s:.3g} s")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None, recursively (JSON has no inf)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class _Progress(SymmetricOperator):

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .probe import CurvatureEstimate, json_safe
+from ._serialize import json_safe
+from .probe import CurvatureEstimate
 
 __all__ = ["CurvatureReport", "ReestimationRecord"]
 

@@ -24,7 +24,6 @@ guarantees hold:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ._optim import group_peaks
 from ._validation import (
     check_fraction,
     check_int,
@@ -70,31 +70,6 @@ def check_lr_min_args(lr_min: Any, lr_min_ratio: Any) -> float | None:
     if lr_min_ratio is None:
         return None
     return check_fraction("lr_min_ratio", lr_min_ratio, closed_low=True, closed_high=True)
-
-
-def _group_peaks(optimizer: Any) -> list[float]:
-    """Each param group's peak rate, checked before torch's base class touches the groups."""
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    peaks = []
-    for i, group in enumerate(optimizer.param_groups):
-        if "lr" not in group and "initial_lr" not in group:
-            raise ValueError(
-                f"optimizer.param_groups[{i}] has no 'lr'; construct the optimizer with a "
-                "learning rate (e.g. torch.optim.SGD(params, lr=0.1)) before scheduling it"
-            )
-        peak = group.get("initial_lr", group.get("lr"))
-        if isinstance(peak, torch.Tensor):
-            peak = float(peak)
-        if isinstance(peak, bool) or not isinstance(peak, numbers.Real):
-            raise TypeError(
-                f"optimizer.param_groups[{i}]['lr'] must be a number, got {peak!r}; the "
-                "scheduler needs each group's peak learning rate"
-            )
-        peaks.append(check_positive_finite(f"optimizer.param_groups[{i}]['lr']", peak))
-    return peaks
 
 
 class BudgetScheduler(LRScheduler):
@@ -141,7 +116,7 @@ class BudgetScheduler(LRScheduler):
         warmup_start_lr: float | Sequence[float] | None = None,
         **schedule_kwargs: Any,
     ) -> None:
-        peaks = _group_peaks(optimizer)
+        peaks = group_peaks(optimizer)
         self.schedule = schedule
         self._fn = get_schedule(schedule)
         self.total_steps = check_int("total_steps", total_steps, minimum=1)

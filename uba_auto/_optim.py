@@ -1,0 +1,48 @@
+"""What the schedulers and ``auto_uba`` read from a ``torch.optim.Optimizer``'s param groups."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ._validation import check_positive_finite
+
+__all__ = ["group_peaks"]
+
+
+def group_peaks(optimizer: Any) -> list[float]:
+    """Each param group's peak rate: ``initial_lr`` once a scheduler has run, else ``lr``.
+
+    Checked (a real optimizer, a positive finite number in every group), so that the schedulers
+    fail before torch's base class touches the groups, and ``auto_uba`` before it probes.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [], "lr": 0.5}], lr=0.1)
+        >>> group_peaks(opt)
+        [0.1, 0.5]
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    peaks = []
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr" not in group and "initial_lr" not in group:
+            raise ValueError(
+                f"optimizer.param_groups[{i}] has no 'lr'; construct the optimizer with a "
+                "learning rate (e.g. torch.optim.SGD(params, lr=0.1)) before scheduling it"
+            )
+        peak = group.get("initial_lr", group.get("lr"))
+        if isinstance(peak, torch.Tensor):
+            peak = float(peak)
+        if isinstance(peak, bool) or not isinstance(peak, numbers.Real):
+            raise TypeError(
+                f"optimizer.param_groups[{i}]['lr'] must be a number, got {peak!r}; the "
+                "scheduler needs each group's peak learning rate"
+            )
+        peaks.append(check_positive_finite(f"optimizer.param_groups[{i}]['lr']", peak))
+    return peaks
