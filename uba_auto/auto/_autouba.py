@@ -254,7 +254,7 @@ class AutoUBA:
         state = adopt_optimizer(self._state, settings, optimizer)
         # Every rank builds its scheduler once: agree that phi is the same everywhere (a rank
         # whose optimizer differs could have re-chosen it differently above).
-        error = agree_phi(self._comm, self._settings, None, state.phi, "building the scheduler")
+        error = agree_phi(self._comm, settings, None, state.phi, "building the scheduler")
         if error is not None:
             raise error
         scheduler = AutoUBAScheduler(

@@ -137,6 +137,12 @@ def choose(
     )
 
 
+def _report_fields(choice: PhiChoice) -> dict[str, Any]:
+    """The fields of the report that come from the φ choice."""
+    fields = ("phi", "phi_unclamped", "clamped", "kappa", "kappa_kind", "reason", "edge_fraction")
+    return {name: getattr(choice, name) for name in fields}
+
+
 def initial_state(
     estimate: CurvatureEstimate,
     choice: PhiChoice,
@@ -176,15 +182,10 @@ def initial_state(
         )
     report = CurvatureReport(
         estimate=est,
-        phi=choice.phi,
-        phi_unclamped=choice.phi_unclamped,
-        clamped=choice.clamped,
+        **_report_fields(choice),
         phi_min=settings.phi_min,
         phi_max=settings.phi_max,
-        kappa=choice.kappa,
-        kappa_kind=choice.kappa_kind,
         link=choice.link,
-        reason=choice.reason,
         peak_lr=peak.value,
         peak_lr_source=peak.source,
         suggested_lr=suggested_lr(est),
@@ -193,7 +194,6 @@ def initial_state(
         probe_fraction=settings.probe_fraction,
         history=(record,),
         warnings=tuple(notes),
-        edge_fraction=choice.edge_fraction,
     )
     return AutoState(
         report=report,
@@ -214,17 +214,11 @@ def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
     kept = tuple(w for w in report.warnings if w not in state.choice_warnings)
     report = replace(
         report,
-        phi=choice.phi,
-        phi_unclamped=choice.phi_unclamped,
-        clamped=choice.clamped,
-        kappa=choice.kappa,
-        kappa_kind=choice.kappa_kind,
-        reason=choice.reason,
+        **_report_fields(choice),
         peak_lr=state.peak.value,
         peak_lr_source=state.peak.source,
         history=(first, *report.history[1:]),
         warnings=(*kept, *choice.warnings),
-        edge_fraction=choice.edge_fraction,
     )
     return replace(state, report=report, choice_warnings=tuple(choice.warnings))
 
