@@ -581,7 +581,7 @@ def test_resume_from_skips_the_probe_and_continues_bit_exactly(monkeypatch, opti
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             with monkeypatch.context() as m:  # resuming must not probe
-                m.setattr("uba_auto.auto.probe_curvature", None)
+                m.setattr("uba_auto.auto._autouba.probe_curvature", None)
                 auto = auto_uba(
                     model,
                     loader,

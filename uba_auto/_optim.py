@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
 from ._validation import check_positive_finite
 
-__all__ = ["group_peaks"]
+__all__ = ["SGDSettings", "group_peaks", "sgd_settings"]
 
 
 def group_peaks(optimizer: Any) -> list[float]:
@@ -46,3 +46,36 @@ def group_peaks(optimizer: Any) -> list[float]:
             )
         peaks.append(check_positive_finite(f"optimizer.param_groups[{i}]['lr']", peak))
     return peaks
+
+
+class SGDSettings(NamedTuple):
+    """The settings of a ``torch.optim.SGD`` param group that its stability limit depends on."""
+
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+
+
+def sgd_settings(optimizer: Any) -> SGDSettings | None:
+    """The :class:`SGDSettings` of ``optimizer``'s param group with the largest peak rate (the
+    first such group), or ``None`` unless ``optimizer`` is a ``torch.optim.SGD``.
+
+    Example:
+        >>> import torch
+        >>> p = [torch.zeros(1)]
+        >>> sgd_settings(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        SGDSettings(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+        >>> sgd_settings(torch.optim.Adam(p, lr=0.1)) is None
+        True
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    peaks = group_peaks(optimizer)
+    group = optimizer.param_groups[peaks.index(max(peaks))]
+    return SGDSettings(
+        float(group.get("momentum", 0.0)),
+        float(group.get("dampening", 0.0)),
+        bool(group.get("nesterov", False)),
+        float(group.get("weight_decay", 0.0)),
+    )

@@ -40,9 +40,13 @@ class ReestimationRecord:
     message: str = ""
     warnings: tuple[str, ...] = ()
 
+    def to_row(self) -> list[Any]:
+        """The record as a plain list of its fields, in order (what :meth:`from_row` reads)."""
+        return list(dataclasses.astuple(self))
+
     @classmethod
     def from_row(cls, row: Any) -> ReestimationRecord:
-        """Rebuild a record from ``dataclasses.astuple(record)`` (lists back to tuples)."""
+        """Rebuild a record from :meth:`to_row` (lists back to tuples)."""
         fields = list(row)
         if len(fields) > 7:
             fields[7] = tuple(fields[7])

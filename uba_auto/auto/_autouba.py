@@ -1,0 +1,400 @@
+"""The object :func:`~uba_auto.auto.auto_uba` returns: :class:`AutoUBA` and its scheduler.
+
+:class:`AutoUBA` keeps its state explicit: its settings
+(:class:`~uba_auto.auto._state.AutoSettings`) and where its φ choice stands
+(:class:`~uba_auto.auto._state.AutoState`, frozen). Every transition
+(the pre-training estimate, the first optimizer, a re-estimation, a resume) computes a new state
+with :mod:`uba_auto.auto._choice`'s functions and commits it in one assignment, so one that fails
+leaves the object as it was. The loader's position (:class:`~uba_auto._loaders.BatchStream`) is
+the one thing a probe cannot give back: the batches it drew stay drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._distributed import Communicator, is_communication_failure
+from .._loaders import BatchStream
+from .._validation import check_int
+from ..probe import CurvatureEstimate, probe_curvature
+from ..report import CurvatureReport, ReestimationRecord
+from ..scheduler import UBAScheduler
+from ._choice import (
+    adopt_optimizer,
+    check_final_rate,
+    choose,
+    default_loss,
+    edge_fraction,
+    initial_state,
+    resolve_peak,
+    sgd_stability,
+    suggested_lr,
+)
+from ._state import AutoSettings, AutoState, SettingAttribute, check_state_dict, continue_schedule
+from ._sync import agree_phi
+
+__all__ = ["HVP_COST_IN_GRADIENTS", "AutoUBA", "AutoUBAScheduler"]
+
+logger = logging.getLogger("uba_auto")
+
+HVP_COST_IN_GRADIENTS = 2.0
+"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget (rounded up
+from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
+
+
+class AutoUBAScheduler(UBAScheduler):
+    """A :class:`~uba_auto.scheduler.UBAScheduler` whose ``step()`` also re-estimates φ every
+    ``reestimate_every`` steps through its :class:`AutoUBA` (collectively, at the same steps on
+    every run, so a resumed run re-estimates at the same steps as an uninterrupted one); see
+    :meth:`AutoUBA.maybe_reestimate`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, auto: AutoUBA, **kwargs: Any) -> None:
+        self._auto = auto
+        super().__init__(optimizer, **kwargs)
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        self._auto.maybe_reestimate(self.last_epoch)
+
+
+class AutoUBA:
+    """What :func:`auto_uba` returns: the chosen φ, the report, and the scheduler.
+
+    Built by :func:`auto_uba`, which checks the arguments and resolves the process group
+    (``comm``) once; constructing one runs the pre-training probe (or, with ``resume_from``,
+    restores a saved state), so an ``AutoUBA`` always has its report.
+
+    Attributes:
+        phi: the φ in force now.
+        report: the :class:`~uba_auto.report.CurvatureReport` (with the re-estimation history).
+        scheduler: the :class:`AutoUBAScheduler` for the optimizer given to :func:`auto_uba`,
+            or ``None`` until :meth:`make_scheduler` is called.
+        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD suggested by the curvature.
+        budget, warmup_steps, reestimate_every, probe_fraction: the settings (as are
+            ``lr_min``, ``lr_min_ratio``, ``num_batches``, ``link``, ``phi_min``, ``phi_max``).
+        probe_kwargs: the keywords every probe passes to
+            :func:`~uba_auto.probe.probe_curvature`.
+        probe_hvps, batches_drawn: Hessian-vector products and batches the probes took so far.
+    """
+
+    budget = SettingAttribute()
+    warmup_steps = SettingAttribute()
+    lr_min = SettingAttribute()
+    lr_min_ratio = SettingAttribute()
+    num_batches = SettingAttribute()
+    reestimate_every = SettingAttribute()
+    probe_fraction = SettingAttribute()
+    link = SettingAttribute()
+    phi_min = SettingAttribute()
+    phi_max = SettingAttribute()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        settings: AutoSettings,
+        *,
+        loss_fn: Any = None,
+        probe_kwargs: Mapping[str, Any] | None = None,
+        comm: Communicator | None = None,
+        peak_lr: float | str | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        resume_from: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.probe_kwargs = dict(probe_kwargs or {})
+        self.scheduler: AutoUBAScheduler | None = None
+        self._settings = settings
+        self._comm = comm
+        self._batches = BatchStream(loader)
+        if resume_from is not None:
+            self._state = self._resumed(resume_from)
+        else:
+            self._state = self._estimated(peak_lr, optimizer)
+
+    # -- read-outs ---------------------------------------------------------------------------------
+    @property
+    def loader(self) -> Iterable[Any]:
+        return self._batches.loader
+
+    @property
+    def report(self) -> CurvatureReport:
+        return self._state.report
+
+    @property
+    def phi(self) -> float:
+        """φ in force: the scheduler's, or before there is one, the last estimate's."""
+        return self.scheduler.phi if self.scheduler is not None else self._state.phi
+
+    @property
+    def suggested_lr(self) -> float | None:
+        return self._state.report.suggested_lr
+
+    @property
+    def probe_hvps(self) -> int:
+        return self._state.probe_hvps
+
+    @property
+    def batches_drawn(self) -> int:
+        return self._batches.drawn
+
+    @property
+    def probe_cost_fraction(self) -> float:
+        """Probing spent so far, in gradient-equivalents, as a fraction of the budget."""
+        return self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
+
+    @property
+    def _stability(self) -> tuple[float, float] | None:
+        return self._state.stability
+
+    # -- probing -----------------------------------------------------------------------------------
+    def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
+        """The one place that runs the probe (every estimation of this object goes through it)."""
+        # LEAD: swap for run_probe(self.model, batches, self.loss_fn, ProbeSettings(...),
+        # self._comm) once helper C2's run_probe lands (ProbeSettings from num_batches and
+        # {**self.probe_kwargs, **overrides}, built here, as probe_kwargs may change between
+        # probes).
+        return probe_curvature(
+            self.model,
+            batches,
+            self.loss_fn,
+            num_batches=self.num_batches,
+            process_group=self._comm or False,
+            **{**self.probe_kwargs, **overrides},
+        )
+
+    def _estimated(self, peak_lr: float | str | None, optimizer: Any) -> AutoState:
+        """The state of the pre-training estimate (and, for ``peak_lr='suggest'``, the
+        optimizer's rates set to the suggestion)."""
+        settings = self._settings
+        batches = self._batches.draw(settings.num_batches)
+        # Under a process group an empty loader on one rank fails the probe's collective start.
+        if not batches and self._comm is None:
+            raise ValueError(
+                "loader yielded no batches; auto_uba needs at least one batch to probe"
+            )
+        notes = []
+        if self.loss_fn is None and batches:
+            self.loss_fn, note = default_loss(batches[0])
+            if note:
+                notes.append(note)
+        t0 = time.perf_counter()
+        est = self._probe(batches)
+        peak = resolve_peak(peak_lr, suggested_lr(est), est.lambda_max, optimizer)
+        if isinstance(peak_lr, str) and optimizer is not None:  # "suggest"
+            # Check before writing: a failure must leave the optimizer as it was.
+            check_final_rate(
+                [peak.value] * len(optimizer.param_groups), settings.lr_min, settings.lr_min_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = peak.value
+                group.pop("initial_lr", None)
+            notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
+        stability = None
+        if optimizer is not None and settings.link == "gated-edge":
+            stability = sgd_stability(optimizer)
+        edge = edge_fraction(est, stability, peak)
+        try:
+            choice, error = choose(est, settings, peak, edge, settings.budget), None
+        except Exception as err:
+            choice, error = None, err
+        phi = None if choice is None else choice.phi
+        error = agree_phi(self._comm, settings, error, phi, "estimating phi")
+        if error is not None:
+            raise error
+        return initial_state(
+            est,
+            choice,
+            settings,
+            peak=peak,
+            stability=stability,
+            edge=edge,
+            seconds=time.perf_counter() - t0,
+            notes=notes,
+            probe_share=est.num_hvps * HVP_COST_IN_GRADIENTS / settings.budget,
+        )
+
+    def _resumed(self, saved: Mapping[str, Any]) -> AutoState:
+        """The state ``saved`` holds (its scheduler state pending), the loader fast-forwarded
+        past the batches the saved run probed."""
+        state = AutoState.from_dict(saved, self._settings)
+        first = self._batches.skip_to(saved["batches_drawn"], self.num_batches)
+        if self.loss_fn is None and first is not None:
+            self.loss_fn, _ = default_loss(first)  # as the saved run chose it
+        return state
+
+    # -- transitions -------------------------------------------------------------------------------
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> AutoUBAScheduler:
+        """Build (and keep as :attr:`scheduler`) the UBA scheduler with the chosen φ.
+
+        The schedule spans ``budget`` optimizer steps: ``total_steps = budget - 1``, so the last
+        update of the budget uses ``lr_min``. If :func:`auto_uba` had no optimizer (and no
+        ``peak_lr``), the peak rate it assumed is replaced by ``optimizer``'s largest group rate,
+        in the report too, and φ is chosen again for that rate where the link depends on it; the
+        same happens when ``optimizer`` is the first optimizer seen and the link reads its
+        stability limit (the gated-edge link, with ``torch.optim.SGD``).
+        After ``auto_uba(..., resume_from=state)``, the scheduler continues the saved one.
+        If it raises, this object is as it was, and a retry starts from the same state.
+        """
+        if self.scheduler is not None:
+            raise ValueError(
+                "make_scheduler was already called: use auto.scheduler (a second scheduler would "
+                "restart the budget at step 0 while the report's history goes on)"
+            )
+        settings = self._settings
+        state = adopt_optimizer(self._state, settings, optimizer)
+        # Every rank builds its scheduler once: agree that phi is the same everywhere (a rank
+        # whose optimizer differs could have re-chosen it differently above).
+        error = agree_phi(self._comm, settings, None, state.phi, "building the scheduler")
+        if error is not None:
+            raise error
+        scheduler = AutoUBAScheduler(
+            optimizer,
+            self,
+            total_steps=settings.total_steps,
+            phi=state.phi,
+            lr_min=settings.lr_min,
+            lr_min_ratio=settings.lr_min_ratio,
+            warmup_steps=settings.warmup_steps,
+        )
+        state = continue_schedule(scheduler, state)  # resumed: continue the saved schedule
+        self._state, self.scheduler = state, scheduler
+        return scheduler
+
+    def maybe_reestimate(self, step: int) -> ReestimationRecord | None:
+        """Re-estimate φ (:meth:`reestimate`) if the plan says so at scheduler step ``step``.
+
+        The plan: every ``reestimate_every`` steps, but not at step 0 (the pre-training probe
+        just ran) nor at or after ``total_steps - 1`` (only the final step is left then, and its
+        rate is ``lr_min`` whatever φ is). :meth:`AutoUBAScheduler.step` calls it after every
+        step, so the same steps re-estimate on every run and every rank.
+
+        Args:
+            step: the scheduler step just reached (the scheduler's ``last_epoch``).
+
+        Returns:
+            The :class:`~uba_auto.report.ReestimationRecord`, or ``None`` if none is due.
+
+        Raises:
+            ValueError: if a re-estimation is due and ``step`` is not the scheduler's step.
+        """
+        step = check_int("step", step, minimum=0)
+        every = self.reestimate_every
+        sched = self.scheduler
+        total = self._settings.total_steps if sched is None else sched.total_steps
+        if not every or not 0 < step < total - 1 or step % every:
+            return None
+        if sched is not None and step != sched.last_epoch:
+            raise ValueError(
+                f"step must be the scheduler's step ({sched.last_epoch}), got {step}; "
+                "AutoUBAScheduler.step() calls maybe_reestimate itself"
+            )
+        return self._reestimate_at(step)
+
+    def reestimate(self) -> ReestimationRecord:
+        """Re-probe on fresh batches and set φ for the rest of the budget (no jump in the rate).
+
+        Never raises because of the probe: a failure keeps the current φ and is recorded in the
+        report's history (and warned about), so training continues. Under a process group it is
+        collective: every rank calls it at the same step (the scheduler does), and a failure on
+        any rank is recorded on every rank.
+        """
+        return self._reestimate_at(self.scheduler.last_epoch if self.scheduler is not None else 0)
+
+    def _reestimate_at(self, step: int) -> ReestimationRecord:
+        settings, state = self._settings, self._state
+        spent = state.probe_hvps * HVP_COST_IN_GRADIENTS
+        allowed = settings.probe_fraction * settings.budget
+        if spent + self._expected_reestimation_hvps() * HVP_COST_IN_GRADIENTS > allowed:
+            message = f"probing budget: {spent:.0f} of {allowed:.0f} gradient-equivalents spent"
+            record = ReestimationRecord(step, "skipped", None, self.phi, 0, 0.0, message)
+            self._state = state.with_record(record)
+            return record
+        t0 = time.perf_counter()
+        est, choice, error = None, None, None
+        try:
+            est = self._probe(self._batches.draw(settings.num_batches), density=False)
+            remaining = settings.budget - step
+            choice = choose(est, settings, state.peak, state.edge_fraction, remaining)
+        except Exception as err:  # a failed probe must never stop training
+            if is_communication_failure(err):
+                raise  # the process group is broken: training cannot go on either
+            error = err
+        what = f"estimating phi at step {step}"
+        error = agree_phi(
+            self._comm, self._settings, error, None if choice is None else choice.phi, what
+        )
+        hvps = 0 if est is None else est.num_hvps  # a probe that ran before a later failure
+        if error is not None:
+            message = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"uba-auto: re-estimation at step {step} failed, phi kept: {message}",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of reestimate / maybe_reestimate
+            )
+            seconds = time.perf_counter() - t0
+            record = ReestimationRecord(step, "failed", None, self.phi, hvps, seconds, message)
+            self._state = state.with_record(record, hvps)
+            return record
+        if self.scheduler is not None:
+            self.scheduler.set_phi(choice.phi)
+        record = ReestimationRecord(
+            step,
+            "ok",
+            choice.kappa,
+            choice.phi,
+            hvps,
+            time.perf_counter() - t0,
+            choice.reason,
+            warnings=(*choice.warnings, *est.warnings),
+        )
+        logger.info(
+            "uba-auto: step %d, kappa=%.4g, phi -> %.4g", step, choice.kappa or math.nan, choice.phi
+        )
+        self._state = state.with_record(record, hvps)
+        return record
+
+    def _expected_reestimation_hvps(self) -> int:
+        """What the next re-estimation will cost: the last one that ran, or else the pre-training
+        probe without its spectral density (re-estimations do not probe the density)."""
+        done = [r.hvps for r in self.report.history[1:] if r.status == "ok"]
+        if done:
+            return done[-1]
+        est = self.report.estimate
+        return est.num_hvps - est.hvps.get("density", 0)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """φ, its history, the scheduler and the probing counters (plain data + the report)."""
+        scheduler = None if self.scheduler is None else self.scheduler.state_dict()
+        return self._state.to_dict(
+            self._settings, scheduler=scheduler, batches_drawn=self._batches.drawn
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the report (estimate, φ, history) becomes the saved run's,
+        and the remaining learning-rate sequence is identical.
+
+        The scheduler must exist (``optimizer=`` given to :func:`auto_uba` or
+        :meth:`make_scheduler` called) if the state holds one. To resume without paying for a
+        new pre-training probe, pass the state to ``auto_uba(..., resume_from=state)`` instead.
+        """
+        check_state_dict(state)
+        if state["scheduler"] is not None and self.scheduler is None:
+            raise ValueError(
+                "the state holds a scheduler: call make_scheduler(optimizer) (or pass "
+                "optimizer= to auto_uba) before load_state_dict"
+            )
+        restored = self._resumed(state)
+        if self.scheduler is not None:
+            restored = continue_schedule(self.scheduler, restored)
+        self._state = restored

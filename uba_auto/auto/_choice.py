@@ -1,0 +1,252 @@
+"""The steps of ``auto_uba``'s φ choice, as functions from numbers and states to new states.
+
+Nothing here probes, draws batches, talks to other ranks or writes to an optimizer: that is
+:class:`~uba_auto.auto.AutoUBA`'s part. Each function returns a new
+:class:`~uba_auto.auto._state.AutoState` (or what goes into one) and leaves its inputs as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._optim import group_peaks, sgd_settings
+from .._validation import check_nonnegative_finite
+from ..phi import PhiChoice, choose_phi, stability_fraction, stability_limit
+from ..probe import CurvatureEstimate
+from ..report import CurvatureReport, ReestimationRecord
+from ..scheduler import check_lr_min_args
+from ._state import AutoSettings, AutoState, PeakRate
+
+__all__ = [
+    "adopt_optimizer",
+    "check_final_rate",
+    "choose",
+    "default_loss",
+    "edge_fraction",
+    "initial_state",
+    "resolve_peak",
+    "sgd_stability",
+    "suggested_lr",
+]
+
+
+def default_loss(batch: Any) -> tuple[Any, str]:
+    """The loss for a three-argument call, from the form of the first batch, and the note the
+    report records about it (``""`` when the model returns its own loss)."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return None, ""  # Hugging Face style: the model returns its own .loss
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        if batch[1].is_floating_point():
+            return nn.functional.mse_loss, "loss_fn not given: mse_loss (floating-point targets)"
+        return nn.functional.cross_entropy, "loss_fn not given: cross_entropy (integer targets)"
+    raise ValueError(
+        "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
+        "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
+    )
+
+
+def check_final_rate(
+    peaks: list[float] | None, lr_min: float | None, lr_min_ratio: float | None
+) -> None:
+    """The final-rate arguments the scheduler will get, checked before anything runs."""
+    check_lr_min_args(lr_min, lr_min_ratio)
+    if lr_min is not None:
+        lr_min = check_nonnegative_finite("lr_min", lr_min)
+        for i, peak in enumerate(peaks or []):
+            if lr_min > peak:
+                raise ValueError(
+                    f"lr_min must be <= the peak rate of every param group, got lr_min={lr_min!r} "
+                    f"> {peak!r} (param group {i}); lower lr_min or use lr_min_ratio"
+                )
+
+
+def sgd_stability(optimizer: Any) -> tuple[float, float] | None:
+    """``(stability limit, weight decay)`` of ``optimizer``'s group with the largest peak rate
+    (see :func:`~uba_auto.phi.stability_limit`); ``None`` unless it is ``torch.optim.SGD`` with
+    settings the limit is derived for (momentum and dampening in [0, 1))."""
+    sgd = sgd_settings(optimizer)
+    if sgd is None:
+        return None
+    try:
+        limit = stability_limit(sgd.momentum, sgd.dampening, sgd.nesterov)
+    except ValueError:
+        return None
+    decay = sgd.weight_decay
+    return (limit, decay) if math.isfinite(decay) and decay >= 0 else None
+
+
+def resolve_peak(
+    peak_lr: float | str | None, suggested: float | None, lambda_max: float, optimizer: Any
+) -> PeakRate:
+    """The peak rate of the pre-training choice, from ``auto_uba``'s ``peak_lr`` argument."""
+    if peak_lr is not None and not isinstance(peak_lr, str):
+        return PeakRate(float(peak_lr), "given as peak_lr")
+    if peak_lr == "suggest":
+        if suggested is None:
+            raise ValueError(
+                "peak_lr='suggest' needs positive curvature, but lambda_max = "
+                f"{lambda_max:.3g} <= 0; pass peak_lr as a number"
+            )
+        return PeakRate(suggested, "suggested: 1 / lambda_max")
+    if optimizer is not None:
+        return PeakRate(max(group_peaks(optimizer)), "the optimizer's largest group lr")
+    if suggested is not None:
+        return PeakRate(suggested, "no optimizer given: assumed 1 / lambda_max (plain SGD)", True)
+    return PeakRate(1.0, "unknown (no optimizer given, no positive curvature)", True)
+
+
+def suggested_lr(estimate: CurvatureEstimate) -> float | None:
+    """``1 / lambda_max``, the plain-SGD peak rate the curvature suggests (``None`` if
+    ``lambda_max <= 0``)."""
+    return 1.0 / estimate.lambda_max if estimate.lambda_max > 0 else None
+
+
+def edge_fraction(
+    estimate: CurvatureEstimate, stability: tuple[float, float] | None, peak: PeakRate
+) -> float | None:
+    """The peak rate as a fraction of the stability limit on the pre-training ``estimate``
+    (``None`` while the SGD optimizer, the peak rate, or a positive curvature, is unknown)."""
+    lam = estimate.lambda_max
+    if stability is None or peak.assumed or not (math.isfinite(lam) and lam > 0):
+        return None
+    limit, decay = stability
+    return stability_fraction(lam, peak.value, limit, decay)
+
+
+def choose(
+    estimate: CurvatureEstimate,
+    settings: AutoSettings,
+    peak: PeakRate,
+    edge: float | None,
+    remaining: int,
+) -> PhiChoice:
+    """φ for ``remaining`` steps from ``estimate``, at the ``peak`` rate and ``edge`` fraction."""
+    return choose_phi(
+        estimate,
+        peak_lr=peak.value,
+        budget=remaining,
+        link=settings.link,
+        phi_min=settings.phi_min,
+        phi_max=settings.phi_max,
+        edge_fraction=edge,
+    )
+
+
+def _report_fields(choice: PhiChoice) -> dict[str, Any]:
+    """The fields of the report that come from the φ choice."""
+    fields = ("phi", "phi_unclamped", "clamped", "kappa", "kappa_kind", "reason", "edge_fraction")
+    return {name: getattr(choice, name) for name in fields}
+
+
+def initial_state(
+    estimate: CurvatureEstimate,
+    choice: PhiChoice,
+    settings: AutoSettings,
+    *,
+    peak: PeakRate,
+    stability: tuple[float, float] | None,
+    edge: float | None,
+    seconds: float,
+    notes: list[str],
+    probe_share: float,
+) -> AutoState:
+    """The state after the pre-training estimate, whose report lists ``notes`` first (the loss
+    chosen, a suggested rate set), then what the choice and the probe warned, then what the
+    estimate says about trusting φ. ``probe_share``: the probe's cost as a share of the budget."""
+    est = estimate
+    record = ReestimationRecord(
+        0, "ok", choice.kappa, choice.phi, est.num_hvps, seconds, "pre-training probe"
+    )
+    notes = [*notes, *choice.warnings, *est.warnings]
+    if est.negative_mass is not None and est.negative_mass > 0.2:
+        notes.append(
+            f"{100 * est.negative_mass:.0f}% of the spectrum is negative curvature: the model "
+            "is far from a minimum and its curvature will change as it trains; consider "
+            "reestimate_every"
+        )
+    if est.curvature_noise is not None and est.curvature_noise > 0.5:
+        notes.append(
+            f"the curvature varies by {100 * est.curvature_noise:.0f}% across minibatches: "
+            "phi is uncertain; probe more batches (num_batches) or larger ones"
+        )
+    if settings.reestimate_every and probe_share > settings.probe_fraction:
+        notes.append(
+            f"the pre-training probe alone cost {100 * probe_share:.1f}% of the budget in "
+            f"gradient-equivalents (probe_fraction {100 * settings.probe_fraction:g}%): "
+            "re-estimations will be skipped; lower num_batches or raise probe_fraction"
+        )
+    report = CurvatureReport(
+        estimate=est,
+        **_report_fields(choice),
+        phi_min=settings.phi_min,
+        phi_max=settings.phi_max,
+        link=choice.link,
+        peak_lr=peak.value,
+        peak_lr_source=peak.source,
+        suggested_lr=suggested_lr(est),
+        budget=settings.budget,
+        warmup_steps=settings.warmup_steps,
+        probe_fraction=settings.probe_fraction,
+        history=(record,),
+        warnings=tuple(notes),
+    )
+    return AutoState(
+        report=report,
+        peak=peak,
+        probe_hvps=est.num_hvps,
+        choice_warnings=tuple(choice.warnings),
+        stability=stability,
+        edge_fraction=edge,
+    )
+
+
+def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
+    """The pre-training φ chosen again for ``state``'s peak rate and edge (before any
+    scheduler): the first record and the report follow, the old choice's warnings go."""
+    report = state.report
+    choice = choose(report.estimate, settings, state.peak, state.edge_fraction, settings.budget)
+    first = replace(report.history[0], kappa=choice.kappa, phi=choice.phi)
+    kept = tuple(w for w in report.warnings if w not in state.choice_warnings)
+    report = replace(
+        report,
+        **_report_fields(choice),
+        peak_lr=state.peak.value,
+        peak_lr_source=state.peak.source,
+        history=(first, *report.history[1:]),
+        warnings=(*kept, *choice.warnings),
+    )
+    return replace(state, report=report, choice_warnings=tuple(choice.warnings))
+
+
+def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) -> AutoState:
+    """``state`` after the first optimizer: its largest group rate replaces an assumed peak, and
+    its SGD stability limit goes to the gated-edge link. φ is chosen again if that changes
+    anything and the choice is still open (no re-estimation ran, the run is not resumed).
+
+    Raises:
+        ValueError: if ``lr_min`` exceeds a group's rate of an optimizer met only now.
+    """
+    open_choice = len(state.history) == 1 and state.pending_scheduler is None
+    peak, stability = state.peak, state.stability
+    changed = peak.assumed
+    if peak.assumed:
+        peaks = group_peaks(optimizer)
+        check_final_rate(peaks, settings.lr_min, settings.lr_min_ratio)
+        source = "the largest group lr of the optimizer given to make_scheduler"
+        peak = PeakRate(max(peaks), source)
+    if open_choice and settings.link == "gated-edge" and stability is None:
+        stability = sgd_stability(optimizer)
+        changed = changed or stability is not None
+    if not changed:
+        return state
+    state = replace(state, peak=peak, stability=stability)
+    if open_choice:
+        edge = edge_fraction(state.report.estimate, stability, peak)
+        return _rechoose_initial(replace(state, edge_fraction=edge), settings)
+    report = replace(state.report, peak_lr=peak.value, peak_lr_source=peak.source)
+    return replace(state, report=report)

@@ -1,0 +1,166 @@
+"""The public entry point :func:`auto_uba`: check the arguments, resolve the process group once,
+build the :class:`~uba_auto.auto.AutoUBA`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._distributed import resolve_process_group
+from .._optim import group_peaks
+from .._validation import check_positive_finite
+from ..phi import PHI_MAX, PHI_MIN
+from ._autouba import AutoUBA
+from ._choice import check_final_rate
+from ._state import AutoSettings
+
+__all__ = ["auto_uba"]
+
+
+def auto_uba(
+    model: nn.Module,
+    loader: Iterable[Any],
+    budget: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Any = None,
+    warmup_steps: int = 0,
+    lr_min: float | None = None,
+    lr_min_ratio: float | None = None,
+    peak_lr: float | str | None = None,
+    num_batches: int = 8,
+    reestimate_every: int | None = None,
+    probe_fraction: float = 0.02,
+    link: str = "gated",
+    phi_min: float = PHI_MIN,
+    phi_max: float = PHI_MAX,
+    curvature: str = "hessian",
+    density: bool = True,
+    seed: int = 0,
+    progress: bool | None = None,
+    process_group: Any = "auto",
+    resume_from: dict[str, Any] | None = None,
+    **probe_kwargs: Any,
+) -> AutoUBA:
+    """Probe the curvature, choose φ, and return the UBA schedule for a budget of ``budget`` steps.
+
+    Args:
+        model: the model to train (never modified by the probe).
+        loader: the training loader; the first ``num_batches`` batches are probed, later
+            re-estimations draw the following ones (cycling).
+        budget: optimizer steps the run will take; the schedule ends at ``lr_min`` on the last.
+        optimizer: if given, :attr:`AutoUBA.scheduler` is ready at once; else call
+            :meth:`AutoUBA.make_scheduler`.
+        loss_fn: as for :func:`~uba_auto.probe.probe_curvature`. If ``None`` with
+            ``(inputs, targets)`` batches: cross-entropy for integer targets, MSE for floating
+            targets (recorded in the report).
+        warmup_steps: linear warm-up length.
+        lr_min, lr_min_ratio: the final rate (absolute, or a fraction of each group's peak).
+        peak_lr: the peak rate the φ mapping should assume: a number; ``"suggest"`` to use (and,
+            with an optimizer, set on every param group) ``1 / lambda_max``, the plain-SGD
+            suggestion from the curvature; ``None`` takes the optimizer's largest group lr (or the
+            suggestion when there is no optimizer).
+        num_batches: minibatches per probe (8: the curvature noise that drives the gated and
+            calibrated links is a standard deviation across batches, and needs several).
+        reestimate_every: re-probe every this many steps (``None``: never).
+        probe_fraction: the most probing may cost, as a fraction of the budget in
+            gradient-equivalents (re-estimations past it are skipped and recorded).
+        link: the κ→φ link: ``"gated"`` (default: cosine, φ = 2, unless the probe sees almost
+            no minibatch noise, then down to 0.25; worse than cosine by more than 1 % in 1 of the
+            18 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
+            ``torch.optim.SGD``, the peak rate is under 3.8 % of the stability limit at init;
+            fitted, and 7-12 % worse than cosine on the demo's task, so not the default),
+            ``"calibrated"`` (a power law in the curvature noise fitted to our study; it lost
+            badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
+            :mod:`uba_auto.phi` and BENCHMARKS.md.
+        phi_min, phi_max: the range φ is clamped to.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        density: probe the spectral density for the report (pre-training probe only).
+        seed: seed of the probe's random vectors.
+        progress: progress bar during probes (``None``: when stderr is a terminal).
+        process_group: ``"auto"`` (default): under ``torch.distributed`` (e.g. a DDP script run
+            with ``torchrun``) every probe is collective: it measures the curvature of the loss on
+            the global batch (each rank draws ``num_batches`` batches of its own loader), φ and
+            the scheduler are identical on every rank (checked at every estimation), and
+            re-estimations happen at the same step on every rank; a failure on any rank is
+            recorded as failed on every rank (φ kept everywhere). Call ``auto_uba`` and step the
+            scheduler on every rank. ``None``/``False``: each process probes alone. Or a
+            ``torch.distributed.ProcessGroup``. See
+            :func:`~uba_auto.probe.probe_curvature`.
+        resume_from: an :meth:`AutoUBA.state_dict` saved by an earlier run with the same
+            settings: no pre-training probe is made; the report, φ, its history, the probing
+            counters and (with ``optimizer=``, or at :meth:`~AutoUBA.make_scheduler`) the
+            scheduler are the saved run's, and the loader is fast-forwarded past the batches it
+            probed, so the run goes on exactly as if it had not stopped.
+        **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
+            ``mode``, ``dtype``).
+
+    Returns:
+        An :class:`AutoUBA`.
+
+    Raises:
+        ValueError: ``budget <= warmup_steps + 1``, an empty loader, bad option values; anything
+            :func:`~uba_auto.probe.probe_curvature` raises for the pre-training probe.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    settings = AutoSettings.checked(
+        budget=budget,
+        warmup_steps=warmup_steps,
+        lr_min=lr_min,
+        lr_min_ratio=lr_min_ratio,
+        num_batches=num_batches,
+        reestimate_every=reestimate_every,
+        probe_fraction=probe_fraction,
+        link=link,
+        phi_min=phi_min,
+        phi_max=phi_max,
+    )
+    if isinstance(peak_lr, str) and peak_lr != "suggest":
+        raise ValueError(f"peak_lr must be a number, 'suggest' or None, got {peak_lr!r}")
+    if peak_lr is not None and not isinstance(peak_lr, str):
+        check_positive_finite("peak_lr", peak_lr)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    # Checked now, so that a bad setting fails before the probe's cost, not after it.
+    peaks = None
+    if optimizer is not None and peak_lr != "suggest":
+        peaks = group_peaks(optimizer)
+    check_final_rate(peaks, lr_min, lr_min_ratio)
+    if settings.reestimate_every is not None and getattr(loader, "persistent_workers", False):
+        raise ValueError(
+            "reestimate_every needs a loader auto_uba can iterate on its own, but this DataLoader "
+            "has persistent_workers=True: iterating it would reset the training loop's iterator. "
+            "Pass a separate DataLoader (same dataset, persistent_workers=False) as loader"
+        )
+    auto = AutoUBA(
+        model,
+        loader,
+        settings,
+        loss_fn=loss_fn,
+        # Defaults sized for a pre-training probe: the report's spread comes from the curvature
+        # noise (one HVP per batch), not from a Lanczos run per batch; callers can override all.
+        probe_kwargs={
+            "curvature": curvature,
+            "seed": seed,
+            "progress": progress,
+            "density": density,
+            "per_batch": False,
+            "trace_matvecs": 12,
+            "density_probes": 2,
+            "density_iters": 24,
+            **probe_kwargs,
+        },
+        comm=resolve_process_group(process_group),  # resolved once, here
+        peak_lr=peak_lr,
+        optimizer=optimizer,
+        resume_from=resume_from,
+    )
+    if optimizer is not None:
+        auto.make_scheduler(optimizer)
+    return auto
