@@ -201,6 +201,9 @@ def test_ledger_and_silent_progress_bar():
     ledger.hvps["extremes"] = 7
     assert ledger.num_hvps == 12 and set(ledger.times) == {"trace"}
     assert ledger.elapsed() >= ledger.times["trace"] >= 0
+    tracked = Tracked(DenseOperator(torch.eye(2, dtype=F64)), None, 3)
+    out = ledger.spend("density", tracked, lambda op: op.matvec(torch.ones(2, dtype=F64)))
+    assert out.tolist() == [1.0, 1.0] and ledger.hvps["density"] == 3 and "density" in ledger.times
     with progress_bar(False, 10, "probing") as bar:
         assert bar is None
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
 from ..linear_operator import SymmetricOperator
 
 __all__ = ["Ledger", "Tracked", "progress_bar"]
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -70,6 +72,13 @@ class Ledger:
         t = time.perf_counter()
         yield
         self.times[name] = time.perf_counter() - t
+
+    def spend(self, name: str, op: Tracked, step: Callable[[Tracked], T]) -> T:
+        """``step(op)`` as part ``name``: its seconds, and the HVPs ``op`` counted."""
+        with self.part(name):
+            result = step(op)
+        self.hvps[name] = op.hvps
+        return result
 
     def end_setup(self) -> None:
         """Record the seconds since the ledger opened as ``"setup"``."""

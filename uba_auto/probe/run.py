@@ -90,10 +90,7 @@ def run_probe(
         total = settings.planned_hvps(num_found)
         rank = comm.rank if comm else 0
         with progress_bar(settings.progress, total, f"probing {settings.curvature}", rank) as bar:
-            with ledger.part("extremes"):
-                tracked = Tracked(op, bar, num_found)
-                ext = solve(tracked)
-                ledger.hvps["extremes"] = tracked.hvps
+            ext = ledger.spend("extremes", Tracked(op, bar, num_found), solve)
             notes += _convergence_notes(ext, settings.budget(num_found), tol)
 
             per_batch = None
@@ -105,7 +102,7 @@ def run_probe(
                         ext.top_vector,
                         solve if settings.per_batch else None,
                     )
-                    ledger.hvps["per_batch"] = per_batch.num_matvecs
+                ledger.hvps["per_batch"] = per_batch.num_matvecs
                 notes += [
                     f"the per-batch estimate of batch {i} did not converge"
                     for i in per_batch.unconverged
@@ -113,25 +110,21 @@ def run_probe(
 
             trace_est = None
             if settings.trace:
-                with ledger.part("trace"):
-                    tracked = Tracked(op, bar, num_found)
-                    trace_est = hutchpp_trace(
-                        tracked, num_matvecs=settings.trace_matvecs, generator=gen
-                    )
-                    ledger.hvps["trace"] = tracked.hvps
+                trace = functools.partial(
+                    hutchpp_trace, num_matvecs=settings.trace_matvecs, generator=gen
+                )
+                trace_est = ledger.spend("trace", Tracked(op, bar, num_found), trace)
 
             dens = None
             if settings.density:
-                with ledger.part("density"):
-                    tracked = Tracked(op, bar, num_found)
-                    dens = slq_density(
-                        tracked,
-                        num_probes=settings.density_probes,
-                        num_iters=settings.density_iters,
-                        generator=gen,
-                        basis_device=settings.basis_device,
-                    )
-                    ledger.hvps["density"] = tracked.hvps
+                density = functools.partial(
+                    slq_density,
+                    num_probes=settings.density_probes,
+                    num_iters=settings.density_iters,
+                    generator=gen,
+                    basis_device=settings.basis_device,
+                )
+                dens = ledger.spend("density", Tracked(op, bar, num_found), density)
         batch_losses = tuple(float(v) for v in op.batch_losses)
         batch_sizes = tuple(op.global_batch_sizes)
         num_params, device, dtype = op.size, op.device, op.dtype
