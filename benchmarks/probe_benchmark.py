@@ -118,7 +118,7 @@ VARIANTS = {"default": None, "tol1e-3": REL}
 
 def section_a(name: str, model: nn.Module, batch: Any, repeats: int, device: torch.device):
     from uba_auto import probe_curvature
-    from uba_auto._pyhessian_backend import run_pyhessian
+    from uba_auto.probe.pyhessian import run_pyhessian
 
     lam_max, lam_min, resid = truth(model, batch)
     sides = [*VARIANTS, "pyhessian"]

@@ -14,11 +14,11 @@ import pytest
 import torch
 from _models import PROBLEMS, SEPARABLE, make_problem
 from _reference import F64, _Reference
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 
 from uba_auto import auto_uba, probe_curvature
 from uba_auto._batches import move_batch
-from uba_auto._state import assert_state_unchanged, snapshot_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

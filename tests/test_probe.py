@@ -9,11 +9,11 @@ import pytest
 import torch
 from _models import PROBLEMS, SEPARABLE, make_problem
 from _reference import F64, _Reference
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
 
-from uba_auto._state import assert_state_unchanged, snapshot_state
 from uba_auto.hessian import UnsupportedDerivativeError
 from uba_auto.probe import CurvatureEstimate, probe_curvature
 

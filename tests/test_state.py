@@ -7,9 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from _models import make_problem
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 
-from uba_auto._state import assert_state_unchanged, preserve_state, snapshot_state
+from uba_auto._state import preserve_state
 
 
 def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -1,4 +1,5 @@
-"""The PyHessian reference backend, run so that it cannot touch the caller's state.
+"""The PyHessian reference backend (``method="pyhessian"``), run so that it cannot touch the
+caller's state, and its adapter to :class:`~uba_auto.probe.CurvatureEstimate`.
 
 PyHessian 0.1 (the PyPI release) calls ``model.eval()`` on the model it is given, leaves
 ``.grad`` filled with a graph (``backward(create_graph=True)``), draws its random vectors from the
@@ -8,7 +9,7 @@ same mode policy as our own probe, by:
 
 * handing it a deep copy of the model (the caller's parameters, buffers, ``.grad`` and flags are
   never reachable from PyHessian), wrapped so that its ``model.eval()`` is a no-op and the copy
-  keeps the probe's mode policy (see :mod:`uba_auto._batches`);
+  keeps the probe's mode policy (:func:`uba_auto._batches.evaluation_mode`);
 * forking the RNG (CPU and CUDA) around the run and seeding it, so results are reproducible and
   the caller's RNG stream is unchanged;
 * setting the default dtype to the model's for the duration, so PyHessian's ``torch.randn`` vectors
@@ -17,7 +18,8 @@ same mode policy as our own probe, by:
   raises) built on :func:`scipy.linalg.eigh_tridiagonal` (PyHessian passes a symmetric tridiagonal);
 * counting Hessian-vector products by wrapping PyHessian's product functions.
 
-It is the reference the benchmarks compare against, not the default method.
+It is the reference the benchmarks compare against (they call :func:`run_pyhessian`), not the
+default method; :func:`pyhessian_estimate` is what ``probe_curvature(method="pyhessian")`` runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import math
 import threading
 import time
 import warnings
@@ -37,9 +40,13 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from ._batches import _math_attention, mode_overrides
+from .._batches import BatchSet, evaluation_mode
+from ..slq import SpectralDensity
+from .bookkeeping import Ledger
+from .estimate import CurvatureEstimate, negative_mass
+from .settings import ProbeSettings
 
-__all__ = ["PyHessianResult", "run_pyhessian"]
+__all__ = ["PyHessianResult", "pyhessian_estimate", "run_pyhessian"]
 
 # Patching module attributes is process-global: one PyHessian run at a time.
 _LOCK = threading.Lock()
@@ -190,8 +197,6 @@ def run_pyhessian(
     replica = copy.deepcopy(model).to(dtype)
     for p in replica.parameters():
         p.grad = None
-    for m, flag in mode_overrides(replica, mode):
-        m.training = flag
     wrapped = _KeepMode(replica)
     cuda = device.type == "cuda"
     pairs = [(x, y) for x, y in batches]
@@ -221,8 +226,7 @@ def run_pyhessian(
         warnings.catch_warnings(),
         torch.random.fork_rng(devices=forked),
         _default_dtype(dtype),
-        _math_attention(),
-        torch.enable_grad(),
+        evaluation_mode(replica, mode),
         _patched(ph, "hessian_vector_product", counting_hvp),
     ):
         # PyHessian's own backward(create_graph=True) warns of the cycle we break below.
@@ -279,4 +283,103 @@ def run_pyhessian(
         density_weights=weights,
         density_hvps=density_hvps,
         wall_time_s=times,
+    )
+
+
+def pyhessian_estimate(
+    model: nn.Module,
+    batch_set: BatchSet,
+    loss_fn: Any,
+    settings: ProbeSettings,
+    ledger: Ledger,
+    notes: list[str],
+) -> CurvatureEstimate:
+    """``method="pyhessian"``: PyHessian's own algorithms on the probe's batches, as an estimate.
+
+    Only the top eigenvalue (no ``lambda_min``, no per-batch values); ``notes`` gets a warning
+    saying so. ``ledger`` holds the setup time already spent and receives the parts' times.
+
+    Raises:
+        ValueError: unless every batch is an ``(inputs, targets)`` pair and ``loss_fn`` is given.
+    """
+    if loss_fn is None or not all(
+        isinstance(b, (tuple, list)) and len(b) == 2 for b in batch_set.batches
+    ):
+        raise ValueError(
+            "method='pyhessian' needs (inputs, targets) batches and loss_fn(outputs, targets); "
+            "use method='lanczos' for dict batches or ModelLoss"
+        )
+    num = batch_set.num_found
+    # PyHessian's tolerance is on the relative change of the estimate between iterations.
+    tol = 1e-3 if settings.tol is None else settings.tol
+    max_iters = max(1, settings.budget(num) // num)
+    res = run_pyhessian(
+        model,
+        batch_set.batches,
+        loss_fn,
+        mode=settings.mode,
+        dtype=settings.dtype,
+        max_iters=max_iters,
+        tol=tol,
+        trace=settings.trace,
+        trace_max_iters=settings.trace_matvecs,
+        density=settings.density,
+        density_iters=settings.density_iters,
+        density_runs=settings.density_probes,
+        seed=settings.seed,
+    )
+    notes.append("method='pyhessian' computes the top eigenvalue only: lambda_min is not available")
+    ledger.times.update({k: v for k, v in res.wall_time_s.items() if k != "setup"})
+    ledger.hvps["extremes"] = res.eigen_hvps
+    if settings.trace:
+        ledger.hvps["trace"] = res.trace_hvps
+    params = [p for p in model.parameters() if p.requires_grad]
+    dens = None
+    if settings.density and res.density_nodes is not None:
+        ledger.hvps["density"] = res.density_hvps
+        nodes = torch.tensor(res.density_nodes, dtype=torch.float64)
+        dens = SpectralDensity(
+            nodes=nodes,
+            weights=torch.tensor(res.density_weights, dtype=torch.float64),
+            num_matvecs=res.density_hvps,
+            size=sum(p.numel() for p in params),
+            num_nodes=torch.full((nodes.shape[0],), nodes.shape[1], dtype=torch.int64),
+        )
+    trace_se = None
+    if len(res.trace_samples) > 1:
+        trace_se = float(np.std(res.trace_samples, ddof=1) / math.sqrt(len(res.trace_samples)))
+    return CurvatureEstimate(
+        lambda_max=res.eigenvalues[0],
+        lambda_min=None,
+        lambda_min_positive=None,
+        condition_number=math.inf,
+        residuals={},
+        # PyHessian stops early only when its relative-change test passes.
+        converged={"lambda_max": res.eigen_hvps < max_iters * num},
+        trace=res.trace,
+        trace_std_error=trace_se,
+        lambda_max_per_batch=(),
+        lambda_min_per_batch=(),
+        lambda_max_spread=None,
+        lambda_min_spread=None,
+        top_curvature_per_batch=(),
+        curvature_noise=None,
+        batch_losses=(),
+        density=dens,
+        negative_mass=None if dens is None else negative_mass(dens, res.eigenvalues[0]),
+        num_hvps=ledger.num_hvps,
+        hvps=ledger.hvps,
+        wall_time_s=ledger.elapsed(),
+        time_s=ledger.times,
+        num_params=sum(p.numel() for p in params),
+        num_batches=num,
+        batch_sizes=tuple(batch_set.batch_sizes),
+        method="pyhessian",
+        curvature="hessian",
+        engine="double-backward",
+        mode=settings.mode,
+        tol=tol,
+        device=str(params[0].device),
+        dtype=str(settings.dtype or params[0].dtype).replace("torch.", ""),
+        warnings=tuple(notes),
     )

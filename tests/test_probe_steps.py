@@ -1,0 +1,226 @@
+"""The probe's pieces: ProbeSettings, the typed steps (against dense float64 spectra), bookkeeping,
+and run_probe as the composition probe_curvature calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from _models import make_problem
+
+from uba_auto.lanczos import lanczos
+from uba_auto.linear_operator import DenseOperator
+from uba_auto.probe import ProbeSettings, probe_curvature, run_probe
+from uba_auto.probe.bookkeeping import Ledger, Tracked, progress_bar
+from uba_auto.probe.steps import extremes, per_batch_curvature, smallest_positive
+
+F64 = torch.float64
+
+
+def spectrum_matrix(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
+    """Q diag(eigenvalues) Qᵀ with a seeded random orthogonal Q."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    mat = q @ torch.diag(torch.tensor(eigenvalues, dtype=F64)) @ q.T
+    return (mat + mat.T) / 2
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- ProbeSettings
+def test_settings_fields_and_defaults_are_probe_curvatures_keywords():
+    params = inspect.signature(probe_curvature).parameters
+    keywords = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    keywords.pop("process_group")
+    fields = {f.name: f.default for f in dataclasses.fields(ProbeSettings)}
+    assert fields == keywords
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"num_batches": 0}, ValueError, "num_batches must be >= 1, got 0"),
+        ({"num_batches": 2.0}, TypeError, "num_batches must be an int"),
+        ({"method": "arnoldi"}, ValueError, "method must be one of"),
+        ({"curvature": "fisher"}, ValueError, "curvature must be one of"),
+        ({"engine": "jvp"}, ValueError, "engine must be one of"),
+        ({"mode": "train"}, ValueError, "mode must be one of"),
+        ({"trace_matvecs": 2}, ValueError, "trace_matvecs must be >= 3"),
+        ({"density_probes": 0}, ValueError, "density_probes must be >= 1"),
+        ({"density_iters": 1}, ValueError, "density_iters must be >= 2"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"max_hvps": 0}, ValueError, "max_hvps must be >= 1"),
+        ({"tol": -1.0}, ValueError, "tol must be finite and > 0"),
+        ({"method": "pyhessian", "curvature": "ggn"}, ValueError, "computes the Hessian only"),
+    ],
+)
+def test_settings_refuse_what_probe_curvature_refuses(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ProbeSettings(**kwargs)
+    problem = make_problem("logistic_regression")
+    with pytest.raises(exc, match=match):
+        probe_curvature(problem.model, problem.batches, problem.loss, **kwargs)
+
+
+def test_settings_are_frozen_checked_values():
+    settings = ProbeSettings(tol=1, seed=2)
+    assert settings.tol == 1.0 and isinstance(settings.tol, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="num_batches must be >= 1"):
+        dataclasses.replace(settings, num_batches=0)
+
+
+def test_settings_budget_steps_and_tolerance():
+    assert ProbeSettings().budget(3) == 300 and ProbeSettings(max_hvps=50).budget(3) == 50
+    assert ProbeSettings(max_hvps=50).lanczos_steps(3) == 16
+    with pytest.raises(ValueError, match="max_hvps=5 is too small for 3 batch"):
+        ProbeSettings(max_hvps=5).lanczos_steps(3)
+    assert ProbeSettings().tol_for(F64) == 1e-6 and ProbeSettings().tol_for(torch.float32) == 1e-4
+    assert ProbeSettings(tol=1e-3).tol_for(F64) == 1e-3
+    # extremes + per-batch extremes + one product per batch + trace
+    assert ProbeSettings(max_hvps=60, trace_matvecs=9).planned_hvps(3) == 60 * 2 + 3 + 27
+
+
+# ------------------------------------------------------------------------------------ extremes
+EIGS = [-2.0, -0.5, 1e-18, 0.03, 0.2, 1.0, 4.0]
+
+
+def test_lanczos_extremes_match_dense_spectrum():
+    op = DenseOperator(spectrum_matrix(EIGS))
+    ext = extremes(op, method="lanczos", max_iters=20, tol=1e-10, generator=gen())
+    assert ext.lambda_max == pytest.approx(4.0, rel=1e-10)
+    assert ext.lambda_min == pytest.approx(-2.0, rel=1e-10)
+    # The invariant space is reached: the smallest positive eigenvalue, not the rounding-zero one.
+    assert ext.lambda_min_positive == pytest.approx(0.03, rel=1e-8)
+    assert ext.converged == {"lambda_max": True, "lambda_min": True, "lambda_min_positive": True}
+    assert ext.num_matvecs == op.num_matvecs
+    assert float(ext.top_vector @ op.matrix @ ext.top_vector) == pytest.approx(4.0, rel=1e-10)
+
+
+def test_smallest_positive_residual_is_the_ritz_pairs_residual():
+    eigs = torch.linspace(-1.0, 3.0, 60, dtype=F64).tolist()
+    mat = spectrum_matrix(eigs, seed=1)
+    m = 10
+    ext = extremes(DenseOperator(mat), method="lanczos", max_iters=m, tol=1e-300, generator=gen(4))
+    # Every Ritz pair of the same Krylov space (same start vector), with its vector.
+    ref = lanczos(
+        DenseOperator(mat), max_iters=m, tol=1e-300, generator=gen(4), which="smallest", k=m
+    )
+    i = int(torch.nonzero(ref.eigenvalues > 0)[0])
+    theta, y = float(ref.eigenvalues[i]), ref.eigenvectors[:, i]
+    assert ext.lambda_min_positive == pytest.approx(theta, rel=1e-12)
+    dense_residual = float(torch.linalg.vector_norm(mat @ y - theta * y))
+    assert ext.residuals["lambda_min_positive"] == pytest.approx(dense_residual, abs=1e-10)
+    # Interior and unconverged after 10 steps, and reported so.
+    assert ext.converged["lambda_min_positive"] is False
+    assert ext.ends_converged == (ext.converged["lambda_max"] and ext.converged["lambda_min"])
+
+
+def test_smallest_positive_without_positive_values():
+    theta = torch.tensor([-3.0, -1.0, 1e-16], dtype=F64)
+    assert smallest_positive(theta, torch.zeros(3, dtype=F64)) is None
+
+
+def test_power_extremes_match_dense_spectrum():
+    op = DenseOperator(spectrum_matrix([-1.0, 0.1, 0.2, 0.3, 5.0]))
+    ext = extremes(op, method="power", max_iters=2000, tol=1e-12, generator=gen())
+    assert ext.lambda_max == pytest.approx(5.0, rel=1e-8)
+    assert ext.lambda_min == pytest.approx(-1.0, rel=1e-6)
+    assert ext.lambda_min_positive is None  # power iteration sees only the two ends
+    assert set(ext.residuals) == set(ext.converged) == {"lambda_max", "lambda_min"}
+    assert ext.num_matvecs == op.num_matvecs
+
+
+# ---------------------------------------------------------------------------- per-batch step
+def test_per_batch_curvature_against_dense_batches():
+    mats = [spectrum_matrix([0.5, 1.0, s], seed=s) for s in (2, 3, 6)]
+    v = torch.linalg.eigh(sum(mats) / 3).eigenvectors[:, -1]
+    built: list[int] = []
+
+    def batch_operator(i: int) -> DenseOperator:
+        built.append(i)
+        return DenseOperator(mats[i])
+
+    def solve(op):
+        return extremes(op, method="lanczos", max_iters=3, tol=1e-10, generator=gen())
+
+    pb = per_batch_curvature(batch_operator, 3, v, solve)
+    assert built == [0, 1, 2]
+    assert pb.top_curvature == pytest.approx([float(v @ m @ v) for m in mats], rel=1e-12)
+    assert pb.lambda_max == pytest.approx([2.0, 3.0, 6.0], rel=1e-10)
+    assert pb.lambda_min == pytest.approx([0.5, 0.5, 0.5], rel=1e-10)
+    assert pb.unconverged == ()
+    assert pb.num_matvecs == 3 * (1 + 3)
+    expected_noise = torch.tensor(pb.top_curvature, dtype=F64).std().item() / 4.0
+    assert pb.curvature_noise(4.0) == pytest.approx(expected_noise)
+    assert pb.curvature_noise(-1.0) is None
+
+
+def test_per_batch_curvature_reports_unconverged_batches():
+    mats = [spectrum_matrix(torch.linspace(-1, 1, 40).tolist(), seed=s) for s in (0, 1)]
+    v = torch.ones(40, dtype=F64) / 40**0.5
+
+    def solve(op):
+        return extremes(op, method="lanczos", max_iters=2, tol=1e-12, generator=gen())
+
+    pb = per_batch_curvature(lambda i: DenseOperator(mats[i]), 2, v, solve)
+    assert pb.unconverged == (0, 1)
+    one = per_batch_curvature(lambda i: DenseOperator(mats[i]), 2, v)
+    assert one.lambda_max == () and one.num_matvecs == 2
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+class _Bar:
+    def __init__(self) -> None:
+        self.updates: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+
+def test_tracked_counts_hvps_and_advances_the_bar():
+    bar = _Bar()
+    inner = DenseOperator(torch.eye(3, dtype=F64))
+    tracked = Tracked(inner, bar, hvps_per_product=4)
+    for _ in range(3):
+        tracked.matvec(torch.ones(3, dtype=F64))
+    assert tracked.hvps == 12 and inner.num_matvecs == 3 and bar.updates == [4, 4, 4]
+    assert Tracked(inner, None, 1).matvec(torch.ones(3, dtype=F64)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_ledger_and_silent_progress_bar():
+    ledger = Ledger()
+    with ledger.part("trace"):
+        ledger.hvps["trace"] = 5
+    ledger.hvps["extremes"] = 7
+    assert ledger.num_hvps == 12 and set(ledger.times) == {"trace"}
+    assert ledger.elapsed() >= ledger.times["trace"] >= 0
+    tracked = Tracked(DenseOperator(torch.eye(2, dtype=F64)), None, 3)
+    out = ledger.spend("density", tracked, lambda op: op.matvec(torch.ones(2, dtype=F64)))
+    assert out.tolist() == [1.0, 1.0] and ledger.hvps["density"] == 3 and "density" in ledger.times
+    with progress_bar(False, 10, "probing") as bar:
+        assert bar is None
+
+
+# ------------------------------------------------------------------------------- composition
+def test_run_probe_is_what_probe_curvature_runs():
+    problem = make_problem("tanh_mlp")
+    kw = dict(num_batches=2, dtype=F64, density=True, density_iters=10, density_probes=2)
+    direct = run_probe(problem.model, problem.batches, problem.loss, ProbeSettings(**kw), None)
+    public = probe_curvature(problem.model, problem.batches, problem.loss, **kw)
+    a, b = direct.to_dict(), public.to_dict()
+    for d in (a, b):
+        d.pop("wall_time_s"), d.pop("time_s")
+    assert a == b
+    assert list(direct.hvps) == ["extremes", "per_batch", "trace", "density"]
+
+
+def test_run_probe_checks_its_model():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        run_probe([], [], None, ProbeSettings(), None)

@@ -1,0 +1,141 @@
+"""``probe_curvature``: the public entry of the curvature probe (checks, then :func:`run_probe`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._distributed import resolve_process_group
+from .estimate import CurvatureEstimate
+from .run import run_probe
+from .settings import ProbeSettings, check_model
+
+__all__ = ["probe_curvature"]
+
+
+def probe_curvature(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Any = None,
+    *,
+    num_batches: int = 4,
+    max_hvps: int | None = None,
+    tol: float | None = None,
+    method: str = "lanczos",
+    curvature: str = "hessian",
+    engine: str = "double-backward",
+    mode: str = "train-deterministic",
+    dtype: torch.dtype | None = None,
+    per_batch: bool = True,
+    trace: bool = True,
+    trace_matvecs: int = 30,
+    density: bool = False,
+    density_probes: int = 4,
+    density_iters: int = 40,
+    seed: int = 0,
+    progress: bool | None = None,
+    basis_device: torch.device | str | None = None,
+    process_group: Any = "auto",
+) -> CurvatureEstimate:
+    r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
+
+    The operator is the Hessian (or GGN) of :math:`\frac1B\sum_b \ell_b(\theta)`, the mean loss over
+    the first ``num_batches`` batches of ``loader``, at the model's current parameters. Lanczos with
+    full re-orthogonalisation gives :math:`\lambda_{\max}` and :math:`\lambda_{\min}` from one
+    Krylov space; a Ritz pair counts as converged when its residual
+    :math:`\|Ay - \theta y\| \le \mathrm{tol}\cdot\max|\theta|`. With ``per_batch=True`` and more
+    than one batch, the same is done on each batch alone to give the spread of the curvature across
+    minibatches.
+
+    Args:
+        model: the model, on its device; never modified.
+        loader: an iterable of batches (a ``DataLoader``, a list...). Batch forms: ``(inputs,
+            targets)`` with ``loss_fn(outputs, targets)``; dicts with a model returning ``.loss``
+            (``loss_fn=None``); anything with ``loss_fn=ModelLoss(fn)``, ``fn(model, batch)``.
+        loss_fn: see ``loader``.
+        num_batches: how many batches to probe; a shorter loader uses what it has (recorded in
+            ``warnings``).
+        max_hvps: budget of single-batch HVPs for the extreme eigenvalues on all batches (each
+            per-batch run gets ``max_hvps / num_batches``). Default ``100 * num_batches``.
+        tol: relative residual tolerance; default ``1e-6`` in float64, ``1e-4`` otherwise.
+        method: ``"lanczos"`` (default), ``"power"`` (power iteration for the dominant eigenvalue,
+            then on the shifted operator for the other end), or ``"pyhessian"`` (the PyHessian
+            package's power iteration, trace and density, run on a copy of the model; tuple
+            batches only; no :math:`\lambda_{\min}`). ``"pyhessian"`` is the reference of the
+            benchmarks.
+        curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton, positive semi-definite for
+            convex losses, so its condition number is always defined).
+        engine: ``"double-backward"`` (cached gradient graph) or ``"forward-over-reverse"``.
+        mode: BatchNorm/dropout policy, ``"train-deterministic"`` (default: batch statistics,
+            dropout off, running statistics untouched), ``"eval"`` or ``"as-is"``.
+        dtype: probe in this dtype (e.g. ``torch.float64``); default the model's.
+        per_batch: also probe each batch alone, for the spread across minibatches.
+        trace: estimate the trace with Hutch++ using ``trace_matvecs`` operator products.
+        trace_matvecs: operator products for the trace (each costs ``num_batches`` HVPs).
+        density: estimate the spectral density by SLQ (``density_probes`` runs of
+            ``density_iters`` Lanczos steps) and the negative-eigenvalue mass.
+        density_probes, density_iters: SLQ settings.
+        seed: seed of every random vector the probe draws (from private generators: the global
+            RNG streams are neither used nor advanced).
+        progress: show a progress bar (tqdm); ``None`` shows one when stderr is a terminal.
+        basis_device: where Lanczos keeps its basis (``max_hvps / num_batches`` vectors of the
+            model's size), e.g. ``"cpu"`` to spare accelerator memory; default the model's device.
+        process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
+            than one rank, probe the loss on the **global batch**: each rank takes
+            ``num_batches`` batches of its own loader (e.g. with a ``DistributedSampler``), global
+            batch :math:`b` is the union of every rank's batch :math:`b` (what one DDP step
+            sees), each rank's part weighted by its number of examples; every Hessian-vector
+            product is all-reduced and the solvers use the same seed, so the estimate is identical
+            on every rank. It is a collective: call it at the same point, with the same
+            arguments, on every rank. ``None``/``False``: probe this process's batches alone. Or a
+            ``torch.distributed.ProcessGroup``. A ``DistributedDataParallel`` model is probed
+            through its inner module (DDP's hooks never fire, its state is untouched); FSDP is
+            refused. Details: :mod:`uba_auto._distributed`.
+
+    Returns:
+        A :class:`CurvatureEstimate`.
+
+    Raises:
+        ValueError: empty loader, non-finite or non-scalar loss (naming the batch), no parameter
+            requiring grad, a budget too small for an estimate, unknown option values.
+        TypeError: arguments of the wrong type.
+        UnsupportedDerivativeError: an operation of the model lacks a double backward (or a
+            forward-mode derivative for ``engine="forward-over-reverse"``).
+        DistributedProbeError: under a process group, raised on every rank when the probe failed
+            on any rank (naming the ranks and their errors), instead of leaving the others
+            waiting; also when ``UBA_AUTO_DISTRIBUTED_CHECK=1`` finds results that differ across
+            ranks.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> est = probe_curvature(model, [(x, y)], torch.nn.functional.mse_loss,
+        ...                       dtype=torch.float64, trace=False)
+        >>> round(est.lambda_max, 8), round(est.lambda_min, 8)  # eigenvalues of 2 XᵀX / N
+        (4.0, 1.0)
+    """
+    check_model(model)
+    settings = ProbeSettings(
+        num_batches=num_batches,
+        max_hvps=max_hvps,
+        tol=tol,
+        method=method,
+        curvature=curvature,
+        engine=engine,
+        mode=mode,
+        dtype=dtype,
+        per_batch=per_batch,
+        trace=trace,
+        trace_matvecs=trace_matvecs,
+        density=density,
+        density_probes=density_probes,
+        density_iters=density_iters,
+        seed=seed,
+        progress=progress,
+        basis_device=basis_device,
+    )
+    return run_probe(model, loader, loss_fn, settings, resolve_process_group(process_group))

@@ -1,0 +1,338 @@
+"""``run_probe``: the curvature probe as a composition of its steps, for a resolved communicator.
+
+Collect the batches (and, under a process group, agree on them), build the operator, then run the
+steps of :mod:`uba_auto.probe.steps` on it in a fixed order (extremes, per-batch curvature, trace,
+density: they share one random generator, so the order is part of the result) and assemble a
+:class:`~uba_auto.probe.CurvatureEstimate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._batches import BatchSet, collect_batches
+from .._distributed import Communicator, check_enabled, unwrap_model
+from .._state import preserve_state
+from ..hessian import GGNOperator, HessianOperator
+from ..linear_operator import SymmetricOperator
+from ..slq import SpectralDensity, slq_density
+from ..trace import TraceEstimate, hutchpp_trace
+from .bookkeeping import Ledger, Tracked, progress_bar
+from .estimate import CurvatureEstimate, condition_number, negative_mass
+from .pyhessian import pyhessian_estimate
+from .settings import ProbeSettings, check_model
+from .steps import Extremes, PerBatchCurvature, extremes, per_batch_curvature, spread
+
+__all__ = ["run_probe"]
+
+logger = logging.getLogger("uba_auto")
+
+
+def run_probe(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Any,
+    settings: ProbeSettings,
+    comm: Communicator | None,
+) -> CurvatureEstimate:
+    """:func:`~uba_auto.probe.probe_curvature` with checked settings and a resolved process group.
+
+    Args:
+        model, loader, loss_fn: as for :func:`~uba_auto.probe.probe_curvature`.
+        settings: the probe's settings.
+        comm: the communicator of the process group (from
+            :func:`uba_auto._distributed.resolve_process_group`), or ``None`` in a single process.
+
+    Raises:
+        As :func:`~uba_auto.probe.probe_curvature`.
+    """
+    check_model(model)
+    if comm is not None and settings.method == "pyhessian":
+        raise ValueError(
+            "method='pyhessian' runs PyHessian's single-process code and cannot probe the global "
+            "batch of a process group; use method='lanczos' (or 'power'), or process_group=None "
+            "to probe each rank's batches alone"
+        )
+    model = unwrap_model(model)
+    ledger = Ledger()
+    notes: list[str] = []
+    with preserve_state(model), contextlib.ExitStack() as stack:
+        batch_set = _collect(model, loader, settings, comm, stack, notes)
+        num_found = batch_set.num_found
+        max_iters = settings.lanczos_steps(num_found)
+        if settings.method == "pyhessian":
+            ledger.end_setup()
+            return pyhessian_estimate(model, batch_set, loss_fn, settings, ledger, notes)
+
+        op = _operator(model, batch_set, loss_fn, settings, comm)
+        ledger.end_setup()
+        # MERGE: batch_operator = op.batch_operator
+        batch_operator = _fresh_batch_operators(model, batch_set, loss_fn, settings, comm)
+        tol = settings.tol_for(op.dtype)
+        gen = torch.Generator(device=op.device).manual_seed(settings.seed)
+        solve = functools.partial(
+            extremes,
+            method=settings.method,
+            max_iters=max_iters,
+            tol=tol,
+            generator=gen,
+            basis_device=settings.basis_device,
+        )
+        total = settings.planned_hvps(num_found)
+        rank = comm.rank if comm else 0
+        with progress_bar(settings.progress, total, f"probing {settings.curvature}", rank) as bar:
+            ext = ledger.spend("extremes", Tracked(op, bar, num_found), solve)
+            notes += _convergence_notes(ext, settings.budget(num_found), tol)
+
+            per_batch = None
+            if num_found > 1:
+                with ledger.part("per_batch"):
+                    per_batch = per_batch_curvature(
+                        lambda i: Tracked(batch_operator(i), bar, 1),
+                        num_found,
+                        ext.top_vector,
+                        solve if settings.per_batch else None,
+                    )
+                ledger.hvps["per_batch"] = per_batch.num_matvecs
+                notes += [
+                    f"the per-batch estimate of batch {i} did not converge"
+                    for i in per_batch.unconverged
+                ]
+
+            trace_est = None
+            if settings.trace:
+                trace = functools.partial(
+                    hutchpp_trace, num_matvecs=settings.trace_matvecs, generator=gen
+                )
+                trace_est = ledger.spend("trace", Tracked(op, bar, num_found), trace)
+
+            dens = None
+            if settings.density:
+                density = functools.partial(
+                    slq_density,
+                    num_probes=settings.density_probes,
+                    num_iters=settings.density_iters,
+                    generator=gen,
+                    basis_device=settings.basis_device,
+                )
+                dens = ledger.spend("density", Tracked(op, bar, num_found), density)
+        batch_losses = tuple(float(v) for v in op.batch_losses)
+        batch_sizes = tuple(op.global_batch_sizes)
+        num_params, device, dtype = op.size, op.device, op.dtype
+
+    if comm is not None and any(size is None for size in batch_sizes):
+        notes.append(
+            "some rank's batch has no leading dimension to count examples by: every rank's part "
+            "of a global batch was weighted equally (1 / world_size), which is the global-batch "
+            "mean only if the ranks' batches are the same size"
+        )
+    estimate = CurvatureEstimate(
+        **_spectrum_fields(ext, per_batch, trace_est, dens, notes),
+        batch_losses=batch_losses,
+        num_hvps=ledger.num_hvps,
+        hvps=ledger.hvps,
+        wall_time_s=ledger.elapsed(),
+        time_s=ledger.times,
+        num_params=num_params,
+        num_batches=num_found,
+        batch_sizes=batch_sizes,
+        method=settings.method,
+        curvature=settings.curvature,
+        engine=settings.engine,
+        mode=settings.mode,
+        tol=tol,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        warnings=tuple(notes),
+        world_size=1 if comm is None else comm.world_size,
+    )
+    if comm is not None and check_enabled():
+        _check_identical_across_ranks(comm, estimate)
+    logger.info(
+        "probe: lambda_max=%.6g lambda_min=%.6g, %d HVPs in %.3g s",
+        estimate.lambda_max,
+        estimate.lambda_min if estimate.lambda_min is not None else float("nan"),
+        estimate.num_hvps,
+        estimate.wall_time_s,
+    )
+    return estimate
+
+
+# MERGE: uba_auto.curvature.build_operator(settings.curvature, ..., comm=comm) (helper C1)
+def _operator(
+    model: nn.Module,
+    batches: BatchSet | list[Any],
+    loss_fn: Any,
+    settings: ProbeSettings,
+    comm: Communicator | None,
+) -> HessianOperator | GGNOperator:
+    cls = HessianOperator if settings.curvature == "hessian" else GGNOperator
+    return cls(
+        model,
+        batches,
+        loss_fn,
+        mode=settings.mode,
+        engine=settings.engine,
+        dtype=settings.dtype,
+        process_group=comm or False,
+    )
+
+
+# ----- MERGE: delete once the operators have batch_operator(i) (helper C1) ----------------------
+def _fresh_batch_operators(
+    model: nn.Module,
+    batch_set: BatchSet,
+    loss_fn: Any,
+    settings: ProbeSettings,
+    comm: Communicator | None,
+) -> Callable[[int], SymmetricOperator]:
+    """Batch ``i``'s operator, built anew (batch collected, parameters copied, graph rebuilt)."""
+    return lambda i: _operator(model, [batch_set.batches[i]], loss_fn, settings, comm)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _collect(
+    model: nn.Module,
+    loader: Iterable[Any],
+    settings: ProbeSettings,
+    comm: Communicator | None,
+    stack: contextlib.ExitStack,
+    notes: list[str],
+) -> BatchSet:
+    """The probe's batches on the model's device; under a process group, agreed by every rank."""
+    error: Exception | None = None
+    batch_set = BatchSet(batches=[])
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                "model has no parameter with requires_grad=True; there is no curvature to "
+                "probe. Unfreeze the parameters you train"
+            )
+        device = params[0].device
+        # An enclosing autocast would run the products in reduced precision while the solvers'
+        # vectors keep the parameters' dtype: probe in the parameters' (or the asked) dtype.
+        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        batch_set = collect_batches(
+            loader, settings.num_batches, device=device, dtype=settings.dtype
+        )
+    except Exception as err:
+        if comm is None:
+            raise
+        error = err
+    if comm is not None:
+        batch_set = _agree_on_batches(comm, error, batch_set, settings, notes)
+    if batch_set.shortfall_message:
+        notes.append(batch_set.shortfall_message)
+    return batch_set
+
+
+def _agree_on_batches(
+    comm: Communicator,
+    error: Exception | None,
+    batch_set: BatchSet,
+    settings: ProbeSettings,
+    notes: list[str],
+) -> BatchSet:
+    """The collective start of a distributed probe: every rank learns of any rank's failure,
+    checks that all use the same settings, and keeps as many batches as the shortest rank has."""
+    table = comm.agree(
+        error,
+        "collecting the probe's batches",
+        equal={
+            "seed": settings.seed,
+            "the probe's settings (fingerprint)": zlib.crc32(settings.fingerprint().encode()),
+        },
+        gather={"batches": batch_set.num_found},
+        hint="pass the same probe arguments (seed, num_batches, max_hvps, method...) on every rank",
+    )
+    counts = [int(c) for c in table["batches"]]
+    common = min(counts)
+    if common != max(counts):
+        notes.append(
+            f"the ranks' loaders yielded different numbers of batches ({counts}, by rank): "
+            f"every rank probed its first {common}"
+        )
+    if common == batch_set.num_found:
+        return batch_set
+    return BatchSet(
+        batches=batch_set.batches[:common],
+        batch_sizes=batch_set.batch_sizes[:common],
+        num_requested=batch_set.num_requested,
+    )
+
+
+def _convergence_notes(ext: Extremes, budget: int, tol: float) -> list[str]:
+    return [
+        f"{key} did not converge within max_hvps={budget} (residual "
+        f"{ext.residuals[key]:.3g}, tol {tol:g} relative): raise max_hvps"
+        for key, ok in ext.converged.items()
+        if not ok and key != "lambda_min_positive"
+    ]
+
+
+def _spectrum_fields(
+    ext: Extremes,
+    per_batch: PerBatchCurvature | None,
+    trace_est: TraceEstimate | None,
+    dens: SpectralDensity | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The estimate's spectral fields from the steps' results (and the spread warning)."""
+    converged = dict(ext.converged)
+    if trace_est is not None:
+        converged["trace"] = bool(trace_est.std_error <= 0.1 * abs(trace_est.estimate))
+    max_pb = per_batch.lambda_max if per_batch else ()
+    min_pb = per_batch.lambda_min if per_batch else ()
+    max_spread = spread(max_pb)
+    if max_spread is not None:
+        rel = max_spread / max(abs(float(np.mean(max_pb))), 1e-300)
+        if rel > 0.25:
+            notes.append(
+                f"lambda_max varies by {100 * rel:.0f}% (std/mean) across batches: probe more "
+                "batches (num_batches) for a steadier estimate"
+            )
+    return dict(
+        lambda_max=ext.lambda_max,
+        lambda_min=ext.lambda_min,
+        lambda_min_positive=ext.lambda_min_positive,
+        condition_number=condition_number(ext.lambda_max, ext.lambda_min_positive),
+        residuals=ext.residuals,
+        converged=converged,
+        trace=None if trace_est is None else trace_est.estimate,
+        trace_std_error=None if trace_est is None else trace_est.std_error,
+        lambda_max_per_batch=max_pb,
+        lambda_min_per_batch=min_pb,
+        lambda_max_spread=max_spread,
+        lambda_min_spread=spread(min_pb),
+        top_curvature_per_batch=per_batch.top_curvature if per_batch else (),
+        curvature_noise=per_batch.curvature_noise(ext.lambda_max) if per_batch else None,
+        density=dens,
+        negative_mass=None if dens is None else negative_mass(dens, ext.lambda_max),
+    )
+
+
+def _check_identical_across_ranks(comm: Communicator, estimate: CurvatureEstimate) -> None:
+    """``UBA_AUTO_DISTRIBUTED_CHECK=1``: raise if any rank's results differ."""
+    comm.check_identical(
+        {
+            "lambda_max": estimate.lambda_max,
+            "lambda_min": estimate.lambda_min,
+            "lambda_min_positive": estimate.lambda_min_positive,
+            "trace": estimate.trace,
+            "curvature_noise": estimate.curvature_noise,
+            "num_hvps": estimate.num_hvps,
+        },
+        "probe_curvature",
+    )

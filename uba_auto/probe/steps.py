@@ -1,0 +1,271 @@
+r"""The probe's steps on a curvature operator, each returning a typed result.
+
+:func:`extremes` finds both ends of the spectrum of one operator; :func:`per_batch_curvature`
+measures what each batch alone shows, given a ``batch_operator(i)`` that yields batch ``i``'s
+operator. The trace and the density are the solvers' own results
+(:class:`~uba_auto.trace.TraceEstimate`, :class:`~uba_auto.slq.SpectralDensity`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+from ..lanczos import LanczosResult, lanczos
+from ..linear_operator import SymmetricOperator
+from ..power_iteration import power_iteration
+
+__all__ = [
+    "Extremes",
+    "PerBatchCurvature",
+    "extremes",
+    "per_batch_curvature",
+    "smallest_positive",
+    "spread",
+]
+
+
+@dataclass(frozen=True)
+class Extremes:
+    r"""Both ends of a spectrum and how far to trust them.
+
+    Attributes:
+        lambda_max, lambda_min: the largest and smallest eigenvalue estimates.
+        lambda_min_positive: the smallest positive Ritz value (Lanczos) or ``lambda_min`` when it
+            is positive (power iteration); ``None`` if there is none.
+        residuals: :math:`\|Ay - \theta y\|` by name (``"lambda_max"``, ``"lambda_min"`` and,
+            when there is one, ``"lambda_min_positive"``).
+        converged: whether each met the tolerance (same keys).
+        top_vector: the unit eigenvector estimate of ``lambda_max``.
+        num_matvecs: products with the operator spent.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    lambda_min_positive: float | None
+    residuals: dict[str, float]
+    converged: dict[str, bool]
+    top_vector: Tensor
+    num_matvecs: int
+
+    @property
+    def ends_converged(self) -> bool:
+        """Whether both ends converged (the interior positive value is not required to)."""
+        return all(ok for k, ok in self.converged.items() if k != "lambda_min_positive")
+
+
+def smallest_positive(ritz_values: Tensor, ritz_residuals: Tensor) -> tuple[float, float] | None:
+    """The smallest Ritz value clearly above zero and its residual, or ``None``.
+
+    Values within rounding of zero (``1e3`` machine epsilons of the spectral scale) are not
+    "positive curvature".
+
+    Example:
+        >>> theta = torch.tensor([-1.0, 1e-17, 0.5, 2.0], dtype=torch.float64)
+        >>> smallest_positive(theta, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+        (0.5, 0.3)
+    """
+    theta = ritz_values.numpy()
+    scale = np.abs(theta).max() if theta.size else 0.0
+    positive = np.flatnonzero(theta > 1e3 * np.finfo(np.float64).eps * scale)
+    if positive.size == 0:
+        return None
+    i = int(positive[0])
+    return float(theta[i]), float(ritz_residuals[i])
+
+
+# ----- MERGE: delete this helper once LanczosResult.ritz_residuals (helper B) is merged ---------
+def _ritz_residuals(result: LanczosResult) -> Tensor:
+    r"""Stand-in for ``result.ritz_residuals``: :math:`|\beta_m s_{m,i}|` of every Ritz value."""
+    alpha, beta = result.alpha.numpy(), result.beta.numpy()
+    _, s = scipy.linalg.eigh_tridiagonal(alpha, beta[: alpha.size - 1])
+    return torch.from_numpy(np.abs(beta[-1] * s[-1, :]))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _lanczos_extremes(
+    op: SymmetricOperator,
+    max_iters: int,
+    tol: float,
+    generator: torch.Generator,
+    basis_device: torch.device | str | None,
+) -> Extremes:
+    res = lanczos(
+        op,
+        max_iters=max_iters,
+        tol=tol,
+        generator=generator,
+        which="both",
+        basis_device=basis_device,
+    )
+    residuals = {"lambda_max": float(res.residuals[-1]), "lambda_min": float(res.residuals[0])}
+    converged = {"lambda_max": bool(res.converged[-1]), "lambda_min": bool(res.converged[0])}
+    ritz_residuals = _ritz_residuals(res)  # MERGE: res.ritz_residuals
+    positive = smallest_positive(res.ritz_values, ritz_residuals)
+    if positive is not None:
+        scale = float(res.ritz_values.abs().max())
+        residuals["lambda_min_positive"] = positive[1]
+        converged["lambda_min_positive"] = bool(positive[1] <= tol * scale)
+    return Extremes(
+        lambda_max=float(res.eigenvalues[-1]),
+        lambda_min=float(res.eigenvalues[0]),
+        lambda_min_positive=None if positive is None else positive[0],
+        residuals=residuals,
+        converged=converged,
+        top_vector=res.eigenvectors[:, -1],
+        num_matvecs=res.num_matvecs,
+    )
+
+
+class _Shifted(SymmetricOperator):
+    """``A - shift * I``: power iteration on it finds the end of the spectrum far from ``shift``."""
+
+    def __init__(self, inner: SymmetricOperator, shift: float) -> None:
+        super().__init__()
+        self.inner, self.shift = inner, shift
+        self.size, self.dtype, self.device = inner.size, inner.dtype, inner.device
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.inner.matvec(v) - self.shift * v
+
+
+def _power_extremes(
+    op: SymmetricOperator, max_iters: int, tol: float, generator: torch.Generator
+) -> Extremes:
+    # Half the budget for the dominant eigenvalue, half for the far end.
+    half = max(1, max_iters // 2)
+    dominant = power_iteration(op, max_iters=half, tol=tol, generator=generator)
+    shifted = _Shifted(op, dominant.eigenvalue)
+    far = power_iteration(shifted, max_iters=half, tol=tol, generator=generator)
+    other = far.eigenvalue + dominant.eigenvalue
+    hi, lo = (dominant, far) if dominant.eigenvalue >= other else (far, dominant)
+    top, bottom = max(dominant.eigenvalue, other), min(dominant.eigenvalue, other)
+    return Extremes(
+        lambda_max=top,
+        lambda_min=bottom,
+        lambda_min_positive=bottom if bottom > 0 else None,
+        residuals={"lambda_max": hi.residual, "lambda_min": lo.residual},
+        converged={"lambda_max": hi.converged, "lambda_min": lo.converged},
+        top_vector=hi.eigenvector,
+        num_matvecs=dominant.num_matvecs + far.num_matvecs,
+    )
+
+
+def extremes(
+    op: SymmetricOperator,
+    *,
+    method: str,
+    max_iters: int,
+    tol: float,
+    generator: torch.Generator,
+    basis_device: torch.device | str | None = None,
+) -> Extremes:
+    """Both ends of the spectrum of ``op``.
+
+    Args:
+        op: the operator.
+        method: ``"lanczos"`` (one Krylov space gives both ends and the smallest positive Ritz
+            value) or ``"power"`` (power iteration, then on ``op - lambda I`` for the far end,
+            half of ``max_iters`` each).
+        max_iters: the most products.
+        tol: relative residual tolerance.
+        generator: draws the start vectors.
+        basis_device: where Lanczos keeps its basis.
+
+    Example:
+        >>> from uba_auto.linear_operator import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)))
+        >>> ext = extremes(op, method="lanczos", max_iters=10, tol=1e-8,
+        ...                generator=torch.Generator().manual_seed(0))
+        >>> [round(x, 8) for x in (ext.lambda_max, ext.lambda_min, ext.lambda_min_positive)]
+        [2.0, -1.0, 0.5]
+    """
+    if method == "lanczos":
+        return _lanczos_extremes(op, max_iters, tol, generator, basis_device)
+    if method == "power":
+        return _power_extremes(op, max_iters, tol, generator)
+    raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+
+
+def spread(values: Sequence[float]) -> float | None:
+    """Sample standard deviation, or ``None`` with fewer than two values."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+@dataclass(frozen=True)
+class PerBatchCurvature:
+    r"""What each probed batch alone shows.
+
+    Attributes:
+        top_curvature: :math:`v^\top H_b v` for each batch :math:`b`, with :math:`v` the top
+            eigenvector of the mean operator (one product per batch).
+        lambda_max, lambda_min: each batch's extreme eigenvalues (empty unless asked for).
+        unconverged: the batches whose extremes did not converge.
+        num_matvecs: products with the per-batch operators (each a single-batch HVP).
+    """
+
+    top_curvature: tuple[float, ...]
+    lambda_max: tuple[float, ...]
+    lambda_min: tuple[float, ...]
+    unconverged: tuple[int, ...]
+    num_matvecs: int
+
+    def curvature_noise(self, lambda_max: float) -> float | None:
+        """Spread of :attr:`top_curvature` relative to ``lambda_max`` (``None`` if undefined)."""
+        noise = spread(self.top_curvature)
+        return noise / lambda_max if noise is not None and lambda_max > 0 else None
+
+
+def per_batch_curvature(
+    batch_operator: Callable[[int], SymmetricOperator],
+    num_batches: int,
+    top_vector: Tensor,
+    batch_extremes: Callable[[SymmetricOperator], Extremes] | None = None,
+) -> PerBatchCurvature:
+    """The curvature each batch shows along ``top_vector`` and, optionally, its extremes.
+
+    Args:
+        batch_operator: ``batch_operator(i)`` is batch ``i``'s operator (one is held at a time).
+        num_batches: how many batches.
+        top_vector: the top eigenvector of the mean operator.
+        batch_extremes: if given, run on each batch's operator (e.g. :func:`extremes` with the
+            probe's settings).
+
+    Example:
+        >>> from uba_auto.linear_operator import DenseOperator
+        >>> mats = [torch.diag(torch.tensor([d, 1.0], dtype=torch.float64)) for d in (1.0, 3.0)]
+        >>> v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> pb = per_batch_curvature(lambda i: DenseOperator(mats[i]), 2, v)
+        >>> pb.top_curvature, pb.num_matvecs, round(pb.curvature_noise(2.0), 6)
+        ((1.0, 3.0), 2, 0.707107)
+    """
+    top: list[float] = []
+    maxima: list[float] = []
+    minima: list[float] = []
+    unconverged: list[int] = []
+    num_matvecs = 0
+    for i in range(num_batches):
+        sub = batch_operator(i)
+        top.append(float(top_vector @ sub.matvec(top_vector)))
+        if batch_extremes is not None:
+            ext = batch_extremes(sub)
+            maxima.append(ext.lambda_max)
+            minima.append(ext.lambda_min)
+            if not ext.ends_converged:
+                unconverged.append(i)
+        num_matvecs += sub.num_matvecs
+        del sub  # one batch's graph at a time
+    return PerBatchCurvature(
+        top_curvature=tuple(top),
+        lambda_max=tuple(maxima),
+        lambda_min=tuple(minima),
+        unconverged=tuple(unconverged),
+        num_matvecs=num_matvecs,
+    )
