@@ -15,7 +15,7 @@ from _models import make_problem
 from torch import nn
 
 from uba_auto import CurvatureReport, ModelLoss, auto_uba
-from uba_auto._state import assert_state_unchanged, snapshot_state
+from _state_checks import assert_state_unchanged, snapshot_state
 from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
 from uba_auto.phi import EDGE_FRACTION, EDGE_PHI, FALLBACK_PHI, GATE_NOISE
 from uba_auto.schedules import uba_lr
