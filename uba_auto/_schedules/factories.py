@@ -92,20 +92,15 @@ def _shape(name: str, kwargs: dict[str, Any]) -> DecayShape:
 
 
 def _onecycle_warmup(
-    total_steps: Any,
-    lr_max: Any,
-    warmup_steps: Any,
-    warmup_start_lr: Any,
-    *,
-    pct_start: float = 0.3,
-    div_factor: float = 25.0,
+    total: Any, lr_max: Any, warmup: tuple, *, pct_start: float = 0.3, div_factor: float = 25.0
 ) -> tuple[Any, Any]:
-    """OneCycle's rise is its warm-up: ``None`` means ``round(pct_start * T)`` steps from
-    ``lr_max / div_factor``."""
-    total_steps = check_int("total_steps", total_steps, minimum=1)
+    """OneCycle's rise is its warm-up: ``(warmup_steps, warmup_start_lr)``, where ``None`` means
+    ``round(pct_start * T)`` steps from ``lr_max / div_factor``."""
+    warmup_steps, warmup_start_lr = warmup
+    total = check_int("total_steps", total, minimum=1)
     if warmup_steps is None:
         pct_start = check_fraction("pct_start", pct_start, closed_low=False, closed_high=False)
-        warmup_steps = round(pct_start * total_steps)
+        warmup_steps = round(pct_start * total)
     if warmup_start_lr is None:
         div_factor = check_positive_finite("div_factor", div_factor)
         if div_factor < 1:
@@ -127,9 +122,8 @@ def build_schedule(
     that function's order (its own arguments first) and with its messages."""
     warmup_shape = "linear"
     if name == "onecycle":
-        warmup_steps, warmup_start_lr = _onecycle_warmup(
-            total_steps, lr_max, warmup_steps, warmup_start_lr, **kwargs
-        )
+        warmup = (warmup_steps, warmup_start_lr)
+        warmup_steps, warmup_start_lr = _onecycle_warmup(total_steps, lr_max, warmup, **kwargs)
         shape, warmup_shape = cosine_fraction, "cosine"
     else:
         shape = _shape(name, kwargs)
@@ -144,27 +138,20 @@ def build_schedule(
 
 
 def make_schedule(
-    name: str,
-    total_steps: int,
-    *,
-    lr_max: float,
-    lr_min: float = 0.0,
-    warmup_steps: int | None = None,
-    warmup_start_lr: float | None = None,
-    **kwargs: Any,
+    name: str, total_steps: int, *, lr_max: float, lr_min: float = 0.0, **kwargs: Any
 ) -> Schedule:
     """The schedule ``name`` of :data:`~uba_auto.schedules.SCHEDULES`, checked once.
 
     ``make_schedule(name, T, **kw)(step) == get_schedule(name)(step, T, **kw)`` bit for bit, for
     every kind of ``step``; the arguments are checked here, with the same messages, so a bad one
-    fails before the first step. ``warmup_steps`` / ``warmup_start_lr`` left at ``None`` keep the
-    schedule's default (none; OneCycle's ``pct_start`` rise from ``lr_max / div_factor``).
+    fails before the first step.
 
     Args:
         name: a name in :data:`~uba_auto.schedules.SCHEDULES`.
-        total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr: as for the schedule functions.
-        **kwargs: the schedule's own arguments (``phi`` for ``"uba"``, ``milestones`` for
-            ``"step"``...).
+        total_steps, lr_max, lr_min: as for the schedule functions.
+        **kwargs: ``warmup_steps`` and ``warmup_start_lr`` (``None`` or left out: the schedule's
+            default, none or OneCycle's ``pct_start`` rise from ``lr_max / div_factor``), and the
+            schedule's own arguments (``phi`` for ``"uba"``, ``milestones`` for ``"step"``...).
 
     Example:
         >>> schedule = make_schedule("uba", 100, phi=4.0, lr_max=0.1)
@@ -172,6 +159,8 @@ def make_schedule(
         0.033333333333
     """
     check_schedule_name(name)
+    warmup_steps = kwargs.pop("warmup_steps", None)
+    warmup_start_lr = kwargs.pop("warmup_start_lr", None)
     if name != "onecycle":
         warmup_steps = 0 if warmup_steps is None else warmup_steps
         warmup_start_lr = 0.0 if warmup_start_lr is None else warmup_start_lr
