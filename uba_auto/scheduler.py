@@ -31,6 +31,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ._optim import group_peaks
 from ._scheduler_state import STATE_VERSION, check_state, write_rates
+from ._schedules.factories import check_budget
 from ._validation import (
     check_fraction,
     check_int,
@@ -50,8 +51,10 @@ from .schedules import (
 __all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
 
 
-def _per_group(name: str, value: Any, num_groups: int) -> list[float]:
+def _per_group(name: str, value: Any, num_groups: int) -> list[float] | None:
     """Broadcast a float (or check a per-group sequence) to one value per param group."""
+    if value is None:
+        return None
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != num_groups:
             raise ValueError(
@@ -124,25 +127,15 @@ class BudgetScheduler(LRScheduler):
         peaks = group_peaks(optimizer)
         get_schedule(schedule)  # an unknown name is the first thing to report
         self.schedule = schedule
-        self.total_steps = check_int("total_steps", total_steps, minimum=1)
-        if warmup_steps is not None:
-            check_int("warmup_steps", warmup_steps, minimum=0)
-        self.warmup_steps = warmup_steps
-        if warmup_steps is not None and warmup_steps >= self.total_steps:
-            raise ValueError(
-                f"total_steps must be > warmup_steps, got total_steps={self.total_steps} and "
-                f"warmup_steps={self.warmup_steps}; the decay phase needs at least one step"
-            )
+        given = 0 if warmup_steps is None else warmup_steps  # None: the schedule's own (_plan)
+        self.total_steps, warmup = check_budget(total_steps, given)
+        self.warmup_steps = None if warmup_steps is None else warmup
         ratio = check_lr_min_args(lr_min, lr_min_ratio)
         if ratio is not None:
             self.lr_mins = [ratio * p for p in peaks]
         else:
             self.lr_mins = _per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
-        self.warmup_start_lrs = (
-            None
-            if warmup_start_lr is None
-            else _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
-        )
+        self.warmup_start_lrs = _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
         self.schedule_kwargs = dict(schedule_kwargs)
         self.peak_lrs = peaks
         self._plans = self._build_plans()  # checks every argument before the optimizer is touched

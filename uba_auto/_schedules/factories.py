@@ -33,6 +33,7 @@ from .shapes import SHAPES, DecayShape, cosine_fraction
 
 __all__ = [
     "build_schedule",
+    "check_budget",
     "check_schedule_name",
     "decay_schedule",
     "join_schedules",
@@ -60,9 +61,8 @@ def _check_rates(lr_max: Any, lr_min: Any) -> tuple[float, float]:
     return lr_max, lr_min
 
 
-def _check_common(
-    total_steps: Any, lr_max: Any, lr_min: Any, warmup_steps: Any, warmup_start_lr: Any
-) -> tuple[int, float, float, int, float]:
+def check_budget(total_steps: Any, warmup_steps: Any) -> tuple[int, int]:
+    """``total_steps`` (>= 1) and ``warmup_steps`` (>= 0) as ints, with a decay phase left."""
     total_steps = check_int("total_steps", total_steps, minimum=1)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
     if warmup_steps >= total_steps:
@@ -70,6 +70,13 @@ def _check_common(
             f"total_steps must be > warmup_steps, got total_steps={total_steps} and "
             f"warmup_steps={warmup_steps}; the decay phase needs at least one step"
         )
+    return total_steps, warmup_steps
+
+
+def _check_common(
+    total_steps: Any, lr_max: Any, lr_min: Any, warmup_steps: Any, warmup_start_lr: Any
+) -> tuple[int, float, float, int, float]:
+    total_steps, warmup_steps = check_budget(total_steps, warmup_steps)
     lr_max, lr_min = _check_rates(lr_max, lr_min)
     warmup_start_lr = check_nonnegative_finite("warmup_start_lr", warmup_start_lr)
     if warmup_start_lr > lr_max:
