@@ -23,30 +23,38 @@ guarantees hold:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ._optim import group_peaks
+from ._scheduler_state import STATE_VERSION, check_state, write_rates
+from ._schedules.factories import check_budget
 from ._validation import (
     check_fraction,
     check_int,
     check_nonnegative_finite,
     check_positive_finite,
 )
-from .schedules import get_schedule, uba_factor
+from .schedules import (
+    Schedule,
+    decay_progress,
+    decay_schedule,
+    get_schedule,
+    join_schedules,
+    make_schedule,
+    uba_reentry,
+)
 
 __all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
 
-_STATE_VERSION = 1
 
-
-def _per_group(name: str, value: Any, num_groups: int) -> list[float]:
+def _per_group(name: str, value: Any, num_groups: int) -> list[float] | None:
     """Broadcast a float (or check a per-group sequence) to one value per param group."""
+    if value is None:
+        return None
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != num_groups:
             raise ValueError(
@@ -117,62 +125,49 @@ class BudgetScheduler(LRScheduler):
         **schedule_kwargs: Any,
     ) -> None:
         peaks = group_peaks(optimizer)
+        get_schedule(schedule)  # an unknown name is the first thing to report
         self.schedule = schedule
-        self._fn = get_schedule(schedule)
-        self.total_steps = check_int("total_steps", total_steps, minimum=1)
-        if warmup_steps is not None:
-            check_int("warmup_steps", warmup_steps, minimum=0)
-        self.warmup_steps = warmup_steps
-        if warmup_steps is not None and warmup_steps >= self.total_steps:
-            raise ValueError(
-                f"total_steps must be > warmup_steps, got total_steps={self.total_steps} and "
-                f"warmup_steps={self.warmup_steps}; the decay phase needs at least one step"
-            )
+        given = 0 if warmup_steps is None else warmup_steps  # None: the schedule's own (_plan)
+        self.total_steps, warmup = check_budget(total_steps, given)
+        self.warmup_steps = None if warmup_steps is None else warmup
         ratio = check_lr_min_args(lr_min, lr_min_ratio)
         if ratio is not None:
             self.lr_mins = [ratio * p for p in peaks]
         else:
             self.lr_mins = _per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
-        self.warmup_start_lrs = (
-            None
-            if warmup_start_lr is None
-            else _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
-        )
+        self.warmup_start_lrs = _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
         self.schedule_kwargs = dict(schedule_kwargs)
         self.peak_lrs = peaks
-        # Evaluate both ends once per group now: every argument is validated by the pure schedule
-        # (naming the group when they disagree) before anything is written to the optimizer.
-        for i in range(len(peaks)):
-            try:
-                self._rate(i, 0)
-                self._rate(i, self.total_steps)
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"param group {i}: {err}") from None
+        self._plans = self._build_plans()  # checks every argument before the optimizer is touched
         super().__init__(optimizer, last_epoch=-1)
 
     # -- the schedule ------------------------------------------------------------------------------
 
-    def _rate(self, group: int, step: int) -> float:
-        # Warm-up arguments left at None are not passed, so each schedule keeps its own default
-        # (OneCycle's rise is its warm-up; the others default to none).
-        warmup: dict[str, Any] = {}
-        if self.warmup_steps is not None:
-            warmup["warmup_steps"] = self.warmup_steps
-        if self.warmup_start_lrs is not None:
-            warmup["warmup_start_lr"] = self.warmup_start_lrs[group]
-        return float(
-            self._fn(
-                step,
-                self.total_steps,
-                lr_max=self.peak_lrs[group],
-                lr_min=self.lr_mins[group],
-                **warmup,
-                **self._extra_kwargs(),
-            )
+    def _plan(self, group: int) -> Schedule:
+        # Warm-up arguments left at None keep each schedule's own default (OneCycle's rise is its
+        # warm-up; the others default to none).
+        return make_schedule(
+            self.schedule,
+            self.total_steps,
+            lr_max=self.peak_lrs[group],
+            lr_min=self.lr_mins[group],
+            warmup_steps=self.warmup_steps,
+            warmup_start_lr=None if self.warmup_start_lrs is None else self.warmup_start_lrs[group],
+            **self._extra_kwargs(),
         )
 
     def _extra_kwargs(self) -> dict[str, Any]:
         return self.schedule_kwargs
+
+    def _build_plans(self) -> list[Schedule]:
+        """One checked schedule per param group, naming the group whose arguments do not fit."""
+        plans = []
+        for i in range(len(self.peak_lrs)):
+            try:
+                plans.append(self._plan(i))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"param group {i}: {err}") from None
+        return plans
 
     def lr_at(self, step: int) -> list[float]:
         """The rate of every param group at an explicit ``step`` (>= 0), without stepping.
@@ -181,7 +176,7 @@ class BudgetScheduler(LRScheduler):
         the re-shaped plan.
         """
         step = check_int("step", step, minimum=0)
-        return [self._rate(i, step) for i in range(len(self.peak_lrs))]
+        return [plan(step) for plan in self._plans]
 
     def get_lr(self) -> list[float]:
         """The rates for the current step count (``last_epoch``), in closed form."""
@@ -194,7 +189,7 @@ class BudgetScheduler(LRScheduler):
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state: plain numbers, strings, lists and dicts only."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "class": type(self).__name__,
             "schedule": self.schedule,
             "schedule_kwargs": dict(self.schedule_kwargs),
@@ -219,29 +214,8 @@ class BudgetScheduler(LRScheduler):
             ValueError: if the state comes from another scheduler class, another number of param
                 groups, or a newer version of uba-auto.
         """
-        if not isinstance(state_dict, dict) or "version" not in state_dict:
-            raise ValueError(
-                "state_dict must come from BudgetScheduler/UBAScheduler.state_dict(); "
-                f"got {type(state_dict).__name__} without a 'version' key"
-            )
-        if state_dict["version"] > _STATE_VERSION:
-            raise ValueError(
-                f"state_dict version {state_dict['version']} is newer than this uba-auto "
-                f"understands ({_STATE_VERSION}); upgrade uba-auto"
-            )
-        if state_dict["class"] != type(self).__name__:
-            raise ValueError(
-                f"state_dict was saved by a {state_dict['class']}, cannot load it into a "
-                f"{type(self).__name__}; construct a {state_dict['class']} instead"
-            )
-        num_groups = len(self.optimizer.param_groups)
-        if len(state_dict["peak_lrs"]) != num_groups:
-            raise ValueError(
-                f"state_dict has {len(state_dict['peak_lrs'])} param groups but the optimizer "
-                f"has {num_groups}; restore into an optimizer built the same way"
-            )
+        check_state(state_dict, type(self).__name__, len(self.optimizer.param_groups))
         self.schedule = state_dict["schedule"]
-        self._fn = get_schedule(self.schedule)
         self.schedule_kwargs = dict(state_dict["schedule_kwargs"])
         self.total_steps = state_dict["total_steps"]
         self.warmup_steps = state_dict["warmup_steps"]
@@ -253,11 +227,8 @@ class BudgetScheduler(LRScheduler):
         self.last_epoch = state_dict["last_epoch"]
         self._step_count = state_dict["_step_count"]
         self._load_extra(state_dict)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
+        self._plans = self._build_plans()
+        write_rates(self.optimizer, self.get_lr())
         self._last_lr = list(state_dict["_last_lr"])
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
@@ -279,6 +250,14 @@ class PhiChange(NamedTuple):
     new_phi: float
 
 
+class _Segment(NamedTuple):
+    """A stretch of the decay under one φ: from ``start`` on, entered at progress ``entry``."""
+
+    start: int
+    phi: float
+    entry: float
+
+
 class UBAScheduler(BudgetScheduler):
     r"""The UBA schedule as a PyTorch scheduler, with φ adjustable mid-training.
 
@@ -296,7 +275,10 @@ class UBAScheduler(BudgetScheduler):
 
         \tan\frac{\pi s_0'}{2} = \sqrt{\varphi / \varphi'}\,\tan\frac{\pi s_0}{2},
 
-    and the remaining steps :math:`t_0 \dots T` are mapped linearly onto :math:`s_0' \dots 1`. So
+    and the remaining steps :math:`t_0 \dots T` are mapped linearly onto :math:`s_0' \dots 1`: the
+    plan becomes the old one joined at :math:`t_0` to a UBA decay of :math:`T - t_0` steps entered
+    at :math:`s_0'` (:func:`~uba_auto.schedules.join_schedules`,
+    :func:`~uba_auto.schedules.decay_schedule`, :func:`~uba_auto.schedules.uba_reentry`). So
     the rate is continuous at :math:`t_0` (the rate at :math:`t_0` is not touched), still reaches
     ``lr_min`` exactly at ``total_steps``, and the remainder has the shape of the new φ's curve from
     the current level down. Changing φ during the warm-up or at the very start of the decay is the
@@ -334,10 +316,10 @@ class UBAScheduler(BudgetScheduler):
         phi = check_positive_finite("phi", phi, hint="; phi = 2 is cosine annealing")
         warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         self.phi = phi
-        # The decay phase as segments (start_step, phi, entry_progress). Segment 0 starts at the end
-        # of the warm-up; a later segment k applies to steps strictly after its start, so the rate
-        # at the step where set_phi was called is never recomputed.
-        self._segments: list[tuple[int, float, float]] = [(warmup_steps, phi, 0.0)]
+        # The decay phase as segments. Segment 0 starts at the end of the warm-up; a later segment
+        # is joined at its start, so it applies to the steps after it and the rate at the step
+        # where set_phi was called is never recomputed.
+        self._segments = [_Segment(warmup_steps, phi, 0.0)]
         self.phi_history: list[PhiChange] = []
         super().__init__(
             optimizer,
@@ -350,26 +332,22 @@ class UBAScheduler(BudgetScheduler):
         )
 
     def _extra_kwargs(self) -> dict[str, Any]:
-        return {"phi": self._segments[0][1]}
+        return {"phi": self._segments[0].phi}
 
-    def _segment_at(self, step: int) -> tuple[int, float, float]:
-        current = self._segments[0]
-        for segment in self._segments[1:]:
-            if step > segment[0]:
-                current = segment
-        return current
-
-    def _progress(self, step: int, segment: tuple[int, float, float]) -> float:
-        start, _, entry = segment
-        span = self.total_steps - start
-        return min(1.0, entry + (1.0 - entry) * (step - start) / span)
-
-    def _rate(self, group: int, step: int) -> float:
-        if len(self._segments) == 1 or step <= self._segments[1][0]:
-            return super()._rate(group, step)
-        segment = self._segment_at(step)
-        f = uba_factor(self._progress(step, segment), segment[1])
-        return self.peak_lrs[group] * f + self.lr_mins[group] * (1.0 - f)
+    def _plan(self, group: int) -> Schedule:
+        """The UBA schedule of segment 0, joined at each later segment's start to that segment's
+        UBA decay over the rest of the budget."""
+        plan, later = super()._plan(group), self._segments[1:]
+        if not later:
+            return plan
+        peak, low, total = self.peak_lrs[group], self.lr_mins[group], self.total_steps
+        decays = [
+            decay_schedule(
+                "uba", total - s.start, phi=s.phi, lr_max=peak, lr_min=low, entry=s.entry
+            )
+            for s in later
+        ]
+        return join_schedules([plan, *decays], [s.start for s in later])
 
     def set_phi(self, phi: float) -> PhiChange:
         """Use ``phi`` for the rest of the budget, with no jump in the rate (see the class docs).
@@ -389,17 +367,16 @@ class UBAScheduler(BudgetScheduler):
         change = PhiChange(step, self.phi, phi)
         if step <= self.warmup_steps:
             # Nothing of the decay phase has been used: the new curve starts where the old one did.
-            self._segments = [(self.warmup_steps, phi, 0.0)]
+            self._segments = [_Segment(self.warmup_steps, phi, 0.0)]
         elif step < self.total_steps:
             # Drop a segment started at this very step: the shape in force at `step` is the one
-            # before it, and that is the level the new curve must be entered at.
-            self._segments = [seg for seg in self._segments if seg[0] < step]
-            old = self._segment_at(step)
-            s_old = self._progress(step, old)
-            s_new = (2.0 / math.pi) * math.atan(
-                math.sqrt(old[1] / phi) * math.tan(math.pi * s_old / 2.0)
-            )
-            self._segments.append((step, phi, s_new))
+            # before it (the last one left), and that is the level the new curve is entered at.
+            self._segments = [seg for seg in self._segments if seg.start < step]
+            old = self._segments[-1]
+            span = self.total_steps - old.start
+            s_old = float(decay_progress(step - old.start, span, old.entry))
+            self._segments.append(_Segment(step, phi, uba_reentry(s_old, old.phi, phi)))
+        self._plans = self._build_plans()
         self.phi = phi
         self.phi_history.append(change)
         return change
@@ -413,7 +390,9 @@ class UBAScheduler(BudgetScheduler):
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         self.phi = state_dict["phi"]
-        self._segments = [(int(a), float(b), float(c)) for a, b, c in state_dict["segments"]]
+        self._segments = [
+            _Segment(int(a), float(b), float(c)) for a, b, c in state_dict["segments"]
+        ]
         self.phi_history = [
             PhiChange(int(a), float(b), float(c)) for a, b, c in state_dict["phi_history"]
         ]

@@ -37,155 +37,43 @@ and both endpoints are exact.
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from ._validation import (
-    check_fraction,
-    check_int,
-    check_nonnegative_finite,
-    check_positive_finite,
+from ._schedules.arrays import Steps, as_array, clip01, finish
+from ._schedules.compose import Schedule, decay_progress
+from ._schedules.factories import (
+    build_schedule,
+    check_schedule_name,
+    decay_schedule,
+    join_schedules,
+    make_schedule,
+    uba_reentry,
+    warmup_schedule,
 )
+from ._schedules.shapes import uba_fraction
+from ._validation import check_positive_finite
 
 __all__ = [
     "SCHEDULES",
+    "Schedule",
+    "Steps",
     "constant_lr",
     "cosine_lr",
+    "decay_progress",
+    "decay_schedule",
     "get_schedule",
+    "join_schedules",
     "linear_lr",
+    "make_schedule",
     "onecycle_lr",
     "rex_lr",
     "step_lr",
     "uba_factor",
     "uba_lr",
+    "uba_reentry",
+    "warmup_schedule",
     "wsd_lr",
 ]
-
-Steps = Union[int, float, np.ndarray, Tensor]  # noqa: UP007 (a runtime alias on Python 3.10)
-# A decay shape maps progress s in [0, 1] (same kind as the input: ndarray or Tensor) to the
-# remaining fraction f(s) in [0, 1] of (lr_max - lr_min), with f(0) = 1.
-DecayShape = Callable[[Any], Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# Array plumbing: one implementation serves Python numbers, NumPy arrays and torch tensors.
-
-
-def _as_array(step: Steps, name: str = "step") -> tuple[Any, str]:
-    """Convert ``step`` to a float array (ndarray or Tensor) and remember the kind to return."""
-    if isinstance(step, Tensor):
-        if step.is_complex() or step.dtype == torch.bool:
-            raise TypeError(f"{name} must hold real step numbers, got a {step.dtype} tensor")
-        dtype = torch.float32 if step.device.type == "mps" else torch.float64
-        arr, kind = step.to(dtype), "tensor"
-    elif isinstance(step, np.ndarray):
-        if step.dtype.kind not in "iuf":
-            raise TypeError(f"{name} must hold real step numbers, got an array of {step.dtype}")
-        arr, kind = step.astype(np.float64), "ndarray"
-    elif isinstance(step, (int, float, np.integer, np.floating)) and not isinstance(step, bool):
-        arr, kind = np.asarray(float(step)), "scalar"
-    else:
-        raise TypeError(
-            f"{name} must be an int, a float, a numpy array or a torch tensor, "
-            f"got {type(step).__name__}"
-        )
-    bad_nan = bool(torch.isnan(arr).any()) if kind == "tensor" else bool(np.isnan(arr).any())
-    if bad_nan:
-        raise ValueError(f"{name} must not contain NaN")
-    negative = bool((arr < 0).any())
-    if negative:
-        first = float(arr[arr < 0].reshape(-1)[0])
-        raise ValueError(f"{name} must be >= 0, got {first:g}; steps count from 0")
-    return arr, kind
-
-
-def _finish(arr: Any, kind: str) -> Steps:
-    return float(arr) if kind == "scalar" else arr
-
-
-def _where(cond: Any, a: Any, b: Any) -> Any:
-    if isinstance(cond, Tensor):
-        return torch.where(cond, a, b)
-    return np.where(cond, a, b)
-
-
-def _cos(x: Any) -> Any:
-    return torch.cos(x) if isinstance(x, Tensor) else np.cos(x)
-
-
-def _sin(x: Any) -> Any:
-    return torch.sin(x) if isinstance(x, Tensor) else np.sin(x)
-
-
-def _floor(x: Any) -> Any:
-    return torch.floor(x) if isinstance(x, Tensor) else np.floor(x)
-
-
-def _clip01(x: Any) -> Any:
-    return torch.clamp(x, 0.0, 1.0) if isinstance(x, Tensor) else np.clip(x, 0.0, 1.0)
-
-
-def _check_common(
-    total_steps: int, lr_max: float, lr_min: float, warmup_steps: int, warmup_start_lr: float
-) -> tuple[int, float, float, int, float]:
-    total_steps = check_int("total_steps", total_steps, minimum=1)
-    warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
-    if warmup_steps >= total_steps:
-        raise ValueError(
-            f"total_steps must be > warmup_steps, got total_steps={total_steps} and "
-            f"warmup_steps={warmup_steps}; the decay phase needs at least one step"
-        )
-    lr_max = check_positive_finite("lr_max", lr_max)
-    lr_min = check_nonnegative_finite("lr_min", lr_min)
-    if lr_min > lr_max:
-        raise ValueError(
-            f"lr_min must be <= lr_max, got lr_min={lr_min!r} > lr_max={lr_max!r}; "
-            "the schedule anneals from lr_max down to lr_min"
-        )
-    warmup_start_lr = check_nonnegative_finite("warmup_start_lr", warmup_start_lr)
-    if warmup_start_lr > lr_max:
-        raise ValueError(
-            f"warmup_start_lr must lie in [0, lr_max={lr_max!r}], got {warmup_start_lr!r}"
-        )
-    return total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr
-
-
-def _schedule(
-    step: Steps,
-    total_steps: int,
-    lr_max: float,
-    lr_min: float,
-    warmup_steps: int,
-    warmup_start_lr: float,
-    shape: DecayShape,
-    *,
-    warmup_shape: str = "linear",
-) -> Steps:
-    """Warm-up, then ``lr_max * f(s) + lr_min * (1 - f(s))`` with ``s`` the decay-phase progress.
-
-    The convex combination (rather than ``lr_min + (lr_max - lr_min) f``) makes both endpoints exact
-    in floating point: ``f = 1`` gives ``lr_max`` and ``f = 0`` gives ``lr_min`` bit for bit.
-    """
-    total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr = _check_common(
-        total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr
-    )
-    t, kind = _as_array(step)
-    s = _clip01((t - warmup_steps) / (total_steps - warmup_steps))
-    f = shape(s)
-    lr = lr_max * f + lr_min * (1.0 - f)
-    if warmup_steps > 0:
-        p = t / warmup_steps
-        if warmup_shape == "cosine":
-            p = (1.0 - _cos(math.pi * p)) / 2.0
-        warm = warmup_start_lr * (1.0 - p) + lr_max * p
-        lr = _where(t < warmup_steps, warm, lr)
-    return _finish(lr, kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,14 +100,8 @@ def uba_factor(progress: Steps, phi: float) -> Steps:
         0.5
     """
     phi = check_positive_finite("phi", phi)
-    s, kind = _as_array(progress, "progress")
-    s = _clip01(s)
-    c = _cos((math.pi / 2.0) * s)
-    # cos(pi/2) is 6e-17 in floating point, not 0: force the exact end value.
-    c = _where(s >= 1.0, 0.0 * c, c)
-    sn = _sin((math.pi / 2.0) * s)
-    two_c2 = 2.0 * c * c
-    return _finish(two_c2 / (two_c2 + phi * sn * sn), kind)
+    s, kind = as_array(progress, "progress")
+    return finish(uba_fraction(clip01(s), phi), kind)
 
 
 def uba_lr(
@@ -268,16 +150,10 @@ def uba_lr(
         >>> uba_lr(100, 100, phi=4.0, lr_max=0.1, lr_min=0.001)
         0.001
     """
-    phi = check_positive_finite("phi", phi, hint="; phi = 2 is cosine annealing")
-    return _schedule(
-        step,
-        total_steps,
-        lr_max,
-        lr_min,
-        warmup_steps,
-        warmup_start_lr,
-        lambda s: uba_factor(s, phi),
+    schedule = build_schedule(
+        "uba", total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, phi=phi
     )
+    return schedule(step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,16 +178,9 @@ def constant_lr(
         >>> constant_lr(7, 10, lr_max=0.5)
         0.5
     """
-    return _schedule(
-        step, total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, lambda s: 0.0 * s + 1.0
+    return build_schedule("constant", total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr)(
+        step
     )
-
-
-def _cosine_shape(s: Any) -> Any:
-    # (1 + cos(pi s)) / 2 = cos^2(pi s / 2): the squared form has no cancellation near s = 1.
-    c = _cos((math.pi / 2.0) * s)
-    c = _where(s >= 1.0, 0.0 * c, c)
-    return c * c
 
 
 def cosine_lr(
@@ -332,8 +201,8 @@ def cosine_lr(
         >>> round(cosine_lr(50, 100, lr_max=1.0), 12)
         0.5
     """
-    return _schedule(
-        step, total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, _cosine_shape
+    return build_schedule("cosine", total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr)(
+        step
     )
 
 
@@ -352,8 +221,8 @@ def linear_lr(
         >>> linear_lr(25, 100, lr_max=1.0)
         0.75
     """
-    return _schedule(
-        step, total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, lambda s: 1.0 - s
+    return build_schedule("linear", total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr)(
+        step
     )
 
 
@@ -381,34 +250,17 @@ def step_lr(
         >>> step_lr(80, 100, lr_max=1.0, milestones=(0.5, 0.75), gamma=0.1)
         0.010000000000000002
     """
-    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-        raise TypeError(
-            f"milestones must be a sequence of fractions in (0, 1), got {type(milestones).__name__}"
-        )
-    marks = [
-        check_fraction(f"milestones[{i}]", m, closed_low=False, closed_high=False)
-        for i, m in enumerate(milestones)
-    ]
-    if any(b <= a for a, b in itertools.pairwise(marks)):
-        raise ValueError(f"milestones must be strictly increasing, got {list(milestones)!r}")
-    gamma = check_fraction("gamma", gamma, closed_low=False, closed_high=True)
-
-    def shape(s: Any) -> Any:
-        # Repeated products rather than gamma**k: pow differs in the last bit between NumPy's
-        # vectorised and scalar paths, and a schedule must not depend on how it was called.
-        f = 0.0 * s + 1.0
-        for m in marks:
-            f = _where(s >= m, f * gamma, f)
-        return f
-
-    return _schedule(step, total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, shape)
-
-
-_WSD_SHAPES: dict[str, DecayShape] = {
-    "linear": lambda p: 1.0 - p,
-    "cosine": _cosine_shape,
-    "1-sqrt": lambda p: 1.0 - p**0.5,
-}
+    schedule = build_schedule(
+        "step",
+        total_steps,
+        lr_max,
+        lr_min,
+        warmup_steps,
+        warmup_start_lr,
+        milestones=milestones,
+        gamma=gamma,
+    )
+    return schedule(step)
 
 
 def wsd_lr(
@@ -431,18 +283,17 @@ def wsd_lr(
         >>> round(wsd_lr(90, 100, lr_max=1.0, decay_fraction=0.2), 12)
         0.5
     """
-    decay_fraction = check_fraction(
-        "decay_fraction", decay_fraction, closed_low=False, closed_high=True
+    schedule = build_schedule(
+        "wsd",
+        total_steps,
+        lr_max,
+        lr_min,
+        warmup_steps,
+        warmup_start_lr,
+        decay_fraction=decay_fraction,
+        decay_shape=decay_shape,
     )
-    if decay_shape not in _WSD_SHAPES:
-        raise ValueError(f"decay_shape must be one of {sorted(_WSD_SHAPES)}, got {decay_shape!r}")
-    inner = _WSD_SHAPES[decay_shape]
-
-    def shape(s: Any) -> Any:
-        # Progress through the decay window, written so that s = 1 gives exactly 1.
-        return inner(_clip01(1.0 - (1.0 - s) / decay_fraction))
-
-    return _schedule(step, total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, shape)
+    return schedule(step)
 
 
 def rex_lr(
@@ -466,16 +317,10 @@ def rex_lr(
         >>> round(rex_lr(50, 100, lr_max=1.0), 12)  # 0.5 / 0.75
         0.666666666667
     """
-    beta = check_fraction("beta", beta, closed_low=True, closed_high=False)
-    return _schedule(
-        step,
-        total_steps,
-        lr_max,
-        lr_min,
-        warmup_steps,
-        warmup_start_lr,
-        lambda s: (1.0 - s) / (1.0 - beta * s),
+    schedule = build_schedule(
+        "rex", total_steps, lr_max, lr_min, warmup_steps, warmup_start_lr, beta=beta
     )
+    return schedule(step)
 
 
 def onecycle_lr(
@@ -502,25 +347,17 @@ def onecycle_lr(
         >>> onecycle_lr(30, 100, lr_max=1.0)
         1.0
     """
-    total_steps = check_int("total_steps", total_steps, minimum=1)
-    if warmup_steps is None:
-        pct_start = check_fraction("pct_start", pct_start, closed_low=False, closed_high=False)
-        warmup_steps = round(pct_start * total_steps)
-    if warmup_start_lr is None:
-        div_factor = check_positive_finite("div_factor", div_factor)
-        if div_factor < 1:
-            raise ValueError(f"div_factor must be >= 1, got {div_factor!r}")
-        warmup_start_lr = check_positive_finite("lr_max", lr_max) / div_factor
-    return _schedule(
-        step,
+    schedule = build_schedule(
+        "onecycle",
         total_steps,
         lr_max,
         lr_min,
         warmup_steps,
         warmup_start_lr,
-        _cosine_shape,
-        warmup_shape="cosine",
+        pct_start=pct_start,
+        div_factor=div_factor,
     )
+    return schedule(step)
 
 
 SCHEDULES: dict[str, Callable[..., Steps]] = {
@@ -547,6 +384,4 @@ def get_schedule(name: str) -> Callable[..., Steps]:
         >>> get_schedule("cosine") is cosine_lr
         True
     """
-    if not isinstance(name, str) or name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid names are {sorted(SCHEDULES)}")
-    return SCHEDULES[name]
+    return SCHEDULES[check_schedule_name(name)]
