@@ -101,13 +101,13 @@ def first_within(estimates: list[float], target: float) -> int | None:
 
 def lanczos_trajectory(model: nn.Module, batch: Any, seed: int, max_iters: int) -> list[float]:
     from uba_auto import HessianOperator, lanczos
-    from uba_auto.lanczos import _tridiagonal_eigh
+    from uba_auto._krylov import tridiagonal_eigh
 
     op = HessianOperator(model, [batch], loss_fn)
     gen = torch.Generator(device=op.device).manual_seed(seed)
     res = lanczos(op, max_iters=max_iters, tol=1e-30, generator=gen, check_every=max_iters)
     a, b = res.alpha.numpy(), res.beta.numpy()
-    return [float(_tridiagonal_eigh(a[:m], b[:m])[0][-1]) for m in range(1, a.size + 1)]
+    return [float(tridiagonal_eigh(a[:m], b[:m])[0][-1]) for m in range(1, a.size + 1)]
 
 
 # The probe variants of section A: default tolerance, and tol=1e-3, whose residual bound

@@ -141,6 +141,72 @@ class TestResiduals:
         assert torch.all(result.residuals <= 1e-6 * result.ritz_values.abs().max())
 
 
+def dense_ritz_pairs(op: DenseOperator, v0: torch.Tensor, m: int):
+    """Rayleigh-Ritz on K_m(A, v0) from a QR of the Krylov matrix, independent of the solver."""
+    cols = [v0 / torch.linalg.vector_norm(v0)]
+    for _ in range(m - 1):
+        w = op.matrix @ cols[-1]
+        cols.append(w / torch.linalg.vector_norm(w))
+    q, _ = torch.linalg.qr(torch.stack(cols, dim=1))
+    theta, s = torch.linalg.eigh(q.T @ op.matrix @ q)
+    y = q @ s
+    return theta, torch.linalg.vector_norm(op.matrix @ y - y * theta, dim=0)
+
+
+class TestRitzResiduals:
+    """``ritz_residuals``: the residual of every Ritz value, so no caller solves T_m again."""
+
+    @pytest.mark.parametrize("m", [4, 6, 8])
+    @pytest.mark.parametrize("name", ["well_separated", "indefinite"])
+    def test_every_ritz_residual_matches_dense_rayleigh_ritz(self, name, m):
+        lam = SPECTRA[name]()
+        op = spectrum_operator(lam, seed=4)
+        v0 = torch.randn(op.size, generator=torch.Generator().manual_seed(5), dtype=lam.dtype)
+        result = lanczos(op, max_iters=m, tol=1e-30, v0=v0)
+        theta, residual = dense_ritz_pairs(op, v0, m)
+        scale = float(lam.abs().max())
+        assert result.num_iters == m
+        torch.testing.assert_close(result.ritz_values, theta, rtol=0, atol=1e-9 * scale)
+        torch.testing.assert_close(result.ritz_residuals, residual, rtol=1e-6, atol=1e-9 * scale)
+
+    @pytest.mark.parametrize("max_iters", [10, 40])
+    @pytest.mark.parametrize("name", ["well_separated", "clustered", "low_rank"])
+    def test_every_ritz_residual_equals_direct_residual(self, name, max_iters):
+        # k = max_iters asks for every Ritz pair, so the eigenvectors cover all of ritz_values.
+        lam = SPECTRA[name]()
+        op = spectrum_operator(lam, seed=6)
+        result = lanczos(op, max_iters=max_iters, which="largest", k=max_iters, tol=1e-30)
+        assert torch.equal(result.eigenvalues, result.ritz_values)
+        direct = direct_residuals(op, result)
+        scale = float(lam.abs().max())
+        torch.testing.assert_close(result.ritz_residuals, direct, rtol=1e-6, atol=1e-12 * scale)
+
+    @pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+    def test_residuals_are_ritz_residuals_of_the_requested_values(self, which):
+        result = lanczos(spectrum_operator(well_separated()), which=which, k=3, max_iters=40)
+        rr, k = result.ritz_residuals, 3
+        low = [rr[:k]] if which != "largest" else []
+        high = [rr[-k:]] if which != "smallest" else []
+        assert torch.equal(result.residuals, torch.cat(low + high))
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    def test_float64_cpu_one_per_ritz_value(self, dtype):
+        result = lanczos(spectrum_operator(indefinite(), dtype=dtype), tol=1e-5, max_iters=30)
+        rr = result.ritz_residuals
+        assert rr.dtype == torch.float64 and rr.device.type == "cpu"
+        assert rr.shape == result.ritz_values.shape == (result.num_iters,)
+        assert torch.all(rr >= 0)
+
+    def test_smallest_positive_ritz_value_and_its_residual(self):
+        # What the probe reads: the residual bounds the distance of that Ritz value to the spectrum.
+        lam = indefinite()
+        op = spectrum_operator(lam, seed=7)
+        result = lanczos(op, max_iters=40, tol=1e-30)
+        i = int(torch.nonzero(result.ritz_values > 0)[0])
+        theta, residual = result.ritz_values[i : i + 1], result.ritz_residuals[i : i + 1]
+        assert bool(distance_to_spectrum(theta, lam) <= residual * (1 + 1e-8) + 1e-12)
+
+
 class TestBreakdown:
     def test_low_rank_stops_early_with_exact_values(self):
         lam = low_rank()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -42,7 +45,7 @@ def test_noise_gate_cosine_above_the_gate_and_linear_below(link):
 
 
 def test_gated_is_the_default_and_gated_edge_caps_phi_far_below_the_edge():
-    assert P.LINKS[0] == "gated"
+    assert next(iter(P.LINKS)) == "gated"  # LINKS is a mapping now, the default first
     noisy = P.minibatch_condition_number(0.2)
     below, at = P.EDGE_FRACTION * 0.99, P.EDGE_FRACTION
 
@@ -219,3 +222,98 @@ def test_choose_phi_one_batch_is_treated_as_full_batch(estimate):
     choice = P.choose_phi(one, peak_lr=0.1, budget=100)
     assert choice.kappa == 1.0 and choice.phi == P.PHI_MIN
     assert any("not measurable" in w for w in choice.warnings)
+
+
+# The registry: links are pure functions of plain numbers, adapted from an estimate in one place.
+
+
+def test_links_registry_names_and_immutability():
+    assert list(P.LINKS) == ["gated", "gated-edge", "calibrated", "chebyshev"]
+    assert all(isinstance(link, P.Link) and link.name == name for name, link in P.LINKS.items())
+    with pytest.raises(TypeError):
+        P.LINKS["mine"] = P.LINKS["gated"]  # type: ignore[index]
+
+
+def test_check_link_returns_the_name_or_names_the_allowed_ones():
+    for name in P.LINKS:
+        assert P.check_link(name) == name
+    for bad in ["magic", "Gated", "", None, 3]:
+        with pytest.raises(ValueError, match="link must be one of") as info:
+            P.check_link(bad)
+        assert all(repr(name) in str(info.value) for name in P.LINKS)
+        assert repr(bad) in str(info.value)
+
+
+NUMBERS = [
+    P.LinkInputs(lambda_max=2.0, lambda_min_positive=1e-3, curvature_noise=0.2, num_batches=8),
+    P.LinkInputs(lambda_max=2.0, lambda_min_positive=None, curvature_noise=0.01, num_batches=8),
+    P.LinkInputs(lambda_max=0.5, lambda_min_positive=0.1, curvature_noise=None, num_batches=1),
+    P.LinkInputs(lambda_max=3.0, lambda_min_positive=None, curvature_noise=None, num_batches=4),
+    P.LinkInputs(lambda_max=-1.0, lambda_min_positive=None, curvature_noise=0.3, num_batches=2),
+]
+
+
+@pytest.mark.parametrize("inputs", NUMBERS)
+@pytest.mark.parametrize("name", list(P.LINKS))
+def test_each_link_is_a_pure_function_of_numbers(name, inputs):
+    kw = dict(peak_lr=0.1, budget=500, phi_min=0.25, phi_max=16.0, edge_fraction=0.01)
+    first = P.LINKS[name](inputs, **kw)
+    # Equal numbers in fresh objects give an equal choice; repeating the call changes nothing.
+    again = P.LINKS[name](dataclasses.replace(inputs), **dict(kw))
+    assert first == again == P.LINKS[name](inputs, **kw)
+    assert first.link == name
+
+
+def test_link_values_in_closed_form():
+    gate = P.minibatch_condition_number(P.GATE_NOISE)
+    quiet = NUMBERS[1]  # sigma = 0.01, below the gate
+    kappa = P.minibatch_condition_number(0.01)
+    choice = P.LINKS["gated"](quiet, peak_lr=None, budget=100)
+    assert choice.kappa == kappa and choice.phi == pytest.approx(2 * (kappa - 1) / (gate - 1))
+    edge = P.LINKS["gated-edge"](NUMBERS[0], peak_lr=None, budget=100, edge_fraction=0.01)
+    assert edge.phi == P.EDGE_PHI and edge.edge_fraction == 0.01
+    cheb = P.LINKS["chebyshev"](NUMBERS[0], peak_lr=0.1, budget=500, phi_max=1e9)
+    assert cheb.kappa == pytest.approx(2.0 / 0.02) and cheb.phi == pytest.approx(2 * 2.0 / 0.02)
+    # The curve alone is phi_from_condition_number before the clamp.
+    for name, link in P.LINKS.items():
+        raw, clamped = link.phi(1.3, 0.25, 16.0, None)
+        assert clamped == P.phi_from_condition_number(1.3, link=name)
+        assert clamped == min(max(raw, 0.25), 16.0)
+
+
+def test_link_inputs_reads_any_object_with_the_fields():
+    fake = types.SimpleNamespace(
+        lambda_max=2.0, lambda_min_positive=None, curvature_noise=0.2, num_batches=8, method="m"
+    )
+    assert P.link_inputs(fake) == P.LinkInputs(2.0, None, 0.2, 8, "m")
+
+
+@pytest.mark.parametrize("name", list(P.LINKS))
+@pytest.mark.parametrize("edge_fraction", [None, 0.01, 0.5])
+def test_choose_phi_is_the_registered_link_applied_to_the_adapter(estimate, name, edge_fraction):
+    kw = dict(peak_lr=0.1, budget=1000, phi_min=0.25, phi_max=16.0, edge_fraction=edge_fraction)
+    expected = P.LINKS[name](P.link_inputs(estimate), **kw)
+    assert P.choose_phi(estimate, link=name, **kw) == expected
+    assert P.link_inputs(estimate) == P.LinkInputs(
+        estimate.lambda_max,
+        estimate.lambda_min_positive,
+        estimate.curvature_noise,
+        estimate.num_batches,
+        estimate.method,
+    )
+
+
+def test_phi_does_not_import_the_probe_at_run_time():
+    # The links are functions of numbers: only annotations (under TYPE_CHECKING) name the probe.
+    for path in pathlib.Path(P.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        guarded = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING"
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not any("probe" in n for n in names), (path.name, ast.dump(node))

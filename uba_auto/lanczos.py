@@ -12,277 +12,32 @@ an :math:`(m, n)` basis in memory, which ``basis_device`` can move off the accel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
-from uba_auto._validation import check_int as _check_int
-from uba_auto._validation import check_positive_finite as _check_positive_float
+from uba_auto._krylov import (
+    DEFAULT_CHECK_EVERY,
+    gaussian_unit_vector,
+    ritz_residuals,
+    run_lanczos,
+    tridiagonal_eigh,
+)
+from uba_auto._validation import (
+    check_basis_device,
+    check_int,
+    check_operator,
+    check_positive_finite,
+    check_v0,
+    resolve_generator,
+)
 from uba_auto.linear_operator import SymmetricOperator
 
 __all__ = ["LanczosResult", "lanczos"]
 
 _WHICH = ("both", "largest", "smallest")
-
-# Convergence and breakdown are tested on the host, which syncs with the device; every few steps
-# keeps that cost negligible while wasting at most ``check_every - 1`` products after convergence.
-_DEFAULT_CHECK_EVERY = 5
-
-
-# --------------------------------------------------------------------------------------------------
-# Argument checks shared by the solver modules (lanczos, power_iteration, trace, slq).
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_operator(op: Any) -> SymmetricOperator:
-    if not isinstance(op, SymmetricOperator):
-        raise TypeError(
-            f"op must be a uba_auto.SymmetricOperator, got {type(op).__name__}; "
-            "wrap a matrix with uba_auto.linear_operator.DenseOperator(matrix)"
-        )
-    if op.size < 1:
-        raise ValueError(
-            f"op.size must be >= 1, got {op.size}; the operator acts on an empty space"
-        )
-    return op
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    # torch.device("cuda") and torch.device("cuda:0") name the same device in the default setup.
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-def _resolve_generator(generator: Any, op: SymmetricOperator) -> torch.Generator:
-    """The caller's generator, or a fresh one seeded with 0 so that results are reproducible."""
-    if generator is None:
-        # A private generator: the global RNG state of the caller is never consumed.
-        return torch.Generator(device=op.device).manual_seed(0)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-            f"use torch.Generator(device={str(op.device)!r}).manual_seed(seed)"
-        )
-    if not _same_device(generator.device, op.device):
-        raise ValueError(
-            f"generator must live on the operator's device {op.device}, got one on "
-            f"{generator.device}; use torch.Generator(device={str(op.device)!r}).manual_seed(seed)"
-        )
-    return generator
-
-
-def _check_v0(v0: Any, op: SymmetricOperator) -> Tensor:
-    """Validate a user starting vector and return it normalised (one host sync, outside loops)."""
-    if not isinstance(v0, Tensor):
-        raise TypeError(f"v0 must be a torch.Tensor or None, got {type(v0).__name__}")
-    if v0.shape != (op.size,):
-        raise ValueError(
-            f"v0 must have shape ({op.size},) to match op.size, got {tuple(v0.shape)}; "
-            "flatten it or pass v0=None for a random start"
-        )
-    if v0.dtype != op.dtype or not _same_device(v0.device, op.device):
-        raise ValueError(
-            f"v0 must be {op.dtype} on {op.device} like the operator, got {v0.dtype} on "
-            f"{v0.device}; use v0.to(device=op.device, dtype=op.dtype)"
-        )
-    norm = torch.linalg.vector_norm(v0)
-    if not bool(torch.isfinite(norm)) or not bool(norm > 0):
-        raise ValueError(
-            f"v0 must be finite and nonzero, got a vector of norm {float(norm)!r}; "
-            "pass v0=None for a random start"
-        )
-    return v0.detach() / norm.detach()
-
-
-def _gaussian_unit_vector(op: SymmetricOperator, generator: torch.Generator) -> Tensor:
-    # Gaussian rather than Rademacher: a sign vector can be exactly orthogonal to a structured
-    # eigenvector (e.g. (1, -1)/sqrt(2)), a Gaussian one almost surely is not.
-    v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=op.device)
-    return v / torch.linalg.vector_norm(v)
-
-
-def _check_basis_device(basis_device: Any, op: SymmetricOperator) -> torch.device:
-    if basis_device is None:
-        return op.device
-    try:
-        return torch.device(basis_device)
-    except (TypeError, RuntimeError) as err:
-        raise ValueError(
-            f"basis_device must be None, a torch.device or a device string such as 'cpu', got "
-            f"{basis_device!r}"
-        ) from err
-
-
-# --------------------------------------------------------------------------------------------------
-# The Lanczos process, shared with stochastic Lanczos quadrature.
-# --------------------------------------------------------------------------------------------------
-
-
-def _breakdown_rtol(dtype: torch.dtype) -> float:
-    # Breakdown is judged against the step's own product ||A q_j||: when A q_j lies in span(Q) the
-    # projections cancel it down to tens of ulps. Against ||A|| instead, float32 runs would stop
-    # on genuine bulk directions of Hessians whose bulk is 1e-4 of the top eigenvalue. A
-    # near-invariant space that escapes this test is harmless: two Gram-Schmidt passes keep the
-    # next vector orthogonal, so the run continues as if restarted, and converged pairs stop it.
-    return 100.0 * torch.finfo(dtype).eps
-
-
-class _Basis:
-    """The Lanczos vectors as rows of blocks allocated on demand.
-
-    Growing block by block (rather than allocating ``max_steps`` rows up front) keeps the memory at
-    what the run actually used, which is usually far below ``max_steps`` rows when it converges.
-    """
-
-    def __init__(self, n: int, max_rows: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.n, self.max_rows, self.dtype, self.device = n, max_rows, dtype, device
-        self.block = min(max_rows, _BASIS_BLOCK)
-        self.blocks: list[Tensor] = []
-        self.rows = 0  # rows written so far
-
-    def append(self, v: Tensor) -> None:
-        if self.rows == len(self.blocks) * self.block:
-            size = min(self.block, self.max_rows - self.rows)
-            self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
-        self.blocks[-1][self.rows % self.block] = v
-        self.rows += 1
-
-    def row(self, j: int) -> Tensor:
-        return self.blocks[j // self.block][j % self.block]
-
-    def _filled(self) -> Iterator[Tensor]:
-        for i, blk in enumerate(self.blocks):
-            yield blk[: min(self.block, self.rows - i * self.block)]
-
-    def coefficients(self, w: Tensor) -> Tensor:
-        """``Q w`` for the rows ``Q`` written so far."""
-        return torch.cat([blk @ w for blk in self._filled()])
-
-    def subtract(self, w: Tensor, h: Tensor) -> Tensor:
-        """``w - Q^T h``."""
-        start = 0
-        for blk in self._filled():
-            w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
-            start += blk.shape[0]
-        return w
-
-    def combine(self, coeffs: Tensor, m: int) -> Tensor:
-        """``Q[:m]^T coeffs`` for a ``(m, k)`` matrix of coefficients: Ritz vectors as columns."""
-        out = torch.zeros((self.n, coeffs.shape[1]), dtype=self.dtype, device=self.device)
-        start = 0
-        for blk in self._filled():
-            rows = min(blk.shape[0], m - start)
-            if rows <= 0:
-                break
-            out += blk[:rows].T @ coeffs[start : start + rows]
-            start += rows
-        return out
-
-
-_BASIS_BLOCK = 16
-
-
-@dataclass(frozen=True)
-class _LanczosProcess:
-    """Raw output of :func:`_run_lanczos` (internal)."""
-
-    alpha: np.ndarray  # (m,) float64, diagonal of T
-    beta: np.ndarray  # (m,) float64; beta[:-1] off-diagonal of T, beta[-1] = ||final residual||
-    basis: _Basis  # rows [:m] are the orthonormal Lanczos vectors
-    num_steps: int
-    num_matvecs: int
-    breakdown: bool
-
-
-def _run_lanczos(
-    op: SymmetricOperator,
-    q0: Tensor,
-    *,
-    max_steps: int,
-    basis_device: torch.device,
-    check_every: int,
-    should_stop: Callable[[np.ndarray, np.ndarray], bool] | None,
-) -> _LanczosProcess:
-    r"""Run up to ``max_steps`` (<= n) Lanczos steps from the unit vector ``q0``.
-
-    Every ``check_every`` steps (and at the last one) the coefficients are copied to the host, the
-    run is truncated at the first breakdown (:math:`\beta_j \le` :func:`_breakdown_rtol`
-    :math:`\cdot \|A q_j\|`), and ``should_stop(alpha, beta)`` may end it.
-    """
-    n = op.size
-    dtype = op.dtype
-    start_count = op.num_matvecs
-    basis = _Basis(n, max_steps, dtype, basis_device)
-    # Coefficients stay on the device between checks so that no step waits for the host.
-    alpha = torch.empty(max_steps, dtype=dtype, device=basis_device)
-    beta = torch.empty(max_steps, dtype=dtype, device=basis_device)
-    aq_norm = torch.empty(max_steps, dtype=dtype, device=basis_device)
-    basis.append(q0.to(basis_device))
-    rtol = _breakdown_rtol(dtype)
-    tiny = torch.finfo(dtype).tiny
-
-    for j in range(max_steps):
-        # detach: the solver never differentiates through the operator, and a graph attached to
-        # the product would otherwise be kept alive by the basis.
-        w = op.matvec(basis.row(j).to(op.device)).detach().to(basis_device)
-        aq_norm[j] = torch.linalg.vector_norm(w)
-        # Two classical Gram-Schmidt passes against the whole basis. The first pass also yields the
-        # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
-        # first left behind through rounding, which keeps Q orthonormal to working precision.
-        h = basis.coefficients(w)
-        w = basis.subtract(w, h)
-        h2 = basis.coefficients(w)
-        w = basis.subtract(w, h2)
-        alpha[j] = h[j] + h2[j]
-        b = torch.linalg.vector_norm(w)
-        beta[j] = b
-        if j + 1 < max_steps:
-            # clamp: an exact breakdown (w = 0) must not produce NaN before the next host check
-            # finds it; the rows written after a breakdown are discarded there.
-            basis.append(w / b.clamp_min(tiny))
-
-        m = j + 1
-        if m % check_every != 0 and m != max_steps:
-            continue
-        alpha_h = alpha[:m].to("cpu", torch.float64).numpy()
-        beta_h = beta[:m].to("cpu", torch.float64).numpy()
-        aq_h = aq_norm[:m].to("cpu", torch.float64).numpy()
-        if not (np.isfinite(alpha_h).all() and np.isfinite(beta_h).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(alpha_h) & np.isfinite(beta_h)))[0])
-            raise ValueError(
-                f"op.matvec returned non-finite values at Lanczos step {bad + 1}; check the "
-                "operator (e.g. a Hessian evaluated at a diverged point) or use float64"
-            )
-        hits = np.flatnonzero(beta_h <= rtol * aq_h)
-        if hits.size:
-            m_b = int(hits[0]) + 1
-            return _LanczosProcess(
-                alpha=alpha_h[:m_b].copy(),
-                beta=beta_h[:m_b].copy(),
-                basis=basis,
-                num_steps=m_b,
-                num_matvecs=op.num_matvecs - start_count,
-                breakdown=True,
-            )
-        if m == max_steps or (should_stop is not None and should_stop(alpha_h, beta_h)):
-            return _LanczosProcess(
-                alpha=alpha_h,
-                beta=beta_h,
-                basis=basis,
-                num_steps=m,
-                num_matvecs=op.num_matvecs - start_count,
-                breakdown=False,
-            )
-    raise AssertionError("unreachable: the loop returns at its last step")  # pragma: no cover
-
-
-def _tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of the tridiagonal with diagonal ``alpha`` and off-diagonal ``beta[:-1]``."""
-    return scipy.linalg.eigh_tridiagonal(alpha, beta[: alpha.size - 1])
 
 
 def _wanted_indices(m: int, which: str, k: int) -> np.ndarray:
@@ -294,16 +49,6 @@ def _wanted_indices(m: int, which: str, k: int) -> np.ndarray:
     if which in ("both", "largest"):
         idx.update(range(m - kk, m))
     return np.array(sorted(idx), dtype=np.int64)
-
-
-def _ritz_residuals(beta_last: float, s: np.ndarray) -> np.ndarray:
-    # ||A y_i - theta_i y_i|| = |beta_m| |s_{m,i}| because A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T.
-    return np.abs(beta_last * s[-1, :])
-
-
-# --------------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -318,7 +63,11 @@ class LanczosResult:
         converged: ``residuals <= tol * max_i |theta_i|`` (bool tensor).
         eigenvectors: the Ritz vectors :math:`y_i = Q_m s_i` as columns, ``(n, len(eigenvalues))``,
             in the operator's dtype and on its device.
-        ritz_values: all eigenvalues of the final :math:`T_m`, ascending, float64.
+        ritz_values: all eigenvalues of the final :math:`T_m`, ascending, float64 CPU.
+        ritz_residuals: the residual :math:`|\beta_m s_{m,i}|` of every Ritz value in
+            :attr:`ritz_values`, same order, float64 CPU (:attr:`residuals` is its restriction to
+            :attr:`eigenvalues`). With them a caller reads any Ritz pair's accuracy, e.g. the
+            smallest positive one, without solving :math:`T_m` again.
         alpha: diagonal of :math:`T_m`, float64 CPU, length :attr:`num_iters`.
         beta: float64 CPU, length :attr:`num_iters`: ``beta[:-1]`` is the off-diagonal of
             :math:`T_m` and ``beta[-1]`` the norm :math:`\beta_m` of the final residual vector.
@@ -342,6 +91,7 @@ class LanczosResult:
     converged: Tensor
     eigenvectors: Tensor
     ritz_values: Tensor
+    ritz_residuals: Tensor
     alpha: Tensor
     beta: Tensor
     num_matvecs: int
@@ -376,7 +126,7 @@ def lanczos(
     which: str = "both",
     k: int = 1,
     basis_device: torch.device | str | None = None,
-    check_every: int = _DEFAULT_CHECK_EVERY,
+    check_every: int = DEFAULT_CHECK_EVERY,
 ) -> LanczosResult:
     r"""Extreme eigenvalues of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -444,15 +194,15 @@ def lanczos(
         >>> round(result.lambda_max, 10), round(result.lambda_min, 10), result.all_converged
         (6.0, -3.0, True)
     """
-    op = _check_operator(op)
-    max_iters = _check_int("max_iters", max_iters, minimum=1)
-    tol = _check_positive_float(
+    op = check_operator(op)
+    max_iters = check_int("max_iters", max_iters, minimum=1)
+    tol = check_positive_finite(
         "tol", tol, hint="; typical values are 1e-8 (float64), 1e-5 (float32)"
     )
     if not isinstance(which, str) or which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    k = _check_int("k", k, minimum=1)
-    check_every = _check_int("check_every", check_every, minimum=1)
+    k = check_int("k", k, minimum=1)
+    check_every = check_int("check_every", check_every, minimum=1)
     needed = 2 * k if which == "both" else k
     if max_iters < needed:
         raise ValueError(
@@ -460,10 +210,10 @@ def lanczos(
             f"max_iters >= {needed}{' (= 2k)' if which == 'both' else ' (= k)'}; raise max_iters "
             "(a few times that number is typical) or lower k"
         )
-    q0 = _check_v0(v0, op) if v0 is not None else None
-    basis_dev = _check_basis_device(basis_device, op)
+    q0 = check_v0(v0, op) if v0 is not None else None
+    basis_dev = check_basis_device(basis_device, op)
     if q0 is None:
-        q0 = _gaussian_unit_vector(op, _resolve_generator(generator, op))
+        q0 = gaussian_unit_vector(op, resolve_generator(generator, op))
 
     max_steps = min(max_iters, op.size)
     min_steps = min(needed, max_steps)
@@ -471,12 +221,12 @@ def lanczos(
     def should_stop(alpha_h: np.ndarray, beta_h: np.ndarray) -> bool:
         if alpha_h.size < min_steps:
             return False
-        theta, s = _tridiagonal_eigh(alpha_h, beta_h)
+        theta, s = tridiagonal_eigh(alpha_h, beta_h)
         idx = _wanted_indices(theta.size, which, k)
         scale = np.abs(theta).max()
-        return bool((_ritz_residuals(beta_h[-1], s[:, idx]) <= tol * scale).all())
+        return bool((ritz_residuals(beta_h[-1], s[:, idx]) <= tol * scale).all())
 
-    proc = _run_lanczos(
+    proc = run_lanczos(
         op,
         q0,
         max_steps=max_steps,
@@ -485,9 +235,10 @@ def lanczos(
         should_stop=should_stop,
     )
     m = proc.num_steps
-    theta, s = _tridiagonal_eigh(proc.alpha, proc.beta)
+    theta, s = tridiagonal_eigh(proc.alpha, proc.beta)
     idx = _wanted_indices(m, which, k)
-    residuals = _ritz_residuals(proc.beta[-1], s[:, idx])
+    all_residuals = ritz_residuals(proc.beta[-1], s)
+    residuals = all_residuals[idx]
     converged = residuals <= tol * np.abs(theta).max()
     s_wanted = torch.from_numpy(np.ascontiguousarray(s[:, idx])).to(
         device=basis_dev, dtype=op.dtype
@@ -499,6 +250,7 @@ def lanczos(
         converged=torch.from_numpy(converged),
         eigenvectors=eigenvectors,
         ritz_values=torch.from_numpy(theta),
+        ritz_residuals=torch.from_numpy(all_residuals),
         alpha=torch.from_numpy(proc.alpha),
         beta=torch.from_numpy(proc.beta),
         num_matvecs=proc.num_matvecs,

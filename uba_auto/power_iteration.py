@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from uba_auto.lanczos import (
-    _DEFAULT_CHECK_EVERY,
-    _check_int,
-    _check_operator,
-    _check_positive_float,
-    _check_v0,
-    _gaussian_unit_vector,
-    _resolve_generator,
+from uba_auto._krylov import DEFAULT_CHECK_EVERY, gaussian_unit_vector
+from uba_auto._validation import (
+    check_int,
+    check_operator,
+    check_positive_finite,
+    check_v0,
+    resolve_generator,
 )
 from uba_auto.linear_operator import SymmetricOperator
 
@@ -60,7 +59,7 @@ def power_iteration(
     tol: float = 1e-4,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
-    check_every: int = _DEFAULT_CHECK_EVERY,
+    check_every: int = DEFAULT_CHECK_EVERY,
 ) -> PowerIterationResult:
     r"""Dominant eigenvalue (largest :math:`|\lambda|`, sign kept) by power iteration.
 
@@ -113,13 +112,13 @@ def power_iteration(
         >>> round(result.eigenvalue, 6), result.converged
         (-10.0, True)
     """
-    op = _check_operator(op)
-    max_iters = _check_int("max_iters", max_iters, minimum=1)
-    tol = _check_positive_float("tol", tol, hint="; PyHessian uses 1e-3")
-    check_every = _check_int("check_every", check_every, minimum=1)
-    v = _check_v0(v0, op) if v0 is not None else None
+    op = check_operator(op)
+    max_iters = check_int("max_iters", max_iters, minimum=1)
+    tol = check_positive_finite("tol", tol, hint="; PyHessian uses 1e-3")
+    check_every = check_int("check_every", check_every, minimum=1)
+    v = check_v0(v0, op) if v0 is not None else None
     if v is None:
-        v = _gaussian_unit_vector(op, _resolve_generator(generator, op))
+        v = gaussian_unit_vector(op, resolve_generator(generator, op))
 
     start_count = op.num_matvecs
     tiny = torch.finfo(op.dtype).tiny

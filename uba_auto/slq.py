@@ -18,15 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from uba_auto.lanczos import (
-    _DEFAULT_CHECK_EVERY,
-    _check_basis_device,
-    _check_int,
-    _check_operator,
-    _check_positive_float,
-    _resolve_generator,
-    _run_lanczos,
-    _tridiagonal_eigh,
+from uba_auto._krylov import DEFAULT_CHECK_EVERY, run_lanczos, tridiagonal_eigh
+from uba_auto._validation import (
+    check_basis_device,
+    check_int,
+    check_operator,
+    check_positive_finite,
+    resolve_generator,
 )
 from uba_auto.linear_operator import SymmetricOperator
 
@@ -133,7 +131,7 @@ class SpectralDensity:
                 f"{type(grid).__name__ if not isinstance(grid, Tensor) else tuple(grid.shape)}; "
                 "use e.g. torch.linspace(lo, hi, 1000, dtype=torch.float64)"
             )
-        sigma = self.default_sigma() if sigma is None else _check_positive_float("sigma", sigma)
+        sigma = self.default_sigma() if sigma is None else check_positive_finite("sigma", sigma)
         t = grid.detach().to("cpu", torch.float64)
         z = (t[:, None, None] - self.nodes[None, :, :]) / sigma
         kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2.0 * math.pi))
@@ -230,11 +228,11 @@ def slq_density(
         >>> round(sd.trace_estimate, 10)  # Rademacher probes are exact on a diagonal matrix
         5.0
     """
-    op = _check_operator(op)
-    num_probes = _check_int("num_probes", num_probes, minimum=1)
-    num_iters = _check_int("num_iters", num_iters, minimum=1)
-    basis_dev = _check_basis_device(basis_device, op)
-    generator = _resolve_generator(generator, op)
+    op = check_operator(op)
+    num_probes = check_int("num_probes", num_probes, minimum=1)
+    num_iters = check_int("num_iters", num_iters, minimum=1)
+    basis_dev = check_basis_device(basis_device, op)
+    generator = resolve_generator(generator, op)
 
     n = op.size
     max_steps = min(num_iters, n)
@@ -247,15 +245,15 @@ def slq_density(
         probe = signs.mul_(2).sub_(1) / math.sqrt(n)
         # No convergence test: the whole m-node rule is wanted. Breakdown is still detected (it
         # means the rule is already exact) so that no noise vector enters the basis.
-        proc = _run_lanczos(
+        proc = run_lanczos(
             op,
             probe,
             max_steps=max_steps,
             basis_device=basis_dev,
-            check_every=_DEFAULT_CHECK_EVERY,
+            check_every=DEFAULT_CHECK_EVERY,
             should_stop=None,
         )
-        theta, s = _tridiagonal_eigh(proc.alpha, proc.beta)
+        theta, s = tridiagonal_eigh(proc.alpha, proc.beta)
         m = theta.size
         all_nodes[p, :m] = theta
         all_nodes[p, m:] = theta[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from uba_auto.lanczos import _check_int, _check_operator, _resolve_generator
+from uba_auto._validation import check_int, check_operator, resolve_generator
 from uba_auto.linear_operator import SymmetricOperator
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace"]
@@ -116,11 +116,11 @@ def hutchinson_trace(
         >>> hutchinson_trace(op, num_samples=4).estimate  # exact: z^T D z = tr(D) for signs z
         6.0
     """
-    op = _check_operator(op)
-    num_samples = _check_int("num_samples", num_samples, minimum=1)
+    op = check_operator(op)
+    num_samples = check_int("num_samples", num_samples, minimum=1)
     if not isinstance(distribution, str) or distribution not in _DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
-    generator = _resolve_generator(generator, op)
+    generator = resolve_generator(generator, op)
 
     start_count = op.num_matvecs
     values = []
@@ -182,14 +182,14 @@ def hutchpp_trace(
         >>> round(hutchpp_trace(op, num_matvecs=9).estimate, 10)
         10.0
     """
-    op = _check_operator(op)
-    num_matvecs = _check_int(
+    op = check_operator(op)
+    num_matvecs = check_int(
         "num_matvecs",
         num_matvecs,
         minimum=3,
         hint="; Hutch++ splits its budget in three parts, use hutchinson_trace for fewer",
     )
-    generator = _resolve_generator(generator, op)
+    generator = resolve_generator(generator, op)
 
     start_count = op.num_matvecs
     sketch_size = num_matvecs // 3

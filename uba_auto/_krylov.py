@@ -1,0 +1,225 @@
+r"""The Lanczos process shared by :mod:`uba_auto.lanczos` and :mod:`uba_auto.slq` (internal).
+
+:func:`run_lanczos` builds, from a unit vector :math:`q_1`, an orthonormal basis :math:`Q_m` of the
+Krylov space :math:`\mathcal{K}_m(A, q_1)` and the coefficients of the tridiagonal
+:math:`T_m = Q_m^\top A Q_m`, with full re-orthogonalisation; :func:`tridiagonal_eigh` solves
+:math:`T_m`, and :func:`ritz_residuals` turns its eigenvectors into the residuals of the Ritz pairs.
+What is done with the eigen-solution (extreme eigenvalues, quadrature nodes) is left to the solvers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+from uba_auto.linear_operator import SymmetricOperator
+
+__all__ = [
+    "DEFAULT_CHECK_EVERY",
+    "LanczosBasis",
+    "LanczosProcess",
+    "gaussian_unit_vector",
+    "ritz_residuals",
+    "run_lanczos",
+    "tridiagonal_eigh",
+]
+
+
+# Convergence and breakdown are tested on the host, which syncs with the device; every few steps
+# keeps that cost negligible while wasting at most ``check_every - 1`` products after convergence.
+DEFAULT_CHECK_EVERY = 5
+
+
+def gaussian_unit_vector(op: SymmetricOperator, generator: torch.Generator) -> Tensor:
+    """A random unit start vector in the operator's dtype and on its device."""
+    # Gaussian rather than Rademacher: a sign vector can be exactly orthogonal to a structured
+    # eigenvector (e.g. (1, -1)/sqrt(2)), a Gaussian one almost surely is not.
+    v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=op.device)
+    return v / torch.linalg.vector_norm(v)
+
+
+_BASIS_BLOCK = 16
+
+
+def _breakdown_rtol(dtype: torch.dtype) -> float:
+    # Breakdown is judged against the step's own product ||A q_j||: when A q_j lies in span(Q) the
+    # projections cancel it down to tens of ulps. Against ||A|| instead, float32 runs would stop
+    # on genuine bulk directions of Hessians whose bulk is 1e-4 of the top eigenvalue. A
+    # near-invariant space that escapes this test is harmless: two Gram-Schmidt passes keep the
+    # next vector orthogonal, so the run continues as if restarted, and converged pairs stop it.
+    return 100.0 * torch.finfo(dtype).eps
+
+
+class LanczosBasis:
+    """The Lanczos vectors as rows of blocks allocated on demand.
+
+    Growing block by block (rather than allocating ``max_steps`` rows up front) keeps the memory at
+    what the run actually used, which is usually far below ``max_steps`` rows when it converges.
+    """
+
+    def __init__(self, n: int, max_rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n, self.max_rows, self.dtype, self.device = n, max_rows, dtype, device
+        self.block = min(max_rows, _BASIS_BLOCK)
+        self.blocks: list[Tensor] = []
+        self.rows = 0  # rows written so far
+
+    def append(self, v: Tensor) -> None:
+        if self.rows == len(self.blocks) * self.block:
+            size = min(self.block, self.max_rows - self.rows)
+            self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.rows % self.block] = v
+        self.rows += 1
+
+    def row(self, j: int) -> Tensor:
+        return self.blocks[j // self.block][j % self.block]
+
+    def _filled(self) -> Iterator[Tensor]:
+        for i, blk in enumerate(self.blocks):
+            yield blk[: min(self.block, self.rows - i * self.block)]
+
+    def coefficients(self, w: Tensor) -> Tensor:
+        """``Q w`` for the rows ``Q`` written so far."""
+        return torch.cat([blk @ w for blk in self._filled()])
+
+    def subtract(self, w: Tensor, h: Tensor) -> Tensor:
+        """``w - Q^T h``."""
+        start = 0
+        for blk in self._filled():
+            w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
+            start += blk.shape[0]
+        return w
+
+    def combine(self, coeffs: Tensor, m: int) -> Tensor:
+        """``Q[:m]^T coeffs`` for a ``(m, k)`` matrix of coefficients: Ritz vectors as columns."""
+        out = torch.zeros((self.n, coeffs.shape[1]), dtype=self.dtype, device=self.device)
+        start = 0
+        for blk in self._filled():
+            rows = min(blk.shape[0], m - start)
+            if rows <= 0:
+                break
+            out += blk[:rows].T @ coeffs[start : start + rows]
+            start += rows
+        return out
+
+
+@dataclass(frozen=True)
+class LanczosProcess:
+    """Raw output of :func:`run_lanczos` (internal)."""
+
+    alpha: np.ndarray  # (m,) float64, diagonal of T
+    beta: np.ndarray  # (m,) float64; beta[:-1] off-diagonal of T, beta[-1] = ||final residual||
+    basis: LanczosBasis  # rows [:m] are the orthonormal Lanczos vectors
+    num_steps: int
+    num_matvecs: int
+    breakdown: bool
+
+
+def run_lanczos(
+    op: SymmetricOperator,
+    q0: Tensor,
+    *,
+    max_steps: int,
+    basis_device: torch.device,
+    check_every: int,
+    should_stop: Callable[[np.ndarray, np.ndarray], bool] | None,
+) -> LanczosProcess:
+    r"""Run up to ``max_steps`` (<= n) Lanczos steps from the unit vector ``q0``.
+
+    Every ``check_every`` steps (and at the last one) the coefficients are copied to the host, the
+    run is truncated at the first breakdown (:math:`\beta_j \le` :func:`_breakdown_rtol`
+    :math:`\cdot \|A q_j\|`), and ``should_stop(alpha, beta)`` may end it.
+    """
+    n = op.size
+    dtype = op.dtype
+    start_count = op.num_matvecs
+    basis = LanczosBasis(n, max_steps, dtype, basis_device)
+    # Coefficients stay on the device between checks so that no step waits for the host.
+    alpha = torch.empty(max_steps, dtype=dtype, device=basis_device)
+    beta = torch.empty(max_steps, dtype=dtype, device=basis_device)
+    aq_norm = torch.empty(max_steps, dtype=dtype, device=basis_device)
+    basis.append(q0.to(basis_device))
+    rtol = _breakdown_rtol(dtype)
+    tiny = torch.finfo(dtype).tiny
+
+    for j in range(max_steps):
+        # detach: the solver never differentiates through the operator, and a graph attached to
+        # the product would otherwise be kept alive by the basis.
+        w = op.matvec(basis.row(j).to(op.device)).detach().to(basis_device)
+        aq_norm[j] = torch.linalg.vector_norm(w)
+        # Two classical Gram-Schmidt passes against the whole basis. The first pass also yields the
+        # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
+        # first left behind through rounding, which keeps Q orthonormal to working precision.
+        h = basis.coefficients(w)
+        w = basis.subtract(w, h)
+        h2 = basis.coefficients(w)
+        w = basis.subtract(w, h2)
+        alpha[j] = h[j] + h2[j]
+        b = torch.linalg.vector_norm(w)
+        beta[j] = b
+        if j + 1 < max_steps:
+            # clamp: an exact breakdown (w = 0) must not produce NaN before the next host check
+            # finds it; the rows written after a breakdown are discarded there.
+            basis.append(w / b.clamp_min(tiny))
+
+        m = j + 1
+        if m % check_every != 0 and m != max_steps:
+            continue
+        alpha_h = alpha[:m].to("cpu", torch.float64).numpy()
+        beta_h = beta[:m].to("cpu", torch.float64).numpy()
+        aq_h = aq_norm[:m].to("cpu", torch.float64).numpy()
+        if not (np.isfinite(alpha_h).all() and np.isfinite(beta_h).all()):
+            bad = int(np.flatnonzero(~(np.isfinite(alpha_h) & np.isfinite(beta_h)))[0])
+            raise ValueError(
+                f"op.matvec returned non-finite values at Lanczos step {bad + 1}; check the "
+                "operator (e.g. a Hessian evaluated at a diverged point) or use float64"
+            )
+        hits = np.flatnonzero(beta_h <= rtol * aq_h)
+        if hits.size:
+            m_b = int(hits[0]) + 1
+            return LanczosProcess(
+                alpha=alpha_h[:m_b].copy(),
+                beta=beta_h[:m_b].copy(),
+                basis=basis,
+                num_steps=m_b,
+                num_matvecs=op.num_matvecs - start_count,
+                breakdown=True,
+            )
+        if m == max_steps or (should_stop is not None and should_stop(alpha_h, beta_h)):
+            return LanczosProcess(
+                alpha=alpha_h,
+                beta=beta_h,
+                basis=basis,
+                num_steps=m,
+                num_matvecs=op.num_matvecs - start_count,
+                breakdown=False,
+            )
+    raise AssertionError("unreachable: the loop returns at its last step")  # pragma: no cover
+
+
+def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the tridiagonal with diagonal ``alpha`` and off-diagonal ``beta[:-1]``.
+
+    ``alpha`` and ``beta`` are laid out as in :class:`LanczosProcess` and
+    :class:`~uba_auto.lanczos.LanczosResult` (``beta[-1]``, the norm of the final residual vector,
+    is not part of :math:`T_m`), so ``tridiagonal_eigh(alpha[:j], beta[:j])`` solves the
+    :math:`T_j` of step ``j`` of the same run. Returns the eigenvalues, ascending, and the
+    eigenvectors as columns.
+
+    Example:
+        >>> import numpy as np
+        >>> theta, s = tridiagonal_eigh(np.array([2.0, 2.0]), np.array([1.0, 0.5]))
+        >>> theta.round(12).tolist()
+        [1.0, 3.0]
+    """
+    return scipy.linalg.eigh_tridiagonal(alpha, beta[: alpha.size - 1])
+
+
+def ritz_residuals(beta_last: float, s: np.ndarray) -> np.ndarray:
+    r"""Residuals :math:`|\beta_m s_{m,i}|` of the Ritz pairs from the eigenvectors ``s`` of T."""
+    # ||A y_i - theta_i y_i|| = |beta_m| |s_{m,i}| because A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T.
+    return np.abs(beta_last * s[-1, :])

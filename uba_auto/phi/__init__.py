@@ -1,0 +1,92 @@
+r"""From measured curvature to the UBA shape parameter φ: the κ→φ links.
+
+A link is a pure function of plain numbers: what the probe measured (:class:`LinkInputs`, read
+from a :class:`~uba_auto.probe.CurvatureEstimate` in one place, :func:`link_inputs`) and the run's
+own numbers (peak rate η, steps left T, the clamp ``[phi_min, phi_max]``, the distance e to the
+stability edge) go in, a :class:`PhiChoice` comes out. :data:`LINKS` holds the links by name;
+:func:`check_link` validates a name, :func:`choose_phi` applies a link to an estimate, and
+:func:`phi_from_condition_number` evaluates a link's curve at a given κ.
+
+A link reads one of two condition numbers. The minibatch sharpness band comes from the curvature
+noise :math:`\sigma = \operatorname{std}_b(v^\top H_b v)/\lambda_{\max}` (:math:`v` the top
+eigenvector, :math:`H_b` the Hessian of minibatch :math:`b`); the budget band is the curvature a
+peak rate η can act on in T steps (:math:`\lambda_{+}` the smallest positive eigenvalue resolved):
+
+.. math::
+
+    \kappa_{mb} = \frac{1 + \sigma}{1 - \sigma}\ (\infty \text{ for } \sigma \ge 1), \qquad
+    \kappa_T = \frac{\lambda_{\max}}{\max(\lambda_{+},\ 1/(\eta T))}.
+
+* ``"gated"`` (the default): :math:`\varphi = 2 \min(1, (\kappa_{mb} - 1)/(\kappa_g - 1))`, with
+  :math:`\kappa_g` the :math:`\kappa_{mb}` of :math:`\sigma_g` = :data:`GATE_NOISE`: cosine
+  (φ = 2) whenever the minibatches disagree about the curvature by :math:`\sigma_g` or more, and a
+  rate held high for longer as the training becomes noise-free (full batch: σ = 0).
+* ``"gated-edge"``: the gated φ, capped at :data:`EDGE_PHI` when
+  :math:`e = \eta(\lambda_{\max} + w)/\ell <` :data:`EDGE_FRACTION` (:func:`stability_fraction`;
+  :math:`\ell` the :func:`stability_limit` of ``torch.optim.SGD``, :math:`\eta\lambda < 2(1+\beta)`
+  for heavy-ball momentum β, and :math:`w` its weight decay). The caller measures e once, at
+  initialisation; without it (no SGD optimizer known) the link is the gated one, and says so.
+* ``"calibrated"``: :math:`\varphi = 2 ((\kappa_{mb} - 1)/(\kappa_c - 1))^{p}`, with
+  :math:`\kappa_c` = :data:`KAPPA_COSINE` and :math:`p` = :data:`SENSITIVITY` fitted by
+  ``benchmarks/calibrate_phi.py``: more spread, larger φ (earlier decay); :math:`\kappa_c` is
+  cosine.
+* ``"chebyshev"``: :math:`\varphi = 2\kappa_T`. For gradient descent on a quadratic with curvature
+  in :math:`[\lambda_{lo}, \lambda_{hi}]`, the step sizes minimising the worst-case error after T
+  steps are the Chebyshev steps, and that sequence is UBA with
+  :math:`\varphi = 2\lambda_{hi}/\lambda_{lo}`.
+
+Every link clamps φ to ``[phi_min, phi_max]`` (default [0.25, 16]) and says so when it does. No
+positive curvature, or no curvature noise from several batches, falls back to cosine annealing
+(:data:`FALLBACK_PHI`) with a warning in the result.
+
+How each link fared in training, and why ``"gated"`` is the default while the others are only
+selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_validation.py``).
+"""
+
+from ._bands import (
+    budget_condition_number,
+    minibatch_condition_number,
+    stability_fraction,
+    stability_limit,
+)
+from ._links import (
+    EDGE_FRACTION,
+    EDGE_PHI,
+    FALLBACK_PHI,
+    GATE_NOISE,
+    KAPPA_COSINE,
+    LINKS,
+    PHI_MAX,
+    PHI_MIN,
+    SENSITIVITY,
+    Link,
+    LinkInputs,
+    PhiChoice,
+    check_link,
+    choose_phi,
+    link_inputs,
+    phi_from_condition_number,
+)
+
+__all__ = [
+    "EDGE_FRACTION",
+    "EDGE_PHI",
+    "FALLBACK_PHI",
+    "GATE_NOISE",
+    "KAPPA_COSINE",
+    "LINKS",
+    "PHI_MAX",
+    "PHI_MIN",
+    "SENSITIVITY",
+    "Link",
+    "LinkInputs",
+    "PhiChoice",
+    "budget_condition_number",
+    "check_link",
+    "choose_phi",
+    "link_inputs",
+    "minibatch_condition_number",
+    "phi_from_condition_number",
+    "stability_fraction",
+    "stability_limit",
+]
