@@ -422,9 +422,9 @@ class DemoResult:
         Returns:
             The matplotlib Figure.
         """
-        from .plotting import _draw_density, _figure
+        from .plotting import draw_density, new_figure
 
-        fig = _figure((11.0, 7.5))
+        fig = new_figure((11.0, 7.5))
         (ax_train, ax_held), (ax_lr, ax_density) = fig.subplots(2, 2)
         for i, r in enumerate(self.runs):
             style = {"color": f"C{i}", "lw": 2 if r.name == "auto" else 1.3}
@@ -446,7 +446,7 @@ class DemoResult:
             ax.grid(alpha=0.3)
             ax.legend(frameon=False, fontsize="small")
         mass = self.report.estimate.negative_mass
-        _draw_density(
+        draw_density(
             ax_density,
             self.report.estimate,
             title="Hessian spectral density at initialisation"
