@@ -43,6 +43,18 @@ def test_version():
     assert res.returncode == 0 and res.stdout.strip() == f"uba-auto {__version__}"
 
 
+def test_python_m_uba_auto_cli_is_the_same_command():
+    from uba_auto import __version__
+
+    res = subprocess.run(
+        [sys.executable, "-m", "uba_auto.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == f"uba-auto {__version__}"
+
+
 def test_plot_writes_png(tmp_path):
     out = tmp_path / "sub" / "family.png"
     res = run("plot", "--phi", "0.5", "1", "2", "4", "--warmup", "50", "--out", str(out))

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from uba_auto.demo import (
+    NUM_TRAIN,
     QUICK_PROBE,
     DemoResult,
-    _batch_stream,
     resolve_device,
     run_demo,
     shift_images,
     write_demo_files,
 )
+from uba_auto.demo.data import batch_stream, load_data
 
 pytest.importorskip("sklearn")
 
@@ -36,9 +37,9 @@ def test_shift_images_moves_content_and_fills_zeros():
 
 def test_batch_stream_depends_on_the_seed_only():
     x, y = torch.randn(100, 1, 8, 8), torch.arange(100)
-    first = list(itertools.islice(_batch_stream(x, y, 16, seed=3), 8))
-    again = list(itertools.islice(_batch_stream(x, y, 16, seed=3), 8))
-    other = list(itertools.islice(_batch_stream(x, y, 16, seed=4), 8))
+    first = list(itertools.islice(batch_stream(x, y, 16, seed=3), 8))
+    again = list(itertools.islice(batch_stream(x, y, 16, seed=3), 8))
+    other = list(itertools.islice(batch_stream(x, y, 16, seed=4), 8))
     assert all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         for a, b in zip(first, again, strict=True)
@@ -46,6 +47,19 @@ def test_batch_stream_depends_on_the_seed_only():
     assert not torch.equal(first[0][1], other[0][1])
     # an epoch is 6 batches of 16 without replacement (the last 4 examples are dropped)
     assert len(set(torch.cat([b[1] for b in first[:6]]).tolist())) == 96
+
+
+def test_load_data_split_is_fixed_and_scaled():
+    torch.manual_seed(0)
+    first = load_data(torch.device("cpu"))
+    torch.manual_seed(1)  # the split depends on DATA_SEED only, not on the global RNG
+    again = load_data(torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    x_train, y_train, x_held, y_held = first
+    assert x_train.shape == (NUM_TRAIN, 1, 8, 8) and x_held.shape == (1797 - NUM_TRAIN, 1, 8, 8)
+    assert y_train.shape == (NUM_TRAIN,) and y_held.shape == (1797 - NUM_TRAIN,)
+    assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
+    assert set(y_train.tolist()) == set(range(10))
 
 
 def test_resolve_device():

@@ -1,5 +1,9 @@
-"""Plots of the schedules. matplotlib is optional (``pip install "uba-auto[plot]"``) and imported
-only when a plot is asked for; functions return the Figure and let the caller choose where it goes.
+"""Plots of the schedules, and the pieces other plots share.
+
+matplotlib is optional (``pip install "uba-auto[plot]"``) and imported only when a plot is asked
+for; functions return the Figure and let the caller choose where it goes. :func:`plot_schedules`
+is the public plot; :func:`new_figure` and :func:`draw_density` are the building blocks of the
+report's and the demo's figures (public in this module, not exported by the package).
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from .schedules import cosine_lr, linear_lr, uba_lr
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["plot_schedules"]
+__all__ = ["draw_density", "new_figure", "plot_schedules"]
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A new matplotlib Figure of ``figsize`` inches, with a constrained layout.
+
+    Raises:
+        ImportError: if matplotlib is not installed; the message gives the command that installs it.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - exercised only without matplotlib
@@ -70,7 +79,7 @@ def plot_schedules(
     curves = [(f"UBA φ={p:g}", uba_lr(steps, total_steps, phi=p, **common)) for p in phis]
 
     if ax is None:
-        fig = _figure((7.0, 4.2))
+        fig = new_figure((7.0, 4.2))
         ax = fig.add_subplot()
     else:
         fig = ax.figure
@@ -106,7 +115,7 @@ def _viridis(n: int) -> list[Any]:
     return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.9, n)]
 
 
-def _draw_density(ax: Any, estimate: Any, *, title: str | None = None) -> None:
+def draw_density(ax: Any, estimate: Any, *, title: str | None = None) -> None:
     """Draw ``estimate``'s SLQ spectral density (log scale) with λ_max and λ_min marked on ``ax``.
 
     ``estimate`` is a :class:`~uba_auto.probe.CurvatureEstimate`; without a density the panel says

@@ -239,12 +239,12 @@ class CurvatureReport:
         """
         import numpy as np
 
-        from .plotting import _draw_density, _figure
+        from .plotting import draw_density, new_figure
         from .schedules import cosine_lr, uba_lr
 
-        fig = _figure((10.0, 4.0))
+        fig = new_figure((10.0, 4.0))
         ax_density, ax_lr = fig.subplots(1, 2)
-        _draw_density(ax_density, self.estimate)
+        draw_density(ax_density, self.estimate)
 
         peak = self.peak_lr if lr_max is None else lr_max
         total = max(self.budget - 1, self.warmup_steps + 1)
