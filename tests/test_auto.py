@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 from _models import make_problem
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 
 from uba_auto import CurvatureReport, ModelLoss, auto_uba
-from _state_checks import assert_state_unchanged, snapshot_state
 from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
 from uba_auto.phi import EDGE_FRACTION, EDGE_PHI, FALLBACK_PHI, GATE_NOISE
 from uba_auto.schedules import uba_lr
@@ -581,7 +581,7 @@ def test_resume_from_skips_the_probe_and_continues_bit_exactly(monkeypatch, opti
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             with monkeypatch.context() as m:  # resuming must not probe
-                m.setattr("uba_auto.auto._autouba.probe_curvature", None)
+                m.setattr("uba_auto.auto._autouba.run_probe", None)
                 auto = auto_uba(
                     model,
                     loader,

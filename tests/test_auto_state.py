@@ -166,7 +166,7 @@ def test_a_reestimation_that_raises_commits_nothing(monkeypatch):
         raise RuntimeError("[third_party/gloo] Connection closed by peer")
 
     with monkeypatch.context() as m:
-        m.setattr("uba_auto.auto._autouba.probe_curvature", broken_group)
+        m.setattr("uba_auto.auto._autouba.run_probe", broken_group)
         with pytest.raises(RuntimeError, match="Connection closed"):
             advance(auto, 1)  # step 50: due; the process group is broken
     after = auto.state_dict()
@@ -197,7 +197,7 @@ def test_a_failed_probe_only_appends_its_record(monkeypatch):
     def failing(*args, **kwargs):
         raise ValueError("no curvature today")
 
-    monkeypatch.setattr("uba_auto.auto._autouba.probe_curvature", failing)
+    monkeypatch.setattr("uba_auto.auto._autouba.run_probe", failing)
     with pytest.warns(RuntimeWarning, match="re-estimation at step 0 failed, phi kept"):
         record = auto.reestimate()
     assert record.status == "failed" and record.hvps == 0 and "no curvature today" in record.message

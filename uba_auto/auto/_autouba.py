@@ -24,7 +24,7 @@ from torch import nn
 from .._distributed import Communicator, is_communication_failure
 from .._loaders import BatchStream
 from .._validation import check_int
-from ..probe import CurvatureEstimate, probe_curvature
+from ..probe import CurvatureEstimate, ProbeSettings, run_probe
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import UBAScheduler
 from ._choice import (
@@ -159,18 +159,8 @@ class AutoUBA:
     # -- probing -----------------------------------------------------------------------------------
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
         """The one place that runs the probe (every estimation of this object goes through it)."""
-        # LEAD: swap for run_probe(self.model, batches, self.loss_fn, ProbeSettings(...),
-        # self._comm) once helper C2's run_probe lands (ProbeSettings from num_batches and
-        # {**self.probe_kwargs, **overrides}, built here, as probe_kwargs may change between
-        # probes).
-        return probe_curvature(
-            self.model,
-            batches,
-            self.loss_fn,
-            num_batches=self.num_batches,
-            process_group=self._comm or False,
-            **{**self.probe_kwargs, **overrides},
-        )
+        settings = ProbeSettings(num_batches=self.num_batches, **{**self.probe_kwargs, **overrides})
+        return run_probe(self.model, batches, self.loss_fn, settings, self._comm)
 
     def _estimated(self, peak_lr: float | str | None, optimizer: Any) -> AutoState:
         """The state of the pre-training estimate (and, for ``peak_lr='suggest'``, the

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .._validation import check_fraction, check_int, check_positive_finite
-from ..phi import LINKS
+from ..phi import check_link
 from ..report import CurvatureReport, ReestimationRecord
 
 __all__ = [
@@ -81,9 +81,7 @@ class AutoSettings:
         fraction = check_fraction(
             "probe_fraction", s["probe_fraction"], closed_low=True, closed_high=True
         )
-        # LEAD: replace by `link = phi.check_link(link)` once helper B's phi.check_link is merged.
-        if link not in LINKS:
-            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+        link = check_link(link)
         phi_min = check_positive_finite("phi_min", s["phi_min"])
         phi_max = check_positive_finite("phi_max", s["phi_max"])
         if phi_min > phi_max:

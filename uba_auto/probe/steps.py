@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
-from ..lanczos import LanczosResult, lanczos
+from ..lanczos import lanczos
 from ..linear_operator import SymmetricOperator
 from ..power_iteration import power_iteration
 
@@ -79,17 +78,6 @@ def smallest_positive(ritz_values: Tensor, ritz_residuals: Tensor) -> tuple[floa
     return float(theta[i]), float(ritz_residuals[i])
 
 
-# ----- MERGE: delete this helper once LanczosResult.ritz_residuals (helper B) is merged ---------
-def _ritz_residuals(result: LanczosResult) -> Tensor:
-    r"""Stand-in for ``result.ritz_residuals``: :math:`|\beta_m s_{m,i}|` of every Ritz value."""
-    alpha, beta = result.alpha.numpy(), result.beta.numpy()
-    _, s = scipy.linalg.eigh_tridiagonal(alpha, beta[: alpha.size - 1])
-    return torch.from_numpy(np.abs(beta[-1] * s[-1, :]))
-
-
-# ------------------------------------------------------------------------------------------------
-
-
 def _lanczos_extremes(
     op: SymmetricOperator,
     max_iters: int,
@@ -107,8 +95,7 @@ def _lanczos_extremes(
     )
     residuals = {"lambda_max": float(res.residuals[-1]), "lambda_min": float(res.residuals[0])}
     converged = {"lambda_max": bool(res.converged[-1]), "lambda_min": bool(res.converged[0])}
-    ritz_residuals = _ritz_residuals(res)  # MERGE: res.ritz_residuals
-    positive = smallest_positive(res.ritz_values, ritz_residuals)
+    positive = smallest_positive(res.ritz_values, res.ritz_residuals)
     if positive is not None:
         scale = float(res.ritz_values.abs().max())
         residuals["lambda_min_positive"] = positive[1]
