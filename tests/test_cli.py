@@ -21,7 +21,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=120,
+        timeout=900,  # guards against a hang, not speed: a loaded CI machine is slow
     )
 
 
@@ -50,7 +50,7 @@ def test_python_m_uba_auto_cli_is_the_same_command():
         [sys.executable, "-m", "uba_auto.cli", "--version"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,  # guards against a hang, not speed: a loaded CI machine is slow
     )
     assert res.returncode == 0 and res.stdout.strip() == f"uba-auto {__version__}"
 

@@ -55,7 +55,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        timeout=120,
+        timeout=600,  # per cell; guards against a hang, not speed
         kernel_name="python3",
         # The kernel runs in a temporary directory: nothing it might write lands in the repository.
         resources={"metadata": {"path": str(tmp_path)}},
