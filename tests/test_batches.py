@@ -1,4 +1,4 @@
-"""Batch collection, the three batch forms, loss checks and the mode policy."""
+"""Batch collection (_batches), batch forms and loss checks (curvature.batch_loss), mode policy."""
 
 from __future__ import annotations
 
