@@ -121,9 +121,8 @@ class Communicator:
         group: the ``ProcessGroup`` (``None`` for the default group).
         rank, world_size: of this process in the group.
         backend: the group's backend name (``"gloo"``, ``"nccl"``...).
-        device: the probed model's device, or ``None``: a GPU-only backend's small bookkeeping
-            tensors go there rather than to the current CUDA device, which a script that never
-            calls ``torch.cuda.set_device`` leaves at ``cuda:0`` on every rank.
+        device: the probed model's device, or ``None``: a GPU-only backend's bookkeeping goes
+            there, not to the current device (``cuda:0`` on every rank without ``set_device``).
     """
 
     def __init__(
@@ -143,13 +142,8 @@ class Communicator:
 
     def with_device(self, device: torch.device) -> Communicator:
         """The same group, with its bookkeeping next to a model on ``device``."""
-        return Communicator(
-            self.group,
-            rank=self.rank,
-            world_size=self.world_size,
-            backend=self.backend,
-            device=device,
-        )
+        kept = {"rank": self.rank, "world_size": self.world_size, "backend": self.backend}
+        return Communicator(self.group, **kept, device=device)
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, {self.backend})"
@@ -338,21 +332,24 @@ class Communicator:
         return buffer[:-1].view(part.shape)
 
 
-def resolve_process_group(process_group: Any) -> Communicator | None:
+def resolve_process_group(
+    process_group: Any, *, device: torch.device | None = None
+) -> Communicator | None:
     """The :class:`Communicator` for a ``process_group`` argument, or ``None`` (single process).
 
     Args:
         process_group: ``"auto"``: the default group when ``torch.distributed`` is available and
             initialised with more than one rank; ``None`` or ``False``: no communication (each
             process probes its own batches alone); a ``torch.distributed.ProcessGroup``: that
-            group; a :class:`Communicator`: itself.
+            group; a :class:`Communicator`: itself (with ``device``, if given).
+        device: the probed model's device (see :attr:`Communicator.device`).
 
     Example:
         >>> resolve_process_group("auto") is None  # no process group initialised here
         True
     """
     if isinstance(process_group, Communicator):
-        return process_group
+        return process_group if device is None else process_group.with_device(device)
     if process_group is None or process_group is False:
         return None
     import torch.distributed as dist
@@ -396,4 +393,5 @@ def resolve_process_group(process_group: Any) -> Communicator | None:
         rank=dist.get_rank(group),
         world_size=world_size,
         backend=str(dist.get_backend(group)),
+        device=device,
     )
