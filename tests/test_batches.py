@@ -1,4 +1,4 @@
-"""Batch collection, the three batch forms, loss checks and the mode policy."""
+"""Batch collection (_batches), batch forms and loss checks (curvature.batch_loss), mode policy."""
 
 from __future__ import annotations
 
@@ -13,18 +13,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from uba_auto._batches import (
-    MODES,
-    BatchSet,
-    ModelLoss,
-    batch_size_of,
-    check_finite_losses,
-    collect_batches,
-    evaluation_mode,
-    loss_at,
-    mode_overrides,
-    move_batch,
-)
+from uba_auto._batches import BatchSet, batch_size_of, collect_batches, move_batch
+from uba_auto.curvature.batch_loss import ModelLoss, check_finite_losses, loss_at
+from uba_auto.curvature.modes import MODES, evaluation_mode, mode_overrides
 
 CPU = torch.device("cpu")
 

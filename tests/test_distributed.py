@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import Problem
+from _reference import _Reference, assert_close
 from torch import nn
 
 import uba_auto
@@ -33,9 +35,9 @@ from uba_auto._distributed import (
     DistributedProbeError,
     is_communication_failure,
     resolve_process_group,
-    unwrap_model,
 )
 from uba_auto._state import assert_state_unchanged, snapshot_state
+from uba_auto.curvature import unwrap_model
 
 dist = torch.distributed
 pytestmark = pytest.mark.skipif(
@@ -196,6 +198,19 @@ def _scenarios(rank: int) -> dict[str, Any]:
         _model(), tagged, uba_auto.ModelLoss(tagged_loss), **PROBE_KWARGS
     )
     out["unsized"] = (list(est.warnings), est.lambda_max, list(est.batch_sizes))
+
+    # One global batch's operator, from the cached graphs of the operator of all batches.
+    out["batch_operator"] = {}
+    for name, operator in (("hessian", uba_auto.HessianOperator), ("ggn", uba_auto.GGNOperator)):
+        op = operator(_model(), _shard(rank, (4, 8)), F.cross_entropy)
+        subs = [op.batch_operator(i) for i in range(NUM_BATCHES)]
+        out["batch_operator"][name] = {
+            "dense": [sub.to_dense() for sub in subs],
+            "gradient": [sub.gradient() for sub in subs],
+            "losses": [float(sub.batch_losses[0]) for sub in subs],
+            "sizes": [sub.global_batch_sizes for sub in subs],
+            "counts": (op.num_matvecs, [sub.num_matvecs for sub in subs]),
+        }
 
     # DDP: the probe sees the inner module; parameters, buffers, grads and DDP's reducer are
     # left alone, and a DDP step afterwards still synchronises (no stray all-reduce, no hang).
@@ -432,6 +447,18 @@ def single() -> dict[str, Any]:
         torch.utils.data.TensorDataset(x_all, y_all), batch_size=GLOBAL_BATCH
     )
     out["auto"] = _auto_run(_model(), loader, 0, ddp=False)
+    # Dense float64 references of each global batch alone, by torch.func.
+    out["batch_operator"] = {}
+    for batch in batches:
+        ref = _Reference(Problem("global", _model(), F.cross_entropy, [batch]), [batch], "eval")
+        loss = float(ref.mean_loss(ref.flat0))
+        for name, dense in (("hessian", ref.hessian()), ("ggn", ref.ggn())):
+            entry = out["batch_operator"].setdefault(
+                name, {"dense": [], "gradient": [], "losses": []}
+            )
+            entry["dense"].append(dense)
+            entry["gradient"].append(ref.gradient())
+            entry["losses"].append(loss)
     return out
 
 
@@ -460,6 +487,28 @@ def test_distributed_probe_is_identical_on_every_rank(
     ranks: list[dict[str, Any]], case: str
 ) -> None:
     assert ranks[0][case] == ranks[1][case]
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_batch_operator_is_the_global_batch_alone(
+    ranks: list[dict[str, Any]], single: dict[str, Any], curvature: str
+) -> None:
+    ref = single["batch_operator"][curvature]
+    for res in ranks:
+        got = res["batch_operator"][curvature]
+        for key in ("dense", "gradient"):
+            for mine, theirs in zip(got[key], ref[key], strict=True):
+                assert_close(mine, theirs, rtol=1e-10)
+        assert all(_close(a, b) for a, b in zip(got["losses"], ref["losses"], strict=True))
+        assert got["sizes"] == [[GLOBAL_BATCH]] * NUM_BATCHES
+        size = got["dense"][0].shape[0]
+        assert got["counts"] == (0, [size] * NUM_BATCHES)  # each view counts its own products
+    for mine, theirs in zip(
+        ranks[0]["batch_operator"][curvature]["dense"],
+        ranks[1]["batch_operator"][curvature]["dense"],
+        strict=True,
+    ):
+        assert torch.equal(mine, theirs)
 
 
 def test_probe_leaves_a_ddp_model_untouched_and_ddp_still_syncs(
@@ -653,12 +702,16 @@ def test_ranks_are_weighted_equally_and_say_so_without_batch_sizes(
 
 
 def test_gpu_backend_bookkeeping_goes_to_the_models_device() -> None:
-    # NCCL needs its small agreement tensors on each rank's own GPU: the operators record the
-    # model's device, so a script that never calls torch.cuda.set_device does not put every
-    # rank's on cuda:0. (Checked without a GPU: only where the tensors would go.)
-    comm = Communicator(None, rank=1, world_size=2, backend="nccl")
-    comm.device = torch.device("cuda", 1)
+    # NCCL needs its small agreement tensors on each rank's own GPU: the operators give their
+    # communicator the model's device, so a script that never calls torch.cuda.set_device does
+    # not put every rank's on cuda:0. (Checked without a GPU: only where the tensors would go.)
+    shared = Communicator(None, rank=1, world_size=2, backend="nccl")
+    comm = shared.with_device(torch.device("cuda", 1))
     assert comm._small_device() == torch.device("cuda", 1)
-    gloo = Communicator(None, rank=1, world_size=2, backend="gloo")
-    gloo.device = torch.device("cuda", 1)
+    assert shared.device is None  # the shared communicator is never modified
+    resolved = resolve_process_group(shared, device=torch.device("cuda", 1))
+    assert resolved._small_device() == torch.device("cuda", 1) and shared.device is None
+    assert resolve_process_group(shared) is shared
+    assert (comm.rank, comm.world_size, comm.backend) == (1, 2, "nccl")
+    gloo = Communicator(None, rank=1, world_size=2, backend="gloo", device=torch.device("cuda", 1))
     assert gloo._small_device() == torch.device("cpu")

@@ -13,9 +13,12 @@ from _reference import F64, _Reference, assert_close
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from uba_auto._batches import BatchSet, ModelLoss
+import uba_auto._batches as batches_module
+from uba_auto._batches import BatchSet
 from uba_auto._state import assert_state_unchanged, snapshot_state
-from uba_auto.hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
+from uba_auto.curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDerivativeError
+from uba_auto.curvature import operators as curvature_operators
+from uba_auto.curvature import params as curvature_params
 
 # (engine, cache_graph): the three ways the operators compute a product.
 CONFIGS = [
@@ -164,6 +167,74 @@ def test_transformer_in_eval_mode_skips_the_fast_path(mode: str) -> None:
     assert torch.backends.mha.get_fastpath_enabled()  # the global switch is restored
 
 
+# ------------------------------------------------------------------------- one batch's operator
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
+def test_batch_operator_is_the_curvature_of_that_batch_alone(
+    name: str, curvature: str, engine: str, cache_graph: bool
+) -> None:
+    problem = make_problem(name, num_batches=3)
+    operator = HessianOperator if curvature == "hessian" else GGNOperator
+    config = {"engine": engine, "cache_graph": cache_graph, "dtype": F64}
+    op = operator(problem.model, problem.batches, problem.loss, **config)
+    for i, batch in enumerate(problem.batches):
+        ref = _Reference(problem, [batch], "train-deterministic")
+        sub = op.batch_operator(i)
+        assert sub.num_matvecs == 0 and sub.num_batches == 1
+        assert_close(sub.to_dense(), ref.hessian() if curvature == "hessian" else ref.ggn())
+        assert sub.num_matvecs == sub.size == op.size  # its own count
+        assert_close(sub.gradient(), ref.gradient())
+        torch.testing.assert_close(sub.batch_losses, op.batch_losses[i : i + 1], rtol=0, atol=0)
+        assert sub.batch_sizes == [op.batch_sizes[i]] and sub.batches[0] is op.batches[i]
+        assert sub.batch_operator(0).to_dense().equal(sub.to_dense())
+    assert op.num_matvecs == 0  # the views counted their own products
+    with pytest.raises(IndexError, match=r"range\(3\)"):
+        op.batch_operator(3)
+
+
+class _ForwardCounter:
+    """Counts the forward passes of a model (functional_call runs its hooks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+@pytest.mark.parametrize("operator", [HessianOperator, GGNOperator])
+def test_batch_operator_builds_nothing_new(
+    operator: type, engine: str, cache_graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = make_problem("tanh_mlp", num_batches=3)
+    counter = _ForwardCounter(problem.model)
+    op = operator(
+        problem.model, problem.batches, problem.loss, engine=engine, cache_graph=cache_graph
+    )
+    built = counter.calls
+    assert built == 3  # one forward pass per batch, at construction
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("batch_operator must reuse the operator's batches and point")
+
+    # Neither batches collected or moved, nor parameters copied, nor a graph built.
+    monkeypatch.setattr(curvature_params.ParameterPoint, "__init__", refuse)
+    monkeypatch.setattr(curvature_operators, "as_batch_set", refuse)
+    monkeypatch.setattr(batches_module, "collect_batches", refuse)
+    monkeypatch.setattr(batches_module, "move_batch", refuse)
+    subs = [op.batch_operator(i) for i in range(op.num_batches)]
+    assert counter.calls == built
+    v = torch.ones(op.size)
+    total = sum(sub.matvec(v) for sub in subs) / len(subs)
+    torch.testing.assert_close(total, op.matvec(v), rtol=1e-5, atol=1e-6)
+    # A cached graph makes a product a backward pass only, for a batch's view too.
+    cached = engine == "double-backward" and cache_graph
+    assert (counter.calls == built) == cached
+
+
 # ------------------------------------------------------------------------- state is untouched
 def _prepare_state(model: nn.Module, problem: Problem, flags: str) -> torch.optim.Optimizer:
     """Freeze a parameter, fill optimizer state and some .grad tensors, set the flags."""
@@ -231,8 +302,9 @@ def test_param_subset_is_a_block_of_the_full_hessian() -> None:
         problem.model, problem.batches, problem.loss, dtype=F64, params=["2.weight", "0.bias"]
     )
     assert sub.param_names == ["0.bias", "2.weight"]  # model order, not the order given
+    numels = [problem.model.get_parameter(n).numel() for n in full.param_names]
     offsets = dict(
-        zip(full.param_names, torch.tensor([0, *full._numels]).cumsum(0).tolist(), strict=False)
+        zip(full.param_names, torch.tensor([0, *numels]).cumsum(0).tolist(), strict=False)
     )
     idx = torch.cat(
         [

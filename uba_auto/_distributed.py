@@ -1,19 +1,9 @@
-r"""The curvature probe under ``torch.distributed``: one operator, one answer on every rank.
+r"""The collectives of the curvature probe under ``torch.distributed``: one answer on every rank.
 
 When a process group is in use, every rank holds its own shard of each probe batch (what a
 ``DistributedSampler`` gives it) and the probe describes the curvature of the loss on the **global
-batch**. Global batch :math:`b` is the union of the :math:`b`-th batch of every rank, i.e. what one
-``DistributedDataParallel`` step sees, and its loss is the example-weighted mean of the ranks'
-losses:
-
-.. math::
-
-    \ell_b = \sum_r w_{r,b}\, \ell_{r,b}, \qquad
-    w_{r,b} = \frac{n_{r,b}}{\sum_{r'} n_{r',b}}, \qquad
-    Hv = \frac1B \sum_b \sum_r w_{r,b} H_{r,b} v,
-
-with :math:`n_{r,b}` the number of examples of rank :math:`r`'s batch :math:`b` (equal weights
-:math:`1/R` when some batch's size is unknown). Each rank computes its weighted local part of every
+batch**, the union of every rank's batch (the weighting is
+:mod:`uba_auto.curvature.allreduce`'s). Each rank computes its weighted local part of every
 Hessian-vector product, gradient and batch loss, and one ``all_reduce`` (sum) makes them global.
 The solvers then run on every rank with the same seed on bit-identical products, so their
 estimates, and the φ chosen from them, are identical on every rank.
@@ -34,13 +24,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "CHECK_ENV_VAR",
@@ -49,7 +38,6 @@ __all__ = [
     "check_enabled",
     "is_communication_failure",
     "resolve_process_group",
-    "unwrap_model",
 ]
 
 CHECK_ENV_VAR = "UBA_AUTO_DISTRIBUTED_CHECK"
@@ -127,21 +115,35 @@ def _same(a: float, b: float) -> bool:
 class Communicator:
     """The collectives of the probe on one process group (use :func:`resolve_process_group`).
 
+    Never mutated: :meth:`with_device` returns a new one.
+
     Attributes:
         group: the ``ProcessGroup`` (``None`` for the default group).
         rank, world_size: of this process in the group.
         backend: the group's backend name (``"gloo"``, ``"nccl"``...).
+        device: the probed model's device, or ``None``: a GPU-only backend's bookkeeping goes
+            there, not to the current device (``cuda:0`` on every rank without ``set_device``).
     """
 
-    def __init__(self, group: Any, *, rank: int, world_size: int, backend: str) -> None:
+    def __init__(
+        self,
+        group: Any,
+        *,
+        rank: int,
+        world_size: int,
+        backend: str,
+        device: torch.device | None = None,
+    ) -> None:
         self.group = group
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
-        # The CUDA device of the probed model, set by the operators: a GPU-only backend's small
-        # tensors go there rather than to the current device, which a script that never calls
-        # torch.cuda.set_device leaves at cuda:0 on every rank.
-        self.device: torch.device | None = None
+        self.device = device
+
+    def with_device(self, device: torch.device) -> Communicator:
+        """The same group, with its bookkeeping next to a model on ``device``."""
+        kept = {"rank": self.rank, "world_size": self.world_size, "backend": self.backend}
+        return Communicator(self.group, **kept, device=device)
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, {self.backend})"
@@ -156,10 +158,11 @@ class Communicator:
             return self.device
         return torch.device("cuda", torch.cuda.current_device())
 
-    def _all_gather(self, values: Tensor) -> Tensor:
-        """``(world_size, *values.shape)``: every rank's ``values``."""
+    def all_gather(self, values: Tensor) -> Tensor:
+        """``(world_size, *values.shape)`` on the CPU: every rank's small ``values``."""
         import torch.distributed as dist
 
+        values = values.to(self._small_device())
         out = [torch.empty_like(values) for _ in range(self.world_size)]
         dist.all_gather(out, values, group=self.group)
         return torch.stack(out).cpu()
@@ -250,7 +253,7 @@ class Communicator:
         row[1] = _fingerprint(what)
         for i, name in enumerate(names):
             row[2 + i] = float(equal.get(name, gather.get(name, math.nan)))
-        table = self._all_gather(row.to(self._small_device()))
+        table = self.all_gather(row)
         if bool((table[:, 0] > 0.5).any()):
             self._raise_failure(error, table[:, 0], what)
         if not all(_same(float(table[r, 1]), float(table[0, 1])) for r in range(self.world_size)):
@@ -323,48 +326,30 @@ class Communicator:
         buffer = torch.cat([part.reshape(-1), flag])
         dist.all_reduce(buffer, group=self.group)
         if float(buffer[-1]) > 0.5:
-            flags = self._all_gather(
-                torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64).to(
-                    self._small_device()
-                )
-            )[:, 0]
+            mine = torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64)
+            flags = self.all_gather(mine)[:, 0]
             self._raise_failure(error, flags, what)
         return buffer[:-1].view(part.shape)
 
-    def batch_shares(self, sizes: Sequence[int | None]) -> tuple[list[float], list[int | None]]:
-        """This rank's share :math:`w_{r,b}` of each global batch, and the global batch sizes.
 
-        Every rank must hold the same number of batches (checked by the caller's agreement).
-        Shares are by number of examples; equal (``1 / world_size``) if any rank's size of any
-        batch is unknown or a global batch is empty.
-        """
-        local = torch.tensor([-1.0 if s is None else float(s) for s in sizes], dtype=torch.float64)
-        table = self._all_gather(local.to(self._small_device()))
-        if bool((table < 0).any()):
-            return [1.0 / self.world_size] * len(sizes), [None] * len(sizes)
-        totals = table.sum(0)
-        shares = [
-            float(table[self.rank, b] / totals[b]) if totals[b] > 0 else 1.0 / self.world_size
-            for b in range(len(sizes))
-        ]
-        return shares, [int(t) for t in totals]
-
-
-def resolve_process_group(process_group: Any) -> Communicator | None:
+def resolve_process_group(
+    process_group: Any, *, device: torch.device | None = None
+) -> Communicator | None:
     """The :class:`Communicator` for a ``process_group`` argument, or ``None`` (single process).
 
     Args:
         process_group: ``"auto"``: the default group when ``torch.distributed`` is available and
             initialised with more than one rank; ``None`` or ``False``: no communication (each
             process probes its own batches alone); a ``torch.distributed.ProcessGroup``: that
-            group; a :class:`Communicator`: itself.
+            group; a :class:`Communicator`: itself (with ``device``, if given).
+        device: the probed model's device (see :attr:`Communicator.device`).
 
     Example:
         >>> resolve_process_group("auto") is None  # no process group initialised here
         True
     """
     if isinstance(process_group, Communicator):
-        return process_group
+        return process_group if device is None else process_group.with_device(device)
     if process_group is None or process_group is False:
         return None
     import torch.distributed as dist
@@ -408,65 +393,5 @@ def resolve_process_group(process_group: Any) -> Communicator | None:
         rank=dist.get_rank(group),
         world_size=world_size,
         backend=str(dist.get_backend(group)),
+        device=device,
     )
-
-
-_FSDP_FIX = (
-    "The probe needs every parameter whole on every rank, and FSDP shards them. Probe an "
-    "unsharded model instead: call auto_uba/probe_curvature on the model before wrapping it with "
-    "FSDP (the pre-training probe), or build a plain copy on each rank from the full state dict "
-    "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
-    "StateDictOptions(full_state_dict=True))) and probe that copy. DistributedDataParallel "
-    "is supported"
-)
-
-
-def _refuse_sharded(model: nn.Module) -> None:
-    """Raise for FSDP (1 and 2) and DTensor-sharded models; cheap when FSDP was never imported."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None:
-        kinds = tuple(
-            k
-            for k in (
-                getattr(fsdp, "FullyShardedDataParallel", None),
-                getattr(fsdp, "FSDPModule", None),
-            )
-            if isinstance(k, type)
-        )
-        found = next((m for m in model.modules() if kinds and isinstance(m, kinds)), None)
-        if found is not None:
-            raise TypeError(
-                f"model holds a fully sharded module ({type(found).__name__}): FSDP is not "
-                f"supported by the curvature probe. {_FSDP_FIX}"
-            )
-    tensor_mod = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(tensor_mod, "DTensor", None) if tensor_mod is not None else None
-    if isinstance(dtensor, type):
-        sharded = next((n for n, p in model.named_parameters() if isinstance(p, dtensor)), None)
-        if sharded is not None:
-            raise TypeError(
-                f"parameter {sharded!r} is a DTensor (sharded by FSDP2/fully_shard or tensor "
-                f"parallelism): sharded parameters are not supported by the curvature probe. "
-                f"{_FSDP_FIX}"
-            )
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module to probe: the inner module of ``DistributedDataParallel``/``DataParallel``.
-
-    The probe evaluates the inner module through ``torch.func.functional_call`` and never runs
-    the wrapper's forward, so DDP's gradient-synchronisation hooks never fire and its state (the
-    reducer, buffers, ``require_forward_param_sync``) is left alone. Fully sharded models are
-    refused with a ``TypeError`` that says what to do.
-
-    Example:
-        >>> import torch
-        >>> inner = torch.nn.Linear(2, 1)
-        >>> unwrap_model(torch.nn.DataParallel(inner)) is inner
-        True
-    """
-    _refuse_sharded(model)
-    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model

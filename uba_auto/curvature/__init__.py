@@ -1,0 +1,52 @@
+r"""The Hessian and the generalized Gauss-Newton matrix of a model's loss, as symmetric operators.
+
+Both operators act on the flat vector :math:`\theta \in \mathbb{R}^n` of the model's parameters that
+require grad (in ``model.named_parameters()`` order) and describe the curvature of
+
+.. math::
+
+    L(\theta) = \frac{1}{B} \sum_{b=1}^{B} \ell_b(\theta),
+
+the mean over the given batches of the per-batch loss, each batch weighted equally whatever its
+size. The model is never mutated: it is evaluated at detached copies of its parameters and fresh
+copies of its buffers through :func:`torch.func.functional_call`, derivatives are taken with
+:func:`torch.autograd.grad` or :mod:`torch.func` (never ``.backward()``), so ``.grad``, running
+statistics and ``training`` flags stay as they were. An operator describes the point at which it
+was built: build a new one after the parameters change (it raises if it notices that they did).
+
+The pieces, one concern each:
+
+* :mod:`~uba_auto.curvature.batch_loss`: batch forms, one batch's scalar loss (``ModelLoss``).
+* :mod:`~uba_auto.curvature.modes`: the mode policy (BatchNorm, dropout, attention, randomness).
+* :mod:`~uba_auto.curvature.errors`: missing derivatives as :class:`UnsupportedDerivativeError`.
+* :mod:`~uba_auto.curvature.params`: parameter selection, device, dtype, the point.
+* :mod:`~uba_auto.curvature.evaluation`, :mod:`~uba_auto.curvature.hessian`,
+  :mod:`~uba_auto.curvature.ggn`: per-batch products, one pure closure per engine.
+* :mod:`~uba_auto.curvature.local`: this process's operator, a weighted sum over its batches.
+* :mod:`~uba_auto.curvature.allreduce`: the global batches of a process group.
+* :mod:`~uba_auto.curvature.operators`: :func:`build_operator`, :class:`HessianOperator`,
+  :class:`GGNOperator`.
+"""
+
+from uba_auto.curvature.allreduce import AllReducedOperator
+from uba_auto.curvature.batch_loss import ModelLoss
+from uba_auto.curvature.errors import UnsupportedDerivativeError
+from uba_auto.curvature.evaluation import ENGINES
+from uba_auto.curvature.local import LocalOperator
+from uba_auto.curvature.modes import MODES
+from uba_auto.curvature.operators import CURVATURES, GGNOperator, HessianOperator, build_operator
+from uba_auto.curvature.params import unwrap_model
+
+__all__ = [
+    "CURVATURES",
+    "ENGINES",
+    "MODES",
+    "AllReducedOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LocalOperator",
+    "ModelLoss",
+    "UnsupportedDerivativeError",
+    "build_operator",
+    "unwrap_model",
+]

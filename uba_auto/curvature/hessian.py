@@ -1,0 +1,129 @@
+r"""The Hessian-vector product of each batch's loss, one closure per engine.
+
+.. math::
+
+    H_b v = \nabla_\theta \big(\nabla_\theta \ell_b(\theta)^\top v\big).
+
+Engines (:data:`HESSIAN_ENGINES`; an operator picks one, once):
+
+* ``double-backward`` with a cached graph: per batch, the gradient is computed once with
+  ``create_graph=True`` and its graph kept, so a product is one backward pass through every
+  batch's graph at once, with no forward pass.
+* ``double-backward`` without a cache: the forward and the gradient are recomputed for every
+  product (memory for one batch at a time).
+* ``forward-over-reverse``: ``torch.func.jvp(torch.func.grad(loss), (θ,), (v,))`` per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from uba_auto._batches import floating_leaves, with_floating_leaves
+from uba_auto.curvature.batch_loss import ModelLoss, loss_at
+from uba_auto.curvature.evaluation import BatchCurvature, Engine, Evaluation, Terms
+
+__all__ = ["HESSIAN_ENGINES"]
+
+
+def _cached(ev: Evaluation) -> BatchCurvature:
+    point = ev.point
+    leaves = list(point.leaves.values())
+    losses, grads = [], []
+    with ev.computing(derivatives=True, check_rng=True):
+        for i in range(len(ev.batches)):
+            loss = ev.batch_loss(i, point.leaves)
+            grads.append(ev.differentiable_grad(loss, i))
+            losses.append(loss)
+
+    def product(v: Tensor, terms: Terms) -> Tensor:
+        point.check_unchanged(ev.operator)
+        live = [(i, c) for i, c in terms if grads[i].requires_grad]
+        if not live:
+            return torch.zeros_like(v)
+        with ev.computing(derivatives=True):
+            # One backward through the selected cached gradient graphs: Σ_b ∇(g_bᵀ c_b v).
+            hv = torch.autograd.grad(
+                [grads[i] for i, _ in live],
+                leaves,
+                [v * c for _, c in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return point.flatten(hv)
+
+    def gradient(terms: Terms) -> Tensor:
+        return sum((grads[i].detach() * c for i, c in terms), point.zeros())
+
+    return BatchCurvature(ev.stacked_losses(losses), product, gradient)
+
+
+def _uncached(ev: Evaluation) -> BatchCurvature:
+    point = ev.point
+    leaves = list(point.leaves.values())
+
+    def product(v: Tensor, terms: Terms) -> Tensor:
+        point.check_unchanged(ev.operator)
+        total = torch.zeros_like(v)
+        with ev.computing(derivatives=True):
+            for i, c in terms:
+                g = ev.differentiable_grad(ev.batch_loss(i, point.leaves), i)
+                if g.requires_grad:
+                    hv = torch.autograd.grad(g, leaves, v, allow_unused=True)
+                    total += c * point.flatten(hv)
+        return total
+
+    return BatchCurvature(ev.losses_without_graph(), product, ev.gradient)
+
+
+def _forward_over_reverse(ev: Evaluation) -> BatchCurvature:
+    point = ev.point
+
+    def batch_hvp(i: int, tangents: dict[str, Tensor]) -> Tensor:
+        batch = ev.batches[i]
+        # The data's floating tensors (targets of a pair) enter as primals with zero tangents,
+        # see floating_leaves.
+        if isinstance(batch, (tuple, list)) and not isinstance(ev.loss, ModelLoss):
+            data = floating_leaves(batch[1])
+
+            def rebuild(leaves: list[Tensor]) -> Any:
+                return (batch[0], with_floating_leaves(batch[1], iter(leaves)))
+        else:
+            data = floating_leaves(batch)
+
+            def rebuild(leaves: list[Tensor]) -> Any:
+                return with_floating_leaves(batch, iter(leaves))
+
+        def batch_loss(trainable: dict[str, Tensor], leaves: list[Tensor]) -> Tensor:
+            return loss_at(
+                point.with_buffers(trainable), ev.model, rebuild(leaves), ev.loss, batch_index=i
+            )
+
+        _, hv = torch.func.jvp(
+            torch.func.grad(batch_loss),
+            (point.primals, data),
+            (tangents, [torch.zeros_like(t) for t in data]),
+        )
+        return point.flatten(hv)
+
+    def product(v: Tensor, terms: Terms) -> Tensor:
+        point.check_unchanged(ev.operator)
+        tangents = point.unflatten(v)
+        total = torch.zeros_like(v)
+        with ev.computing(derivatives=True):
+            for i, c in terms:
+                total += c * batch_hvp(i, tangents)
+        return total
+
+    return BatchCurvature(ev.losses_without_graph(), product, ev.gradient)
+
+
+HESSIAN_ENGINES: dict[tuple[str, bool], Engine] = {
+    ("double-backward", True): _cached,
+    ("double-backward", False): _uncached,
+    ("forward-over-reverse", True): _forward_over_reverse,  # caches nothing either way
+    ("forward-over-reverse", False): _forward_over_reverse,
+}
+"""The Hessian engine of each ``(engine, cache_graph)``."""

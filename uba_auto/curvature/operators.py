@@ -1,0 +1,274 @@
+r"""The public curvature operators and :func:`build_operator`, their one constructor.
+
+:class:`HessianOperator` and :class:`GGNOperator` resolve their ``process_group`` argument once,
+here at the public boundary, build with :func:`build_operator` and forward everything to what it
+built: a :class:`~uba_auto.curvature.local.LocalOperator` in a single process, an
+:class:`~uba_auto.curvature.allreduce.AllReducedOperator` under a process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uba_auto._batches import BatchSet, as_batch_set
+from uba_auto._distributed import Communicator, resolve_process_group
+from uba_auto.curvature.allreduce import AllReducedOperator, all_reduced
+from uba_auto.curvature.batch_loss import ModelLoss, check_batch_form
+from uba_auto.curvature.evaluation import ENGINES, Evaluation
+from uba_auto.curvature.ggn import GGN_ENGINES
+from uba_auto.curvature.hessian import HESSIAN_ENGINES
+from uba_auto.curvature.local import LocalOperator
+from uba_auto.curvature.modes import ModePolicy
+from uba_auto.curvature.params import ParameterPoint, unwrap_model
+from uba_auto.linear_operator import SymmetricOperator
+
+__all__ = ["CURVATURES", "GGNOperator", "HessianOperator", "build_operator"]
+
+CURVATURES = ("hessian", "ggn")
+"""The curvatures an operator can describe: the Hessian or the generalized Gauss-Newton matrix."""
+
+_NAMES = {"hessian": "HessianOperator", "ggn": "GGNOperator"}
+_ENGINES = {"hessian": HESSIAN_ENGINES, "ggn": GGN_ENGINES}
+
+
+def build_operator(
+    curvature: str,
+    model: nn.Module,
+    batches: Iterable[Any] | BatchSet,
+    loss: Any,
+    *,
+    mode: str,
+    engine: str,
+    dtype: torch.dtype | None,
+    params: Iterable[Any] | None = None,
+    cache_graph: bool = True,
+    comm: Communicator | None,
+) -> LocalOperator | AllReducedOperator:
+    """The curvature operator of ``model``'s mean batch loss, for an already resolved process group.
+
+    Arguments are those of :class:`HessianOperator`, with ``curvature`` (``"hessian"`` or
+    ``"ggn"``) choosing the matrix and ``comm`` the resolved process group
+    (:func:`~uba_auto._distributed.resolve_process_group`): ``None`` for this process's batches
+    alone, else the curvature of the global batches, built collectively (every rank must call it).
+
+    Returns:
+        An operator with the attributes of :class:`HessianOperator`, and ``batch_operator(i)``.
+
+    Raises:
+        As :class:`HessianOperator`; ``ValueError`` for an unknown ``curvature``.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if curvature == "ggn" and isinstance(loss, ModelLoss):
+        raise ValueError(
+            "GGNOperator needs separable outputs and a loss_fn(outputs, targets): the "
+            "Gauss-Newton matrix is Jᵀ H_ℓ J with J the Jacobian of the model's outputs, so "
+            f"the loss must be a function of the outputs, got {loss!r}. Use (inputs, targets) "
+            "batches with loss=loss_fn(outputs, targets), or the Hessian (HessianOperator)"
+        )
+
+    name = _NAMES[curvature]
+
+    def build() -> LocalOperator:
+        # This rank's part: no collective, every argument checked once, the engine chosen once.
+        inner = unwrap_model(model)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if not isinstance(cache_graph, bool):
+            raise TypeError(f"cache_graph must be a bool, got {type(cache_graph).__name__}")
+        point = ParameterPoint(inner, params, dtype)
+        policy = ModePolicy.of(inner, mode, device=point.device, operator=name)
+        batch_set = as_batch_set(batches, device=point.device, dtype=point.cast)
+        for i, batch in enumerate(batch_set.batches):
+            check_batch_form(batch, loss, i)
+        evaluation = Evaluation(name, engine, inner, batch_set, loss, point, policy)
+        curvature_of_batches = _ENGINES[curvature][engine, cache_graph](evaluation)
+        return LocalOperator(evaluation, curvature_of_batches, cache_graph=cache_graph)
+
+    if comm is None:
+        return build()
+    return all_reduced(build, comm, name)
+
+
+class _PublicOperator(SymmetricOperator):
+    """Resolves ``process_group`` once, builds, and forwards every attribute to what it built.
+
+    The constructor of :class:`HessianOperator` and :class:`GGNOperator` (their signature).
+    """
+
+    _curvature = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any] | BatchSet,
+        loss: Any = None,
+        *,
+        mode: str = "train-deterministic",
+        engine: str = "double-backward",
+        dtype: torch.dtype | None = None,
+        params: Iterable[Any] | None = None,
+        cache_graph: bool = True,
+        process_group: Any = "auto",
+    ) -> None:
+        super().__init__()
+        self._op = build_operator(
+            self._curvature,
+            model,
+            batches,
+            loss,
+            mode=mode,
+            engine=engine,
+            dtype=dtype,
+            params=params,
+            cache_graph=cache_graph,
+            comm=resolve_process_group(process_group),
+        )
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._op.matvec(v)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this wrapper does not hold itself (everything but num_matvecs).
+        if name == "_op":
+            raise AttributeError(name)
+        return getattr(self._op, name)
+
+
+class HessianOperator(_PublicOperator):
+    r"""The Hessian of the mean batch loss as a symmetric operator on the flat parameter vector.
+
+    .. math::
+
+        H = \nabla^2_\theta \, \frac{1}{B} \sum_{b=1}^{B} \ell_b(\theta), \qquad
+        Hv = \frac{1}{B} \sum_{b=1}^{B} \nabla_\theta \big(\nabla_\theta \ell_b(\theta)^\top v\big).
+
+    The vector is the concatenation of the flattened parameters that require grad (or those named
+    by ``params``), in ``model.named_parameters()`` order: see :attr:`param_names`,
+    :attr:`param_shapes` and :meth:`unflatten`. Every batch's loss is weighted equally.
+
+    Mode policy (``mode``): by default, ``"train-deterministic"``, the loss is the one training
+    sees, without randomness: BatchNorm (and InstanceNorm) normalise with batch statistics, as in
+    training, while their running statistics and ``num_batches_tracked`` stay untouched; dropout,
+    attention dropout and RNN dropout are off. ``"eval"`` puts every module in eval mode (BatchNorm
+    uses running statistics); ``"as-is"`` keeps every module's flag. Flags are set only while the
+    operator computes and restored exactly after; a forward pass that draws random numbers anyway
+    raises ``ValueError``. Attention runs on the math kernel of scaled-dot-product attention, the
+    only one with every derivative, and the fused fast path of ``nn.TransformerEncoderLayer`` is
+    disabled while the operator computes.
+
+    Engines:
+        ``"double-backward"`` (default): per batch, the gradient is computed once with
+        ``create_graph=True`` and its graph kept, so a product is one backward pass through
+        that graph, :math:`Hv = \nabla_\theta (g^\top v)`, with no forward pass. The cached graphs
+        hold the tensors saved by a forward and a backward pass, for every batch;
+        ``cache_graph=False`` recomputes the forward and the gradient for every product instead
+        (memory for one batch at a time, a forward and a backward more per product).
+        ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(loss), (θ,), (v,))``, no cached
+        graph (each product is one forward and a forward-mode-over-reverse pass per batch).
+
+    Args:
+        model: the model; never modified.
+        batches: an iterable of batches (all of it is used) or a
+            :class:`~uba_auto._batches.BatchSet`. Batches are moved to the model's device.
+        loss: ``loss(outputs, targets)`` for ``(inputs, targets)`` batches, ``None`` for dict
+            batches of Hugging Face-style models, or ``ModelLoss(fn)`` with ``fn(model, batch)``.
+        mode: ``"train-deterministic"``, ``"eval"`` or ``"as-is"`` (see above).
+        engine: ``"double-backward"`` or ``"forward-over-reverse"``.
+        dtype: probe in this floating dtype (e.g. ``torch.float64``) by casting copies of the
+            parameters, buffers and floating batch tensors; ``None`` keeps the model's dtype.
+        params: parameter names or parameters to probe; ``None`` for all with ``requires_grad``.
+        cache_graph: keep each batch's gradient graph (``engine="double-backward"`` only).
+        process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
+            than one rank, the operator is the curvature of the loss on the global batch: global
+            batch :math:`b` is the union of every rank's batch :math:`b`, each rank's part
+            weighted by its number of examples, and every product (and :meth:`gradient`) is
+            all-reduced, so it is a collective that every rank must call in the same order (see
+            :mod:`uba_auto.curvature.allreduce`). ``None``/``False``: this process's batches
+            alone. Or a ``torch.distributed.ProcessGroup``. It is resolved once, here. A
+            ``DistributedDataParallel`` (or ``DataParallel``) model is probed through its inner
+            module; FSDP is refused.
+
+    Attributes:
+        size, dtype, device: of the flat vectors (``dtype`` is the probe's dtype).
+        param_names, param_shapes: the probed parameters.
+        num_batches, batch_sizes: the batches used (``batch_sizes``: this rank's).
+        global_batch_sizes: the sizes of the global batches, summed over ranks (``None`` where
+            unknown); ``batch_sizes`` in a single process.
+        batch_losses: the loss of each (global) batch at the probe's point, a 1-D tensor.
+        batch_set: the batches, as a :class:`~uba_auto._batches.BatchSet`.
+        num_matvecs: products computed so far.
+
+    Methods: :meth:`matvec`, ``gradient()`` (of the mean batch loss, no graph), ``loss_value()``,
+    ``flatten``/``unflatten`` (flat vector <-> ``name -> tensor``), and ``batch_operator(i)``: the
+    operator of batch ``i`` alone (under a process group, global batch ``i``), which reuses this
+    operator's batches, point and cached graphs and counts its own products.
+
+    Raises:
+        ValueError: for an empty loader, a missing or misplaced ``loss``, a non-scalar or
+            non-finite batch loss (the message names the batch), no parameter to probe, or a
+            random forward pass.
+        TypeError: for arguments of the wrong type, or a fully sharded (FSDP) model.
+        UnsupportedDerivativeError: at construction or from :meth:`matvec`, if an operation of
+            the model lacks the derivative the engine needs (double backward or forward mode).
+        DistributedProbeError: under a process group, on every rank, when any rank failed
+            (:class:`~uba_auto._distributed.DistributedProbeError`, naming the ranks and errors).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> op = HessianOperator(model, [(x, y)], torch.nn.functional.mse_loss, dtype=torch.float64)
+        >>> op.to_dense()  # 2 XᵀX / N
+        tensor([[1., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+
+    _curvature = "hessian"
+
+
+class GGNOperator(_PublicOperator):
+    r"""The generalized Gauss-Newton matrix of the mean batch loss, as a symmetric operator.
+
+    For batch :math:`b` with model outputs :math:`z_b = f(\theta, x_b)`, output Jacobian
+    :math:`J_b = \partial z_b / \partial \theta` and loss :math:`\ell(z_b, y_b)`,
+
+    .. math::
+
+        G = \frac{1}{B} \sum_{b=1}^{B} J_b^\top \, \nabla^2_{z} \ell(z_b, y_b) \, J_b .
+
+    It drops the second-derivative-of-the-network term of the Hessian, so it is positive
+    semi-definite whenever the loss is convex in the outputs (MSE, cross-entropy, BCE), and equals
+    the Hessian when the outputs are linear in the parameters (e.g. linear regression).
+    Each product computes :math:`J v`, applies the Hessian of the loss with respect to the
+    outputs, and pulls the result back with :math:`J^\top`.
+
+    It needs the loss to be a separate function of the outputs: ``(inputs, targets)`` batches with
+    ``loss(outputs, targets)`` and a model whose output is a tensor. Dict batches (Hugging Face
+    models that compute their own loss) and ``ModelLoss`` raise ``ValueError``.
+
+    Engines: ``"double-backward"`` (default) computes :math:`Jv` by the double-vjp trick on a
+    cached graph of the outputs (no forward pass per product when ``cache_graph=True``);
+    ``"forward-over-reverse"`` computes :math:`Jv` with ``torch.func.jvp`` and :math:`J^\top u`
+    with ``torch.func.vjp``, recomputing per product, and needs only first-order forward- and
+    reverse-mode derivatives of the model.
+
+    Arguments, attributes and the mode policy are those of :class:`HessianOperator`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> op = GGNOperator(model, [(x, y)], torch.nn.functional.mse_loss, dtype=torch.float64)
+        >>> op.to_dense()  # equals the Hessian for a linear model with MSE
+        tensor([[1., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+
+    _curvature = "ggn"
