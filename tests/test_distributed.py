@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from _models import Problem
 from _reference import _Reference, assert_close
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 
 import uba_auto
@@ -36,7 +37,6 @@ from uba_auto._distributed import (
     is_communication_failure,
     resolve_process_group,
 )
-from uba_auto._state import assert_state_unchanged, snapshot_state
 from uba_auto.curvature import unwrap_model
 
 dist = torch.distributed

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from _models import PROBLEMS, SEPARABLE, Problem, make_problem
 from _reference import F64, _Reference, assert_close
+from _state_checks import assert_state_unchanged, snapshot_state
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import uba_auto._batches as batches_module
 from uba_auto._batches import BatchSet
-from uba_auto._state import assert_state_unchanged, snapshot_state
 from uba_auto.curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDerivativeError
 from uba_auto.curvature import operators as curvature_operators
 from uba_auto.curvature import params as curvature_params

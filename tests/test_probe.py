@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
 
-from uba_auto.hessian import UnsupportedDerivativeError
+from uba_auto.curvature import UnsupportedDerivativeError
 from uba_auto.probe import CurvatureEstimate, probe_curvature
 
 REL = 1e-4  # the accuracy the issue asks for with default settings

@@ -19,10 +19,9 @@ The public API, in the order a user meets it:
   :func:`slq_density`).
 """
 
-from ._batches import ModelLoss
 from ._distributed import DistributedProbeError
 from .auto import AutoUBA, AutoUBAScheduler, auto_uba
-from .hessian import GGNOperator, HessianOperator, UnsupportedDerivativeError
+from .curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDerivativeError
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
 from .phi import (

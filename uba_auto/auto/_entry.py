@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._distributed import resolve_process_group
+from .._distributed import device_of, resolve_process_group
 from .._optim import group_peaks
 from .._validation import check_positive_finite
 from ..phi import PHI_MAX, PHI_MIN
@@ -156,7 +156,7 @@ def auto_uba(
             "density_iters": 24,
             **probe_kwargs,
         },
-        comm=resolve_process_group(process_group),  # resolved once, here
+        comm=resolve_process_group(process_group, device=device_of(model)),  # once, here
         peak_lr=peak_lr,
         optimizer=optimizer,
         resume_from=resume_from,

@@ -1,7 +1,7 @@
 r"""The curvature probe: the curvature the optimiser will see, from a few minibatches.
 
-:func:`probe_curvature` builds a curvature operator (:class:`~uba_auto.hessian.HessianOperator` or
-:class:`~uba_auto.hessian.GGNOperator`) over ``num_batches`` minibatches of the user's loader and
+:func:`probe_curvature` builds a curvature operator (:class:`~uba_auto.curvature.HessianOperator` or
+:class:`~uba_auto.curvature.GGNOperator`) over ``num_batches`` minibatches of the user's loader and
 runs solvers on it (:func:`~uba_auto.lanczos.lanczos` for both ends of the spectrum from one Krylov
 space, :func:`~uba_auto.trace.hutchpp_trace`, :func:`~uba_auto.slq.slq_density`). It runs on the
 model's device, in the model's dtype unless told otherwise, and leaves every piece of user state as

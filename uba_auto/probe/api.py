@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._distributed import resolve_process_group
+from .._distributed import device_of, resolve_process_group
 from .estimate import CurvatureEstimate
 from .run import run_probe
 from .settings import ProbeSettings, check_model
@@ -138,4 +138,5 @@ def probe_curvature(
         progress=progress,
         basis_device=basis_device,
     )
-    return run_probe(model, loader, loss_fn, settings, resolve_process_group(process_group))
+    comm = resolve_process_group(process_group, device=device_of(model))
+    return run_probe(model, loader, loss_fn, settings, comm)

@@ -9,7 +9,7 @@ same mode policy as our own probe, by:
 
 * handing it a deep copy of the model (the caller's parameters, buffers, ``.grad`` and flags are
   never reachable from PyHessian), wrapped so that its ``model.eval()`` is a no-op and the copy
-  keeps the probe's mode policy (:func:`uba_auto._batches.evaluation_mode`);
+  keeps the probe's mode policy (:func:`uba_auto.curvature.modes.evaluation_mode`);
 * forking the RNG (CPU and CUDA) around the run and seeding it, so results are reproducible and
   the caller's RNG stream is unchanged;
 * setting the default dtype to the model's for the duration, so PyHessian's ``torch.randn`` vectors
@@ -40,7 +40,8 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from .._batches import BatchSet, evaluation_mode
+from .._batches import BatchSet
+from ..curvature.modes import evaluation_mode
 from ..slq import SpectralDensity
 from .bookkeeping import Ledger
 from .estimate import CurvatureEstimate, negative_mass

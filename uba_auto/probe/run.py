@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from .._batches import BatchSet, collect_batches
-from .._distributed import Communicator, check_enabled, unwrap_model
+from .._distributed import Communicator, check_enabled
 from .._state import preserve_state
-from ..hessian import GGNOperator, HessianOperator
-from ..linear_operator import SymmetricOperator
+from ..curvature import build_operator, unwrap_model
 from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
 from .bookkeeping import Ledger, Tracked, progress_bar
@@ -73,10 +72,17 @@ def run_probe(
             ledger.end_setup()
             return pyhessian_estimate(model, batch_set, loss_fn, settings, ledger, notes)
 
-        op = _operator(model, batch_set, loss_fn, settings, comm)
+        op = build_operator(
+            settings.curvature,
+            model,
+            batch_set,
+            loss_fn,
+            mode=settings.mode,
+            engine=settings.engine,
+            dtype=settings.dtype,
+            comm=comm,
+        )
         ledger.end_setup()
-        # MERGE: batch_operator = op.batch_operator
-        batch_operator = _fresh_batch_operators(model, batch_set, loss_fn, settings, comm)
         tol = settings.tol_for(op.dtype)
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
         solve = functools.partial(
@@ -97,7 +103,7 @@ def run_probe(
             if num_found > 1:
                 with ledger.part("per_batch"):
                     per_batch = per_batch_curvature(
-                        lambda i: Tracked(batch_operator(i), bar, 1),
+                        lambda i: Tracked(op.batch_operator(i), bar, 1),
                         num_found,
                         ext.top_vector,
                         solve if settings.per_batch else None,
@@ -165,41 +171,6 @@ def run_probe(
         estimate.wall_time_s,
     )
     return estimate
-
-
-# MERGE: uba_auto.curvature.build_operator(settings.curvature, ..., comm=comm) (helper C1)
-def _operator(
-    model: nn.Module,
-    batches: BatchSet | list[Any],
-    loss_fn: Any,
-    settings: ProbeSettings,
-    comm: Communicator | None,
-) -> HessianOperator | GGNOperator:
-    cls = HessianOperator if settings.curvature == "hessian" else GGNOperator
-    return cls(
-        model,
-        batches,
-        loss_fn,
-        mode=settings.mode,
-        engine=settings.engine,
-        dtype=settings.dtype,
-        process_group=comm or False,
-    )
-
-
-# ----- MERGE: delete once the operators have batch_operator(i) (helper C1) ----------------------
-def _fresh_batch_operators(
-    model: nn.Module,
-    batch_set: BatchSet,
-    loss_fn: Any,
-    settings: ProbeSettings,
-    comm: Communicator | None,
-) -> Callable[[int], SymmetricOperator]:
-    """Batch ``i``'s operator, built anew (batch collected, parameters copied, graph rebuilt)."""
-    return lambda i: _operator(model, [batch_set.batches[i]], loss_fn, settings, comm)
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 def _collect(

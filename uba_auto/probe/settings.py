@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import MODES
 from .._validation import check_int, check_positive_finite
-from ..hessian import ENGINES
+from ..curvature import ENGINES, MODES
 
 __all__ = ["CURVATURES", "METHODS", "ProbeSettings", "check_model"]
 
