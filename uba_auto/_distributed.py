@@ -36,7 +36,6 @@ __all__ = [
     "Communicator",
     "DistributedProbeError",
     "check_enabled",
-    "device_of",
     "is_communication_failure",
     "resolve_process_group",
 ]
@@ -331,26 +330,6 @@ class Communicator:
             flags = self.all_gather(mine)[:, 0]
             self._raise_failure(error, flags, what)
         return buffer[:-1].view(part.shape)
-
-
-def device_of(model: Any) -> torch.device | None:
-    """The device of ``model``'s first parameter (or buffer), for :func:`resolve_process_group`.
-
-    Never raises (``None`` for no tensors, or not a module): at the public boundary of a
-    collective a rank must not fail alone before the first agreement, which checks the model.
-
-    Example:
-        >>> device_of(torch.nn.Linear(1, 1))
-        device(type='cpu')
-    """
-    for attribute in ("parameters", "buffers"):
-        try:  # a wrapper may fail even to list its tensors (FSDP): the probe refuses it later
-            first = next(iter(getattr(model, attribute)()), None)
-        except Exception:
-            return None
-        if isinstance(first, Tensor):
-            return first.device
-    return None
 
 
 def resolve_process_group(

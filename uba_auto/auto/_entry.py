@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._distributed import device_of, resolve_process_group
+from .._distributed import resolve_process_group
 from .._optim import group_peaks
 from .._validation import check_positive_finite
+from ..curvature import device_of
 from ..phi import PHI_MAX, PHI_MIN
 from ._autouba import AutoUBA
 from ._choice import check_final_rate

@@ -35,7 +35,7 @@ from uba_auto.curvature.evaluation import ENGINES
 from uba_auto.curvature.local import LocalOperator
 from uba_auto.curvature.modes import MODES
 from uba_auto.curvature.operators import CURVATURES, GGNOperator, HessianOperator, build_operator
-from uba_auto.curvature.params import unwrap_model
+from uba_auto.curvature.params import device_of, unwrap_model
 
 __all__ = [
     "CURVATURES",
@@ -48,5 +48,6 @@ __all__ = [
     "ModelLoss",
     "UnsupportedDerivativeError",
     "build_operator",
+    "device_of",
     "unwrap_model",
 ]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ParameterPoint",
+    "device_of",
     "model_device",
     "probe_dtype",
     "select_parameters",
@@ -143,6 +144,26 @@ def model_device(model: nn.Module) -> torch.device:
             "initialise them first"
         )
     return device
+
+
+def device_of(model: Any) -> torch.device | None:
+    """The device of ``model``'s first parameter (or buffer), for :func:`resolve_process_group`.
+
+    Never raises (``None`` for no tensors, or not a module): at the public boundary of a
+    collective a rank must not fail alone before the first agreement, which checks the model.
+
+    Example:
+        >>> device_of(torch.nn.Linear(1, 1))
+        device(type='cpu')
+    """
+    for attribute in ("parameters", "buffers"):
+        try:  # a wrapper may fail even to list its tensors (FSDP): the probe refuses it later
+            first = next(iter(getattr(model, attribute)()), None)
+        except Exception:
+            return None
+        if isinstance(first, Tensor):
+            return first.device
+    return None
 
 
 def probe_dtype(trainable: Sequence[Tensor], dtype: torch.dtype | None) -> torch.dtype:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._distributed import device_of, resolve_process_group
+from .._distributed import resolve_process_group
+from ..curvature import device_of
 from .estimate import CurvatureEstimate
 from .run import run_probe
 from .settings import ProbeSettings, check_model
