@@ -205,3 +205,23 @@ def test_a_failed_probe_only_appends_its_record(monkeypatch):
     assert after["history"] == [*before["history"], record.to_row()]
     keep = ("history", "batches_drawn")
     assert state_without(after, *keep) == state_without(before, *keep)
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        (dict(max_hvp=40), TypeError, r"unexpected keyword argument\(s\) \['max_hvp'\].*max_hvps"),
+        (dict(trace_matvecs=2), ValueError, "trace_matvecs"),
+    ],
+)
+def test_probe_keywords_are_checked_before_any_probe(monkeypatch, extra, error, match):
+    problem, model = setup()
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed before the keywords were checked")
+
+    monkeypatch.setattr("uba_auto.auto._autouba.run_probe", no_probe)
+    loader = iter(problem.batches)  # a one-shot iterator: a check after drawing would lose batches
+    with pytest.raises(error, match=match):
+        auto_uba(model, loader, 200, loss_fn=problem.loss, **{**CHEAP, **extra})
+    assert len(list(loader)) == len(problem.batches)  # nothing drawn

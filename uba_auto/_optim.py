@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
-from ._validation import check_positive_finite
+from ._validation import check_nonnegative_finite, check_positive_finite
 
-__all__ = ["SGDSettings", "group_peaks", "sgd_settings"]
+__all__ = ["SGDSettings", "group_peaks", "per_group", "sgd_settings"]
 
 
 def group_peaks(optimizer: Any) -> list[float]:
@@ -79,3 +80,17 @@ def sgd_settings(optimizer: Any) -> SGDSettings | None:
         bool(group.get("nesterov", False)),
         float(group.get("weight_decay", 0.0)),
     )
+
+
+def per_group(name: str, value: Any, num_groups: int) -> list[float] | None:
+    """Broadcast a float (or check a per-group sequence) to one value per param group."""
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != num_groups:
+            raise ValueError(
+                f"{name} must be a float or a sequence with one value per param group "
+                f"({num_groups}), got {len(value)} values"
+            )
+        return [check_nonnegative_finite(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [check_nonnegative_finite(name, value)] * num_groups

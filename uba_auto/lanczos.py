@@ -91,7 +91,6 @@ class LanczosResult:
     converged: Tensor
     eigenvectors: Tensor
     ritz_values: Tensor
-    ritz_residuals: Tensor
     alpha: Tensor
     beta: Tensor
     num_matvecs: int
@@ -99,6 +98,7 @@ class LanczosResult:
     which: str
     breakdown: bool
     tol: float
+    ritz_residuals: Tensor  # last: the fields before it keep their positions
 
     @property
     def lambda_max(self) -> float | None:

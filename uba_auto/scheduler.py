@@ -29,13 +29,12 @@ from typing import Any, NamedTuple
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ._optim import group_peaks
+from ._optim import group_peaks, per_group
 from ._scheduler_state import STATE_VERSION, check_state, write_rates
 from ._schedules.factories import check_budget
 from ._validation import (
     check_fraction,
     check_int,
-    check_nonnegative_finite,
     check_positive_finite,
 )
 from .schedules import (
@@ -49,20 +48,6 @@ from .schedules import (
 )
 
 __all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
-
-
-def _per_group(name: str, value: Any, num_groups: int) -> list[float] | None:
-    """Broadcast a float (or check a per-group sequence) to one value per param group."""
-    if value is None:
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        if len(value) != num_groups:
-            raise ValueError(
-                f"{name} must be a float or a sequence with one value per param group "
-                f"({num_groups}), got {len(value)} values"
-            )
-        return [check_nonnegative_finite(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    return [check_nonnegative_finite(name, value)] * num_groups
 
 
 def check_lr_min_args(lr_min: Any, lr_min_ratio: Any) -> float | None:
@@ -134,8 +119,8 @@ class BudgetScheduler(LRScheduler):
         if ratio is not None:
             self.lr_mins = [ratio * p for p in peaks]
         else:
-            self.lr_mins = _per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
-        self.warmup_start_lrs = _per_group("warmup_start_lr", warmup_start_lr, len(peaks))
+            self.lr_mins = per_group("lr_min", 0.0 if lr_min is None else lr_min, len(peaks))
+        self.warmup_start_lrs = per_group("warmup_start_lr", warmup_start_lr, len(peaks))
         self.schedule_kwargs = dict(schedule_kwargs)
         self.peak_lrs = peaks
         self._plans = self._build_plans()  # checks every argument before the optimizer is touched

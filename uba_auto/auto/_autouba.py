@@ -24,6 +24,7 @@ from torch import nn
 from .._distributed import Communicator, is_communication_failure
 from .._loaders import BatchStream
 from .._validation import check_int
+from ..phi import LINKS
 from ..probe import CurvatureEstimate, ProbeSettings, run_probe
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import UBAScheduler
@@ -190,7 +191,7 @@ class AutoUBA:
                 group.pop("initial_lr", None)
             notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
         stability = None
-        if optimizer is not None and settings.link == "gated-edge":
+        if optimizer is not None and LINKS[settings.link].reads_edge:
             stability = sgd_stability(optimizer)
         edge = edge_fraction(est, stability, peak)
         try:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .._optim import group_peaks, sgd_settings
 from .._validation import check_nonnegative_finite
-from ..phi import PhiChoice, choose_phi, stability_fraction, stability_limit
+from ..phi import LINKS, PhiChoice, choose_phi, stability_fraction, stability_limit
 from ..probe import CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
@@ -239,7 +239,7 @@ def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) ->
         check_final_rate(peaks, settings.lr_min, settings.lr_min_ratio)
         source = "the largest group lr of the optimizer given to make_scheduler"
         peak = PeakRate(max(peaks), source)
-    if open_choice and settings.link == "gated-edge" and stability is None:
+    if open_choice and LINKS[settings.link].reads_edge and stability is None:
         stability = sgd_stability(optimizer)
         changed = changed or stability is not None
     if not changed:

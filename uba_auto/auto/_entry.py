@@ -3,6 +3,7 @@ build the :class:`~uba_auto.auto.AutoUBA`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,11 +15,15 @@ from .._optim import group_peaks
 from .._validation import check_positive_finite
 from ..curvature import device_of
 from ..phi import PHI_MAX, PHI_MIN
+from ..probe import ProbeSettings
 from ._autouba import AutoUBA
 from ._choice import check_final_rate
 from ._state import AutoSettings
 
 __all__ = ["auto_uba"]
+
+_PROBE_KEYWORDS = {f.name for f in dataclasses.fields(ProbeSettings)} - {"num_batches"}
+"""What ``auto_uba`` passes on to the probe (``num_batches`` is its own argument)."""
 
 
 def auto_uba(
@@ -139,24 +144,33 @@ def auto_uba(
             "has persistent_workers=True: iterating it would reset the training loop's iterator. "
             "Pass a separate DataLoader (same dataset, persistent_workers=False) as loader"
         )
+    # Defaults sized for a pre-training probe: the report's spread comes from the curvature noise
+    # (one HVP per batch), not from a Lanczos run per batch; callers can override all.
+    probe_settings = {
+        "curvature": curvature,
+        "seed": seed,
+        "progress": progress,
+        "density": density,
+        "per_batch": False,
+        "trace_matvecs": 12,
+        "density_probes": 2,
+        "density_iters": 24,
+        **probe_kwargs,
+    }
+    unknown = sorted(set(probe_settings) - _PROBE_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"auto_uba got unexpected keyword argument(s) {unknown}: extra keywords go to "
+            f"probe_curvature, which takes {sorted(_PROBE_KEYWORDS)}"
+        )
+    # Checked now (a bad value fails before the probe's cost); every probe builds its own.
+    ProbeSettings(num_batches=settings.num_batches, **probe_settings)
     auto = AutoUBA(
         model,
         loader,
         settings,
         loss_fn=loss_fn,
-        # Defaults sized for a pre-training probe: the report's spread comes from the curvature
-        # noise (one HVP per batch), not from a Lanczos run per batch; callers can override all.
-        probe_kwargs={
-            "curvature": curvature,
-            "seed": seed,
-            "progress": progress,
-            "density": density,
-            "per_batch": False,
-            "trace_matvecs": 12,
-            "density_probes": 2,
-            "density_iters": 24,
-            **probe_kwargs,
-        },
+        probe_kwargs=probe_settings,
         comm=resolve_process_group(process_group, device=device_of(model)),  # once, here
         peak_lr=peak_lr,
         optimizer=optimizer,
