@@ -235,11 +235,13 @@ class TestEvaluationMode:
             inside = _flags(model)
         assert _flags(model) == before
         for name in ("bn", "inorm", "seq.1"):
-            assert inside[name] is True
+            # One in eval mode inside a model in training mode was frozen on purpose.
+            assert inside[name] is (before[name] or not before[""])
         for name in ("drop", "drop2d", "alpha", "attn", "rnn", "seq.0"):
             assert inside[name] is False
-        for name in ("", "linear", "rnn_plain", "seq", "attn.out_proj"):
-            assert inside[name] is before[name]  # not the policy's business
+        for name in ("", "linear", "seq", "attn.out_proj"):
+            assert inside[name] is False  # every module but the norms in eval mode
+        assert inside["rnn_plain"] is True  # no dropout: cuDNN differentiates training mode only
 
     def test_eval_and_as_is(self) -> None:
         model = _Zoo().train()

@@ -92,15 +92,23 @@ class Evaluation:
 
         Args:
             derivatives: translate errors about missing higher-order/forward-mode derivatives.
-            check_rng: raise if the block drew random numbers (restoring the generators first).
+            check_rng: raise if the block drew random numbers (restoring the generators first),
+                naming the modules that drew them (a replay of the batch losses, with hooks).
         """
         translating = (
             derivative_errors(self.operator, self.engine)
             if derivatives
             else contextlib.nullcontext()
         )
-        with translating, self.policy.applied(check_rng=check_rng):
+        replay = self._replay_losses if check_rng else None
+        with translating, self.policy.applied(check_rng=check_rng, replay=replay):
             yield
+
+    def _replay_losses(self) -> None:
+        # What the RNG check replays to name the layers that drew: every batch's forward and loss.
+        with torch.no_grad():
+            for i in range(len(self.batches)):
+                self.batch_loss(i, self.point.primals)
 
     def stacked_losses(self, losses: Sequence[Tensor]) -> Tensor:
         """The batch losses as one detached 1-D tensor, checked finite."""

@@ -1,25 +1,62 @@
-"""The mode policy of the curvature operators: BatchNorm, dropout, attention kernels, randomness.
+"""The mode policy of the curvature operators: train/eval flags, attention kernels, randomness.
 
-BatchNorm and dropout
----------------------
-The default, ``mode="train-deterministic"``, measures the loss as training sees it, without its
-randomness: normalisation layers with running statistics (``BatchNorm*``, ``SyncBatchNorm``,
-``InstanceNorm*``) behave as in training, normalising with the batch's own statistics, while every
-source of dropout (``nn.Dropout*``, ``nn.AlphaDropout``, the attention dropout of
-``nn.MultiheadAttention`` and the inter-layer dropout of ``nn.RNN``/``LSTM``/``GRU``) is off. The
-running statistics and ``num_batches_tracked`` of the user's modules are never updated: the model is
-evaluated through :func:`torch.func.functional_call` on fresh copies of its buffers, so the updates
-that train-mode BatchNorm performs land in the copies.
+The default: the loss training sees, without its randomness
+-----------------------------------------------------------
+``mode="train-deterministic"`` puts every module in eval mode except the normalisation layers that
+normalise with batch statistics in training, which stay in training mode. Eval mode switches off
+everything random that a layer gates on ``self.training``, whatever its type: ``nn.Dropout*``,
+``nn.RReLU``'s random slopes, the attention dropout of ``nn.MultiheadAttention`` and of Hugging Face
+attention (``dropout=p if self.training else 0.0``), stochastic depth (timm's ``DropPath``,
+torchvision's ``StochasticDepth``, Hugging Face's ``drop_path``), layer drop, SpecAugment masking,
+the inter-layer dropout of ``nn.RNN``/``LSTM``/``GRU``, the jitter of MoE routers. The normalisation
+layers keep training's batch statistics; their running statistics and ``num_batches_tracked`` are
+never updated: the model is evaluated through :func:`torch.func.functional_call` on fresh copies of
+its buffers, so the updates that train-mode BatchNorm performs land in the copies.
 
-``mode="eval"`` puts every module in eval mode (BatchNorm uses its running statistics, the loss of
-inference). ``mode="as-is"`` leaves every module's ``training`` flag as the user set it.
+Kept in training mode, because their eval mode computes another function:
 
-The flags are changed only for the duration of each computation, by :func:`evaluation_mode`,
-which restores each submodule's flag exactly (also on exceptions); the model's own state is never
-written. Whatever the mode, :meth:`ModePolicy.applied` can check that the forward passes drew no
-random numbers (a custom stochastic layer the policy does not know would make the loss, and so its
-curvature, random) and raises if they did. A training-mode ``SyncBatchNorm`` under an initialised
-process group is refused: it communicates inside the forward pass.
+* subclasses of torch's ``_NormBase``: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, the
+  ``LazyBatchNorm`` and ``InstanceNorm`` layers, and user subclasses (timm's ``BatchNormAct2d``);
+* any other module holding a ``running_mean`` or ``running_var`` buffer of its own (timm's
+  ``EvoNorm2dB*``, hand-written BatchNorms): those names are the convention for statistics that
+  training estimates and eval mode uses instead of the batch's. A module that holds them but never
+  branches on ``self.training`` (``FrozenBatchNorm2d``) computes the same in both modes;
+* a normalisation layer frozen on purpose is respected: one in eval mode inside a model in training
+  mode (fine-tuning with frozen BatchNorm, mmdetection's ``norm_eval``) stays in eval mode, because
+  training sees its running statistics. In a model in eval mode every one of them is switched to
+  training mode;
+* ``nn.RNN``/``LSTM``/``GRU`` without dropout: the same function in both modes, and the only mode in
+  which cuDNN differentiates them.
+
+Other differences between the modes, and why eval mode is right for them: Hugging Face gradient
+checkpointing runs only in training mode and recomputes the same function (and its reentrant
+variant cannot be differentiated twice); ``nn.TransformerEncoderLayer``'s fused fast path and the
+nested-tensor conversion of ``nn.TransformerEncoder`` are off (see Attention). Spectral
+normalisation skips its power-iteration step in eval mode: the weight is normalised by the current
+estimate of its norm, which is what training sees up to one refinement of that estimate. Modules
+whose training forward returns something else (torchvision's Inception auxiliary logits, detection
+models that return losses in training, MoE layers with an eval-only token capacity) are measured
+as eval mode computes them: set the flags yourself and use ``mode="as-is"``.
+
+``mode="eval"`` puts every module in eval mode (BatchNorm uses its running statistics: the loss of
+inference). ``mode="as-is"`` leaves every module's ``training`` flag as the user set it. The flags
+are changed only for the duration of each computation, by :func:`evaluation_mode`, which restores
+each submodule's flag exactly (also on exceptions); the model's own state is never written. A
+training-mode ``SyncBatchNorm`` under an initialised process group is refused: it communicates
+inside the forward pass.
+
+Random layers the policy cannot switch off
+------------------------------------------
+Whatever the mode, :meth:`ModePolicy.applied` can check that the forward passes drew no random
+numbers from the global generators (CPU, and the model's CUDA device): a layer that draws even in
+eval mode (noise injection that ignores ``self.training``, a VAE's sampling) would make the loss,
+and so its curvature, random. If they did, the generators are restored and the forward passes are
+replayed once with hooks that compare the generators' states around each module's forward
+(installed for that replay only and removed after it), so the ``ValueError`` names the modules that
+drew (qualified name, class and flag) and the fix: make the layer draw only when ``self.training``;
+or fix its draws with a ``ModelLoss`` whose function seeds inside ``torch.random.fork_rng()`` (every
+evaluation then sees the same draws, and the global generators are left alone); or, for a layer
+the policy keeps in training mode, put it in eval mode yourself and probe with ``mode="as-is"``.
 
 Attention
 ---------
@@ -35,8 +72,9 @@ after.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +91,19 @@ __all__ = [
 MODES = ("train-deterministic", "eval", "as-is")
 """The mode policies :func:`evaluation_mode` implements; see the module docstring."""
 
-# Private bases, public since PyTorch 1.x: every dropout layer derives from _DropoutNd and every
-# normalisation layer with running statistics (BatchNorm*, SyncBatchNorm, InstanceNorm*) from
-# _NormBase. Matching the bases also catches user subclasses of those layers.
-_DROPOUT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
+# A private base, public since PyTorch 1.x: every normalisation layer with running statistics
+# (BatchNorm*, SyncBatchNorm, LazyBatchNorm*, InstanceNorm*) derives from _NormBase, and so do
+# user subclasses of those layers.
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase,)
+_STATISTICS_BUFFERS = frozenset({"running_mean", "running_var"})
+_SHOWN = 5  # modules named in the random-draw message
+
+
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    """A normalisation layer: batch statistics in training, running statistics in eval."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    return any(name in _STATISTICS_BUFFERS for name, _ in module.named_buffers(recurse=False))
 
 
 def mode_overrides(model: nn.Module, mode: str) -> list[tuple[nn.Module, bool]]:
@@ -69,6 +115,12 @@ def mode_overrides(model: nn.Module, mode: str) -> list[tuple[nn.Module, bool]]:
 
     Raises:
         ValueError: if ``mode`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).eval()
+        >>> [flag for _, flag in mode_overrides(model, "train-deterministic")]
+        [False, False, True]
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -78,13 +130,11 @@ def mode_overrides(model: nn.Module, mode: str) -> list[tuple[nn.Module, bool]]:
         return [(m, False) for m in model.modules()]
     overrides = []
     for m in model.modules():
-        if isinstance(m, _NORM_TYPES):
-            overrides.append((m, True))
-        elif isinstance(m, (*_DROPOUT_TYPES, nn.MultiheadAttention)):
-            # nn.MultiheadAttention applies its attention dropout when *it* is in training mode.
-            overrides.append((m, False))
-        elif isinstance(m, nn.RNNBase) and m.dropout > 0:
-            overrides.append((m, False))
+        if _uses_batch_statistics(m):
+            # In eval mode inside a model in training mode, it was frozen on purpose.
+            overrides.append((m, m.training or not model.training))
+        else:
+            overrides.append((m, isinstance(m, nn.RNNBase) and m.dropout == 0))
     return overrides
 
 
@@ -173,6 +223,117 @@ def refuse_synced_batchnorm(model: nn.Module, overrides: list[tuple[nn.Module, b
         )
 
 
+def _same(states: list[Tensor], others: list[Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(states, others, strict=True))
+
+
+class _DrawLog:
+    """Forward hooks that attribute each change of the generators to the module whose own code
+    made it: the draws between a module's entry, its children's calls and its exit are its own.
+    Frame 0 stands for the code outside every module (the loss function)."""
+
+    def __init__(self, model: nn.Module, states: Callable[[], list[Tensor]]) -> None:
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.states = states
+        self.frames: list[list[Any]] = [[None, states()]]
+        self.drawn: dict[str, tuple[str, bool]] = {}  # name -> (class, training flag)
+        self.outside = False
+
+    def _settle(self) -> list[Tensor]:
+        now = self.states()
+        module, last = self.frames[-1]
+        if _same(now, last):
+            return now
+        if module is None:
+            self.outside = True
+        else:
+            self.drawn.setdefault(self.names[id(module)], (type(module).__name__, module.training))
+        return now
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        self.frames.append([module, self._settle()])
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        now = self._settle()
+        if len(self.frames) > 1:
+            self.frames.pop()
+        self.frames[-1][1] = now
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, replay: Callable[[], object], states: Callable[[], list[Tensor]]
+    ) -> _DrawLog:
+        """Run ``replay()`` with the hooks on every module; they are removed after it."""
+        log, handles = cls(model, states), []
+        try:
+            for m in model.modules():
+                handles += [m.register_forward_pre_hook(log.pre)]
+                handles += [m.register_forward_hook(log.post, always_call=True)]
+            replay()
+        finally:
+            for handle in handles:
+                handle.remove()
+        log.frames = log.frames[:1]
+        log._settle()
+        return log
+
+
+def _label(name: str) -> str:
+    return repr(name) if name else "the model itself"
+
+
+def _random_message(operator: str, mode: str, log: _DrawLog | None) -> str:
+    head = (
+        f"{operator}: the model's forward pass drew random numbers in mode={mode!r}, so its "
+        "loss (and curvature) is random"
+    )
+    seeded = (
+        "fix the draws for the probe with loss=ModelLoss(fn), fn(model, batch) computing the "
+        "loss under torch.random.fork_rng() after torch.manual_seed(0): every evaluation then "
+        "sees the same draws and the global generators are left alone"
+    )
+    if log is None or not (log.drawn or log.outside):
+        return (
+            f"{head}; a replay of the forward passes could not tell which module drew them (a "
+            "backward pass may draw, or the replay failed). Fixes: switch off the random layers "
+            f"(a layer should draw only when self.training), or {seeded}"
+        )
+    drawn = list(log.drawn.items())
+    shown = [
+        f"{_label(n)} ({cls}, {'training' if t else 'eval'} mode)" for n, (cls, t) in drawn[:_SHOWN]
+    ]
+    if len(drawn) > _SHOWN:
+        shown.append(f"{len(drawn) - _SHOWN} more")
+    if log.outside:
+        shown.append("code outside the model's modules (the loss function)")
+    fixes = []
+    eval_mode = [n for n, (_, t) in drawn if not t]
+    training = [n for n, (_, t) in drawn if t]
+    if eval_mode:
+        fixes.append(
+            f"{_label(eval_mode[0])} draws in eval mode, so no mode switches it off: make it draw "
+            "only when self.training (the default mode then switches it off)"
+        )
+    if training and mode == "as-is":
+        fixes.append(
+            f"put {training[0]!r} in eval mode before probing "
+            f"(model.get_submodule({training[0]!r}).eval()), or use the default "
+            "mode='train-deterministic', which puts every module but the normalisation layers "
+            "in eval mode"
+        )
+    elif training:
+        fixes.append(
+            f"the mode keeps {training[0]!r} in training mode (a normalisation layer, or a "
+            "module with running_mean/running_var buffers): set every flag yourself (e.g. "
+            "model.eval(), then .train() on the normalisation layers that should use batch "
+            f"statistics, leaving {training[0]!r} in eval mode) and probe with mode='as-is'"
+        )
+    if log.outside:
+        fixes.append("make the loss function deterministic")
+    fixes.append(seeded)
+    return f"{head}. Drawn by {', '.join(shown)}. Fixes: " + "; or ".join(fixes)
+
+
 @dataclass(frozen=True, eq=False)
 class ModePolicy:
     """The mode policy of one operator: which flags to set, and where its random generators are.
@@ -204,34 +365,39 @@ class ModePolicy:
             states.append(torch.cuda.get_rng_state(self.device))
         return states
 
+    def _set_rng_states(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if len(states) > 1:
+            torch.cuda.set_rng_state(states[1], self.device)
+
+    def _diagnose(self, replay: Callable[[], object], before: list[Tensor]) -> _DrawLog | None:
+        """Replay under the policy with hooks; ``None`` if the replay fails."""
+        try:
+            with evaluation_mode(self.model, self.overrides):
+                return _DrawLog.of(self.model, replay, self._rng_states)
+        except Exception:  # the diagnosis only improves the message; never mask the error
+            return None
+        finally:
+            self._set_rng_states(before)
+
     @contextlib.contextmanager
-    def applied(self, *, check_rng: bool = False) -> Iterator[None]:
+    def applied(
+        self, *, check_rng: bool = False, replay: Callable[[], object] | None = None
+    ) -> Iterator[None]:
         """Run the block under the policy (:func:`evaluation_mode`).
 
         Args:
             check_rng: raise ``ValueError`` if the block drew random numbers (the generators are
                 restored first).
+            replay: re-runs the block's forward passes (e.g. every batch's loss without a graph);
+                called once, with hooks, when the block drew random numbers, so that the message
+                names the modules that drew them.
         """
         before = self._rng_states() if check_rng else None
         with evaluation_mode(self.model, self.overrides):
             yield
-        if before is None:
+        if before is None or _same(self._rng_states(), before):
             return
-        after = self._rng_states()
-        if all(torch.equal(a, b) for a, b in zip(after, before, strict=True)):
-            return
-        torch.set_rng_state(before[0])
-        if len(before) > 1:
-            torch.cuda.set_rng_state(before[1], self.device)
-        raise ValueError(
-            f"{self.operator}: the model's forward pass drew random numbers in "
-            f"mode={self.mode!r}, so its loss (and curvature) is random. "
-            + (
-                "Switch off the random layers (put them in eval mode) or use the default "
-                "mode='train-deterministic', which turns dropout off"
-                if self.mode == "as-is"
-                else "A random layer the probe does not recognise (a custom dropout, "
-                "stochastic depth, noise injection) is active: put it in eval mode "
-                "before probing, or use mode='eval'"
-            )
-        )
+        self._set_rng_states(before)
+        log = None if replay is None else self._diagnose(replay, before)
+        raise ValueError(_random_message(self.operator, self.mode, log))

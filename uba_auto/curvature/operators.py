@@ -154,14 +154,18 @@ class HessianOperator(_PublicOperator):
     :attr:`param_shapes` and :meth:`unflatten`. Every batch's loss is weighted equally.
 
     Mode policy (``mode``): by default, ``"train-deterministic"``, the loss is the one training
-    sees, without randomness: BatchNorm (and InstanceNorm) normalise with batch statistics, as in
-    training, while their running statistics and ``num_batches_tracked`` stay untouched; dropout,
-    attention dropout and RNN dropout are off. ``"eval"`` puts every module in eval mode (BatchNorm
-    uses running statistics); ``"as-is"`` keeps every module's flag. Flags are set only while the
-    operator computes and restored exactly after; a forward pass that draws random numbers anyway
-    raises ``ValueError``. Attention runs on the math kernel of scaled-dot-product attention, the
-    only one with every derivative, and the fused fast path of ``nn.TransformerEncoderLayer`` is
-    disabled while the operator computes.
+    sees, without randomness: every module is in eval mode, which switches off whatever is random
+    behind ``self.training`` (dropout, Hugging Face attention dropout, timm's ``DropPath``, layer
+    drop), except the normalisation layers (BatchNorm, InstanceNorm with running statistics, other
+    modules with ``running_mean``/``running_var`` buffers), which normalise with batch statistics,
+    as in training, while their running statistics and ``num_batches_tracked`` stay untouched (one
+    frozen in eval mode inside a training-mode model stays frozen). ``"eval"`` puts every module in
+    eval mode (BatchNorm uses running statistics); ``"as-is"`` keeps every module's flag. Flags are
+    set only while the operator computes and restored exactly after; a forward pass that draws
+    random numbers anyway raises ``ValueError`` naming the modules that drew them and the fix (see
+    :mod:`uba_auto.curvature.modes`). Attention runs on the math kernel of scaled-dot-product
+    attention, the only one with every derivative, and the fused fast path of
+    ``nn.TransformerEncoderLayer`` is disabled while the operator computes.
 
     Engines:
         ``"double-backward"`` (default): per batch, the gradient is computed once with
@@ -213,7 +217,7 @@ class HessianOperator(_PublicOperator):
     Raises:
         ValueError: for an empty loader, a missing or misplaced ``loss``, a non-scalar or
             non-finite batch loss (the message names the batch), no parameter to probe, or a
-            random forward pass.
+            random forward pass (the message names the modules that drew).
         TypeError: for arguments of the wrong type, or a fully sharded (FSDP) model.
         UnsupportedDerivativeError: at construction or from :meth:`matvec`, if an operation of
             the model lacks the derivative the engine needs (double backward or forward mode).

@@ -70,8 +70,9 @@ def probe_curvature(
         curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton, positive semi-definite for
             convex losses, so its condition number is always defined).
         engine: ``"double-backward"`` (cached gradient graph) or ``"forward-over-reverse"``.
-        mode: BatchNorm/dropout policy, ``"train-deterministic"`` (default: batch statistics,
-            dropout off, running statistics untouched), ``"eval"`` or ``"as-is"``.
+        mode: train/eval policy, ``"train-deterministic"`` (default: every module in eval mode
+            but the normalisation layers, which use batch statistics with running statistics
+            untouched), ``"eval"`` or ``"as-is"``; see :class:`~uba_auto.curvature.HessianOperator`.
         dtype: probe in this dtype (e.g. ``torch.float64``); default the model's.
         per_batch: also probe each batch alone, for the spread across minibatches.
         trace: estimate the trace with Hutch++ using ``trace_matvecs`` operator products.
