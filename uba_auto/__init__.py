@@ -10,6 +10,8 @@ The public API, in the order a user meets it:
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
   :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
   :func:`stability_fraction`);
+* inside ``transformers.Trainer`` or PyTorch Lightning, with exact checkpoint resume:
+  :mod:`uba_auto.integrations` (not imported here; its callbacks need the ``integrations`` extra);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
   ``torch.distributed`` it probes the global batch, identically on every rank, and raises
   :class:`DistributedProbeError` on every rank when one fails;
