@@ -9,7 +9,7 @@ The public API, in the order a user meets it:
 * the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
   :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
-  :func:`stability_fraction`);
+  :func:`optimizer_stability` returning an :class:`OptimizerStability`, :func:`stability_fraction`);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
   ``torch.distributed`` it probes the global batch, identically on every rank, and raises
   :class:`DistributedProbeError` on every rank when one fails;
@@ -25,8 +25,10 @@ from .curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDeriv
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
 from .phi import (
+    OptimizerStability,
     PhiChoice,
     choose_phi,
+    optimizer_stability,
     phi_from_condition_number,
     stability_fraction,
     stability_limit,
@@ -67,6 +69,7 @@ __all__ = [
     "HessianOperator",
     "LanczosResult",
     "ModelLoss",
+    "OptimizerStability",
     "PhiChange",
     "PhiChoice",
     "PowerIterationResult",
@@ -87,6 +90,7 @@ __all__ = [
     "lanczos",
     "linear_lr",
     "onecycle_lr",
+    "optimizer_stability",
     "phi_from_condition_number",
     "plot_schedules",
     "power_iteration",

@@ -43,12 +43,7 @@ How each link fared in training, and why ``"gated"`` is the default while the ot
 selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_validation.py``).
 """
 
-from ._bands import (
-    budget_condition_number,
-    minibatch_condition_number,
-    stability_fraction,
-    stability_limit,
-)
+from ._bands import budget_condition_number, minibatch_condition_number
 from ._links import (
     EDGE_FRACTION,
     EDGE_PHI,
@@ -67,6 +62,12 @@ from ._links import (
     link_inputs,
     phi_from_condition_number,
 )
+from ._stability import (
+    OptimizerStability,
+    optimizer_stability,
+    stability_fraction,
+    stability_limit,
+)
 
 __all__ = [
     "EDGE_FRACTION",
@@ -80,12 +81,14 @@ __all__ = [
     "SENSITIVITY",
     "Link",
     "LinkInputs",
+    "OptimizerStability",
     "PhiChoice",
     "budget_condition_number",
     "check_link",
     "choose_phi",
     "link_inputs",
     "minibatch_condition_number",
+    "optimizer_stability",
     "phi_from_condition_number",
     "stability_fraction",
     "stability_limit",
