@@ -273,10 +273,11 @@ def preconditioner_from_state(optimizer: Any, model: nn.Module, op: Any) -> Prec
             "probed parameter gets a gradient"
         )
     parts = [
-        _checked(e, _denominator(kind, e, s).to(op.device, op.dtype), _symbol(kind, e.group))
+        _checked(
+            e, _denominator(kind, e, s).to(op.device, op.dtype), _symbol(kind, e.group)
+        ).reshape(-1)
         for e, s in zip(probed, states, strict=True)
     ]
-    parts = [t.reshape(-1) for t in parts]
     step, name = int(max(float(s["step"]) for s in states)), type(optimizer).__name__
     symbols = " / ".join(dict.fromkeys(_symbol(kind, e.group) for e in probed))
     description = f"{symbols} from the {name} state at step {step}"
