@@ -171,7 +171,11 @@ class CurvatureReport:
 
         rows = []
         if est.preconditioner is not None:
-            rows.append(("curvature measured", f"P^-1/2 H P^-1/2, P = {est.preconditioner}"))
+            what = f"P^-1/2 A P^-1/2, A the {est.curvature} of the loss (+ coupled weight decay)"
+            rows += [
+                ("curvature measured", f"{what}, as {est.optimizer} sees it"),
+                ("  preconditioner P", est.preconditioner),
+            ]
         rows += [
             ("λ_max", num(est.lambda_max) + spread(est.lambda_max_spread)),
             ("λ_min", num(est.lambda_min) + spread(est.lambda_min_spread)),
@@ -203,13 +207,15 @@ class CurvatureReport:
             ("peak lr assumed", f"{self.peak_lr:.4g}  [{self.peak_lr_source}]"),
         ]
         if self.optimizer_sharpness is not None:
-            rows.append(
-                (
-                    "sharpness the optimizer sees",
-                    f"{num(self.optimizer_sharpness)}  [stability limit on lr · sharpness: "
-                    f"{num(self.stability_limit)}; {self.stability_note}]",
-                )
+            seen = (
+                "λ_max of P^-1/2 A P^-1/2"
+                if est.preconditioner is not None
+                else "λ_max + coupled weight decay"
             )
+            rows += [
+                ("sharpness the optimizer sees", f"{num(self.optimizer_sharpness)}  [{seen}]"),
+                ("its stability limit", f"{num(self.stability_limit)}  [{self.stability_note}]"),
+            ]
         share = self.edge_fraction if self.stability_share is None else self.stability_share
         if share is not None:
             rows.append(

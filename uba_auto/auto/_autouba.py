@@ -78,7 +78,10 @@ class AutoUBA:
         report: the :class:`~uba_auto.report.CurvatureReport` (with the re-estimation history).
         scheduler: the :class:`AutoUBAScheduler` for the optimizer given to :func:`auto_uba`,
             or ``None`` until :meth:`make_scheduler` is called.
-        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD suggested by the curvature.
+        suggested_lr: the peak rate the curvature suggests: a share
+            (:data:`~uba_auto.phi.SUGGESTED_SHARE`) of the optimizer's stability limit over the
+            sharpness it sees (for plain SGD when the optimizer is unknown); ``None`` without
+            positive curvature. A starting point for a peak-rate search, not a tuned rate.
         budget, warmup_steps, reestimate_every, probe_fraction: the settings (as are
             ``lr_min``, ``lr_min_ratio``, ``num_batches``, ``link``, ``phi_min``, ``phi_max``).
         probe_kwargs: the keywords every probe passes to

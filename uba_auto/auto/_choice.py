@@ -157,15 +157,14 @@ def stability_fields(
     """The report's optimizer rows: the sharpness the optimizer sees, its stability limit, the
     peak rate's share of it, and the formula (all ``None``/empty while unknown)."""
     if stability is None:
-        return {"optimizer_sharpness": None, "stability_limit": None, "stability_share": None,
-                "stability_note": ""}
-    share = edge_fraction(estimate, as_pair(stability), peak)
-    what = estimate.preconditioner or "the raw curvature"
+        return dict.fromkeys(("optimizer_sharpness", "stability_limit", "stability_share"), None) | {
+            "stability_note": ""
+        }
     return {
         "optimizer_sharpness": estimate.lambda_max + stability.weight_decay,
         "stability_limit": stability.limit,
-        "stability_share": share,
-        "stability_note": f"{stability.optimizer}: {stability.formula}; curvature: {what}",
+        "stability_share": edge_fraction(estimate, as_pair(stability), peak),
+        "stability_note": stability.formula,
     }
 
 

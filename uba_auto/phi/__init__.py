@@ -63,6 +63,7 @@ from ._links import (
     phi_from_condition_number,
 )
 from ._stability import (
+    SUGGESTED_SHARE,
     OptimizerStability,
     optimizer_stability,
     stability_fraction,
@@ -79,6 +80,7 @@ __all__ = [
     "PHI_MAX",
     "PHI_MIN",
     "SENSITIVITY",
+    "SUGGESTED_SHARE",
     "Link",
     "LinkInputs",
     "OptimizerStability",

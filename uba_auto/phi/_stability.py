@@ -54,6 +54,7 @@ the derivation, with a ``ValueError`` that names them.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -64,7 +65,21 @@ from torch.optim import Optimizer
 from .._optim import group_peaks
 from .._validation import check_fraction, check_nonnegative_finite, check_positive_finite
 
-__all__ = ["OptimizerStability", "optimizer_stability", "stability_fraction", "stability_limit"]
+__all__ = [
+    "SUGGESTED_SHARE",
+    "OptimizerStability",
+    "optimizer_stability",
+    "stability_fraction",
+    "stability_limit",
+]
+
+SUGGESTED_SHARE = types.MappingProxyType({"hessian": 0.1, "preconditioned": 0.1})
+r"""The share of the stability limit at which ``auto_uba(peak_lr="suggest")`` sets the peak rate,
+by the curvature the optimizer's limit is on: ``"hessian"`` for SGD, ``"preconditioned"`` for
+the adaptive optimizers. Each is the geometric mean, over the cells of our φ study, of the share
+:math:`e^* = \eta^*\lambda/\ell` at which the peak tuned for cosine annealing sat at
+initialisation (``benchmarks/suggest_share.py``; BENCHMARKS.md, "Suggested peak rate"). The
+tuned shares spread over three orders of magnitude, so a suggestion is a starting point."""
 
 _SUPPORTED = "torch.optim.SGD, Adam, AdamW, Adagrad and RMSprop (and their subclasses)"
 

@@ -104,8 +104,9 @@ def run_probe(
             op = PreconditionedOperator(op, preconditioner)
             if preconditioner.source == "estimate":
                 notes.append(
-                    f"the {preconditioner.optimizer} optimizer has no state yet (before its first "
-                    f"step): its preconditioner was estimated, {preconditioner.description}"
+                    f"the {preconditioner.optimizer} optimizer has no state yet: its "
+                    "preconditioner was estimated from the probe batches (see "
+                    "estimate.preconditioner)"
                 )
         ledger.end_setup()
         tol = settings.tol_for(op.dtype)
