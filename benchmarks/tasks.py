@@ -6,7 +6,10 @@ is downloaded. A task fixes everything except the learning-rate schedule and its
 
 * the data, split once into a train and a held-out set (the split does not depend on the seed);
 * the model, built by :meth:`Task.make_model` from a seed (the global RNG is forked, not consumed);
-* the loss, the optimizer (plain SGD, optionally with momentum) and the batch size;
+* the loss, the optimizer (plain SGD, optionally with momentum, unless the task declares its own
+  :attr:`Task.optimizer_factory`), the warm-up (a fraction of the budget, composed with the schedule
+  under test; none for the SGD tasks), gradient clipping (none for the SGD tasks) and the batch
+  size;
 * the minibatch order, drawn from a :class:`torch.Generator` seeded from the run seed
   (:meth:`Task.batches`); the curvature probe uses the first batches of the same stream;
 * two budgets in optimizer steps, each with the regime expected within it (``"under-fit"``: the
@@ -21,7 +24,22 @@ task, so that the cosine optimum lies inside the grid where it can (when a large
 the optimum may still be the top of the grid). For ``lstsq_illcond`` the base is
 :math:`1/\lambda_{\max}` exactly, so that ×2 is the stability limit of gradient descent.
 
-Use :func:`get_task` (cached per process) or :data:`TASK_NAMES`.
+Representative tasks (:data:`REPRESENTATIVE_TASK_NAMES`, in neither suite above, so no existing
+script runs them by default) train the way users train large models:
+
+* ``gpt_adamw``: a GPT-style decoder LM (``benchmarks/transformer.py``: token and learned
+  position embeddings, 3 pre-LayerNorm blocks of causal 4-head self-attention and a GELU MLP,
+  ``d_model`` 96, untied head, no dropout; 0.39 M parameters) on the bytes of
+  :mod:`pydoc_data.topics` (vocabulary 256; the last 10 % of the bytes held out), sequences of 64
+  bytes, batch 16 (1024 tokens a step). AdamW with β = (0.9, 0.95), ε = 1e-8, weight decay 0.1
+  on the weight matrices of the linear layers only (two param groups: none on biases, LayerNorm
+  and embeddings), a linear warm-up over the first 5 % of the budget from 0 to the peak, then the
+  schedule under test, and the gradient norm clipped at 1.0. Budgets 500 and 1000 steps (0.5 M
+  and 1 M tokens, 1.2 and 2.4 passes over the 0.42 M train bytes). Loss: mean next-byte
+  cross-entropy over all 64 positions (nats per byte); the accuracy is next-byte accuracy.
+
+Use :func:`get_task` (cached per process), :data:`TASK_NAMES`, :data:`HOLDOUT_TASK_NAMES` or
+:data:`REPRESENTATIVE_TASK_NAMES`.
 """
 
 from __future__ import annotations
@@ -37,7 +55,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["HOLDOUT_TASK_NAMES", "TASK_NAMES", "Task", "get_task"]
+from benchmarks.transformer import TinyGPT, adamw_param_groups, lm_cross_entropy
+
+__all__ = ["HOLDOUT_TASK_NAMES", "REPRESENTATIVE_TASK_NAMES", "TASK_NAMES", "Task", "get_task"]
 
 # The one seed that fixes every split and every generated dataset; run seeds only change the
 # initialisation and the minibatch order.
@@ -56,7 +76,7 @@ class Task:
         loss_fn: ``loss_fn(outputs, targets)``, a scalar mean over the batch.
         x_train, y_train, x_heldout, y_heldout: in-memory tensors (row ``i`` is example ``i``).
         batch_size: minibatch size; ``None`` for full-batch gradient descent.
-        momentum: SGD momentum (0 for plain SGD).
+        momentum: SGD momentum (0 for plain SGD); unused (0) when ``optimizer_factory`` is set.
         budgets: the two budgets, in optimizer steps.
         expected_regime: ``budget -> "under-fit" | "over-fit"``, the regime the task was designed
             to be in (the sweep measures it too).
@@ -66,6 +86,14 @@ class Task:
         train_eval_size: train examples used for the final train loss (evenly spaced subset).
         probe_batches: how many of the first minibatches the curvature probe uses.
         meta: anything else worth recording (sizes, generated spectrum...).
+        optimizer_factory: ``factory(model, peak_lr) -> optimizer`` for a task that is not trained
+            with SGD (:meth:`make_optimizer` calls it); ``None``: SGD with ``momentum``.
+        optimizer_name: how :meth:`summary` names that optimizer (``None``: the SGD default).
+        warmup_fraction: linear warm-up from 0 to the peak over the first
+            ``round(warmup_fraction * budget)`` steps (:meth:`warmup_steps`), composed with the
+            schedule under test by ``benchmarks/train.py``; 0: no warm-up.
+        grad_clip: clip the gradient's total 2-norm to this before every optimizer step
+            (:func:`torch.nn.utils.clip_grad_norm_`); ``None``: no clipping.
     """
 
     name: str
@@ -86,6 +114,10 @@ class Task:
     train_eval_size: int | None = None
     probe_batches: int = 4
     meta: dict = field(default_factory=dict)
+    optimizer_factory: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None
+    optimizer_name: str | None = None
+    warmup_fraction: float = 0.0
+    grad_clip: float | None = None
 
     @property
     def num_train(self) -> int:
@@ -98,7 +130,14 @@ class Task:
             return self.model_factory()
 
     def make_optimizer(self, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        """The task's optimizer over ``model`` with every group's ``lr`` at ``peak_lr``."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(model, peak_lr)
         return torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=self.momentum)
+
+    def warmup_steps(self, budget: int) -> int:
+        """The warm-up length of a run of ``budget`` steps: ``round(warmup_fraction * budget)``."""
+        return round(self.warmup_fraction * budget)
 
     def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The endless minibatch stream of run ``seed``: reshuffled epochs without replacement.
@@ -128,7 +167,7 @@ class Task:
     def summary(self) -> dict:
         """A JSON-ready description of the task (no tensors)."""
         model = self.make_model(0)
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "kind": self.kind,
@@ -137,7 +176,8 @@ class Task:
             "num_params": sum(p.numel() for p in model.parameters()),
             "batch_size": self.batch_size,
             "momentum": self.momentum,
-            "optimizer": "SGD" + (f"(momentum={self.momentum})" if self.momentum else ""),
+            "optimizer": self.optimizer_name
+            or "SGD" + (f"(momentum={self.momentum})" if self.momentum else ""),
             "budgets": list(self.budgets),
             "expected_regime": {str(k): v for k, v in self.expected_regime.items()},
             "base_lr": {str(k): v for k, v in self.base_lr.items()},
@@ -146,6 +186,12 @@ class Task:
             "probe_batches": self.probe_batches,
             "meta": self.meta,
         }
+        # Only where set, so the summaries of the SGD tasks (and the stored JSON) are unchanged.
+        if self.warmup_fraction:
+            out["warmup_fraction"] = self.warmup_fraction
+        if self.grad_clip is not None:
+            out["grad_clip"] = self.grad_clip
+        return out
 
 
 def _even_subset(x: Tensor, y: Tensor, size: int | None) -> tuple[Tensor, Tensor]:
@@ -524,6 +570,78 @@ def _digits_logreg() -> Task:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Representative tasks: trained the way users train large models (AdamW, warm-up, clipping).
+
+GPT_CONTEXT = 64
+GPT_D_MODEL = 96
+GPT_LAYERS = 3
+GPT_HEADS = 4
+GPT_BETAS = (0.9, 0.95)
+GPT_WEIGHT_DECAY = 0.1
+
+
+def _gpt_adamw_optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+    """AdamW as in common GPT recipes: decay on the linear layers' weight matrices only."""
+    groups = adamw_param_groups(model, GPT_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=GPT_BETAS, eps=1e-8)
+
+
+def _gpt_model() -> nn.Module:
+    return TinyGPT(256, GPT_CONTEXT, GPT_D_MODEL, GPT_LAYERS, GPT_HEADS)
+
+
+def _gpt_adamw() -> Task:
+    data = _char_text().encode("utf-8")
+    codes = torch.tensor(list(data), dtype=torch.long)
+    split = int(0.9 * len(codes))
+    train_codes, held_codes = codes[:split], codes[split:]
+    c = GPT_CONTEXT
+    # Train: every window (views; row i is bytes i .. i + C - 1, its targets shifted by one).
+    # Held-out: non-overlapping windows, so each held-out byte is predicted once.
+    x_train, y_train = train_codes[:-1].unfold(0, c, 1), train_codes[1:].unfold(0, c, 1)
+    x_held, y_held = held_codes[:-1].unfold(0, c, c), held_codes[1:].unfold(0, c, c)
+    return Task(
+        name="gpt_adamw",
+        description=(
+            f"GPT decoder (d{GPT_D_MODEL}, {GPT_LAYERS} layers, {GPT_HEADS} heads, ctx {c}) "
+            "byte LM on pydoc_data.topics, AdamW (0.9, 0.95) wd 0.1, 5% warm-up, clip 1, batch 16"
+        ),
+        kind="classification",
+        model_factory=_gpt_model,
+        loss_fn=lm_cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=16,
+        momentum=0.0,
+        budgets=(500, 1000),
+        expected_regime={500: "under-fit", 1000: "under-fit"},
+        base_lr={500: 3e-3, 1000: 3e-3},
+        curve_eval_size=128,
+        train_eval_size=512,
+        optimizer_factory=_gpt_adamw_optimizer,
+        optimizer_name=(
+            f"AdamW(betas={GPT_BETAS}, eps=1e-8, weight_decay={GPT_WEIGHT_DECAY} on the linear "
+            "weight matrices, 0 on biases/LayerNorm/embeddings)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "num_bytes": len(data),
+            "vocab_size": 256,
+            "context": c,
+            "d_model": GPT_D_MODEL,
+            "num_layers": GPT_LAYERS,
+            "num_heads": GPT_HEADS,
+            "tokens_per_step": 16 * c,
+            "text_sha256": hashlib.sha256(data).hexdigest()[:16],
+            "heldout": "last 10% of the bytes, non-overlapping windows",
+        },
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Task]] = {
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
@@ -544,11 +662,15 @@ _HOLDOUT_BUILDERS: dict[str, Callable[[], Task]] = {
 HOLDOUT_TASK_NAMES: tuple[str, ...] = tuple(_HOLDOUT_BUILDERS)
 """Out-of-sample tasks, never used to fit a link."""
 
+_REPRESENTATIVE_BUILDERS: dict[str, Callable[[], Task]] = {"gpt_adamw": _gpt_adamw}
+REPRESENTATIVE_TASK_NAMES: tuple[str, ...] = tuple(_REPRESENTATIVE_BUILDERS)
+"""Tasks trained like large models (AdamW, warm-up, clipping); in neither suite above."""
+
 
 @functools.cache
 def get_task(name: str) -> Task:
     """The task called ``name``, built once per process."""
-    builders = {**_BUILDERS, **_HOLDOUT_BUILDERS}
+    builders = {**_BUILDERS, **_HOLDOUT_BUILDERS, **_REPRESENTATIVE_BUILDERS}
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; valid names are {list(builders)}")
     return builders[name]()

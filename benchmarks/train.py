@@ -8,7 +8,15 @@ end of its schedule (the held-out loss is read there). ``step`` is the exception
 0 (its final rate is ``gamma**2 = 0.01`` of the peak, as ``MultiStepLR``).
 
 Baselines: ``cosine``, ``linear``, ``step`` (×0.1 at 50 % and 75 %), ``wsd`` (stable, then linear
-decay over the last 20 %), all the defaults of :data:`uba_auto.SCHEDULES`; no warm-up anywhere.
+decay over the last 20 %), all the defaults of :data:`uba_auto.SCHEDULES`.
+
+Warm-up and clipping are the task's (:attr:`Task.warmup_fraction`, :attr:`Task.grad_clip`; none
+for the SGD tasks): with ``W = task.warmup_steps(budget) > 0`` every schedule, UBA and baselines
+alike, is built with the schedulers' own ``warmup_steps=W``, a linear rise from 0 at step 0 to the
+peak at step ``W`` (the first update is a no-op, as with Hugging Face's
+``get_cosine_schedule_with_warmup``), then the schedule's decay over steps ``W .. budget - 1``
+(``wsd``'s 20 % and ``step``'s milestones are fractions of that decay phase). Clipping rescales the
+gradient's total norm to at most ``grad_clip`` between ``backward`` and ``optimizer.step``.
 """
 
 from __future__ import annotations
@@ -45,15 +53,23 @@ class ScheduleSpec:
     def label(self) -> str:
         return f"phi={self.phi:g}" if self.name == "uba" else self.name
 
-    def factory(self, budget: int) -> SchedulerFactory:
+    def factory(self, budget: int, warmup_steps: int = 0) -> SchedulerFactory:
+        """The scheduler factory of a ``budget``-step run with a linear warm-up of
+        ``warmup_steps`` steps (0: none, each schedule exactly as without the argument)."""
         total_steps = budget - 1  # the last update uses lr_min = 0 (see the module docstring)
         if self.name == "uba":
             if self.phi is None:
                 raise ValueError("ScheduleSpec('uba') needs phi")
             phi = self.phi
-            return lambda opt: uba_auto.UBAScheduler(opt, total_steps=total_steps, phi=phi)
+            return lambda opt: uba_auto.UBAScheduler(
+                opt, total_steps=total_steps, phi=phi, warmup_steps=warmup_steps
+            )
         name = self.name
-        return lambda opt: uba_auto.BudgetScheduler(opt, total_steps, schedule=name)
+        # None, not 0, without a warm-up: the schedule's own default (OneCycle keeps its rise).
+        warmup = warmup_steps or None
+        return lambda opt: uba_auto.BudgetScheduler(
+            opt, total_steps, schedule=name, warmup_steps=warmup
+        )
 
 
 @dataclass
@@ -102,17 +118,21 @@ def _json_float(value):
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float | None]:
-    """Mean loss and (for classification) accuracy of ``model`` on ``(x, y)``, in chunks."""
+    """Mean loss and (for classification) accuracy of ``model`` on ``(x, y)``, in chunks.
+
+    The loss is the mean over rows of ``x`` (each row's loss a mean over its targets); the accuracy
+    is over every target of ``y`` (a row of a sequence task has one target per position).
+    """
     total, correct, n = 0.0, 0, x.shape[0]
     for start in range(0, n, 8192):
         xb, yb = x[start : start + 8192], y[start : start + 8192]
         out = model(xb)
         total += float(task.loss_fn(out, yb)) * xb.shape[0]
         if task.kind == "classification":
-            pred = (out > 0).to(yb.dtype) if out.ndim == 1 else out.argmax(dim=1)
+            pred = (out > 0).to(yb.dtype) if out.ndim == 1 else out.argmax(dim=-1)
             correct += int((pred == yb).sum())
     loss = total / n
-    return loss, (correct / n if task.kind == "classification" else None)
+    return loss, (correct / y.numel() if task.kind == "classification" else None)
 
 
 def train(
@@ -122,12 +142,17 @@ def train(
     seed: int,
     peak_lr: float,
 ) -> RunResult:
-    """Train ``task``'s model from seed ``seed`` for ``budget`` SGD steps under a schedule.
+    """Train ``task``'s model from seed ``seed`` for ``budget`` steps of ``task``'s optimizer
+    (:meth:`Task.make_optimizer`) under a schedule, with the task's warm-up and gradient clipping.
 
     Args:
         task: the task.
         scheduler_factory: ``factory(optimizer) -> scheduler`` stepped once per optimizer step
-            (after it), or a :class:`ScheduleSpec` (built with ``total_steps = budget - 1``).
+            (after it), or a :class:`ScheduleSpec` (built with ``total_steps = budget - 1`` and
+            ``warmup_steps = task.warmup_steps(budget)``). A factory must build the task's warm-up
+            itself: when ``task.warmup_steps(budget) > 0`` its scheduler's ``warmup_steps``
+            attribute must equal it (``BudgetScheduler``, ``UBAScheduler`` and ``auto_uba``'s
+            scheduler have one).
         budget: optimizer steps.
         seed: seeds the initialisation and the minibatch order.
         peak_lr: the optimizer's ``lr`` at construction, the schedule's peak.
@@ -135,14 +160,27 @@ def train(
     Returns:
         A :class:`RunResult`. A run whose loss becomes non-finite stops there with ``diverged``
         set and infinite final losses.
+
+    Raises:
+        ValueError: if ``task`` has a warm-up and the factory's scheduler does not report the same
+            ``warmup_steps``.
     """
     spec = scheduler_factory if isinstance(scheduler_factory, ScheduleSpec) else None
-    factory = spec.factory(budget) if spec is not None else scheduler_factory
+    warmup = task.warmup_steps(budget)
+    factory = spec.factory(budget, warmup) if spec is not None else scheduler_factory
     start = time.perf_counter()
     model = task.make_model(seed)
     model.train()
     opt = task.make_optimizer(model, peak_lr)
     sched = factory(opt)
+    if warmup and getattr(sched, "warmup_steps", None) != warmup:
+        raise ValueError(
+            f"task {task.name!r} warms up over {warmup} steps of a {budget}-step budget, but the "
+            f"scheduler_factory built a scheduler with warmup_steps="
+            f"{getattr(sched, 'warmup_steps', None)!r}; build it with "
+            f"warmup_steps=task.warmup_steps(budget) (= {warmup}) or pass a ScheduleSpec"
+        )
+    clip = task.grad_clip
     x_curve, y_curve = task.curve_heldout()
     every = max(1, budget // 50)
     result = RunResult(
@@ -165,6 +203,8 @@ def train(
         loss = task.loss_fn(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         running += loss.detach()

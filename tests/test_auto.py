@@ -17,7 +17,14 @@ from torch import nn
 
 from uba_auto import CurvatureReport, ModelLoss, auto_uba
 from uba_auto.auto import HVP_COST_IN_GRADIENTS, AutoUBAScheduler
-from uba_auto.phi import EDGE_FRACTION, EDGE_PHI, FALLBACK_PHI, GATE_NOISE
+from uba_auto.phi import (
+    EDGE_FRACTION,
+    EDGE_PHI,
+    FALLBACK_PHI,
+    GATE_NOISE,
+    SUGGESTED_SHARE,
+    optimizer_stability,
+)
 from uba_auto.schedules import uba_lr
 
 
@@ -47,8 +54,11 @@ def test_three_argument_call_works_and_is_useful():
     assert_state_unchanged(model, snap)
     assert auto.scheduler is None and 0.25 <= auto.phi <= 16
     report = auto.report
-    assert report.peak_lr == pytest.approx(1 / report.estimate.lambda_max)
+    # No optimizer: the plain-SGD suggestion, a share of the limit 2 over lambda_max.
+    share = SUGGESTED_SHARE["hessian"]
+    assert report.peak_lr == pytest.approx(share * 2 / report.estimate.lambda_max)
     assert "no optimizer" in report.peak_lr_source
+    assert report.optimizer_sharpness is None and "sharpness the optimizer" not in str(report)
     assert any("cross_entropy" in w for w in report.warnings)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = auto.make_scheduler(opt)
@@ -244,8 +254,10 @@ def test_suggested_peak_lr_is_explicit():
     auto = auto_uba(
         model, problem.batches, 30, optimizer=opt, loss_fn=problem.loss, peak_lr="suggest"
     )
-    lr = 1 / auto.report.estimate.lambda_max
+    limit = optimizer_stability(opt).limit  # the suggestion set the rate; the limit is rate-free
+    lr = SUGGESTED_SHARE["hessian"] * limit / auto.report.estimate.lambda_max
     assert auto.suggested_lr == pytest.approx(lr)
+    assert auto.report.stability_share == pytest.approx(SUGGESTED_SHARE["hessian"])
     assert opt.param_groups[0]["lr"] == pytest.approx(lr)
     assert any("peak_lr='suggest' set" in w for w in auto.report.warnings)
 
@@ -662,12 +674,24 @@ def test_gated_edge_reads_the_sgd_stability_limit(make_opt, limit):
     assert default.phi == 2.0 and default.report.edge_fraction is None  # the gated link
 
 
-def test_gated_edge_is_off_for_adaptive_optimizers_and_says_so():
+def test_gated_edge_reads_adams_limit_on_the_preconditioned_curvature():
     problem, model, _ = mlp_setup()
-    auto = _edge_auto(model, problem, torch.optim.Adam(model.parameters(), lr=1e-4))
-    assert auto.report.edge_fraction is None and auto.phi == 2.0
-    assert "edge gate off" in auto.report.reason
-    assert "share of stability limit" not in str(auto.report)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    auto = _edge_auto(model, problem, opt)
+    report = auto.report
+    assert report.estimate.optimizer == "Adam" and report.estimate.preconditioner is not None
+    assert report.stability_limit == pytest.approx(38.0)
+    assert report.optimizer_sharpness == report.estimate.lambda_max  # no coupled decay
+    assert report.edge_fraction == pytest.approx(1e-4 * report.estimate.lambda_max / 38.0)
+    assert report.stability_share == report.edge_fraction
+    assert auto.phi == EDGE_PHI and "far below the edge" in report.reason
+    text = str(report)
+    assert "P^-1/2 A P^-1/2" in text and "share of stability limit" in text
+    # An optimizer without a derived limit keeps the edge gate off, and says so.
+    nadam = _edge_auto(model, problem, torch.optim.NAdam(model.parameters(), lr=1e-4))
+    assert nadam.report.edge_fraction is None and nadam.phi == 2.0
+    assert "edge gate off" in nadam.report.reason
+    assert "share of stability limit" not in str(nadam.report)
 
 
 def test_gated_edge_applies_when_the_sgd_optimizer_comes_at_make_scheduler():

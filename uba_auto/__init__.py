@@ -9,7 +9,7 @@ The public API, in the order a user meets it:
 * the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
   :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
-  :func:`stability_fraction`);
+  :func:`optimizer_stability` returning an :class:`OptimizerStability`, :func:`stability_fraction`);
 * inside ``transformers.Trainer`` or PyTorch Lightning, with exact checkpoint resume:
   :mod:`uba_auto.integrations` (not imported here; its callbacks need the ``integrations`` extra);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
@@ -27,8 +27,10 @@ from .curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDeriv
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
 from .phi import (
+    OptimizerStability,
     PhiChoice,
     choose_phi,
+    optimizer_stability,
     phi_from_condition_number,
     stability_fraction,
     stability_limit,
@@ -69,6 +71,7 @@ __all__ = [
     "HessianOperator",
     "LanczosResult",
     "ModelLoss",
+    "OptimizerStability",
     "PhiChange",
     "PhiChoice",
     "PowerIterationResult",
@@ -89,6 +92,7 @@ __all__ = [
     "lanczos",
     "linear_lr",
     "onecycle_lr",
+    "optimizer_stability",
     "phi_from_condition_number",
     "plot_schedules",
     "power_iteration",

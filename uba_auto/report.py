@@ -72,7 +72,9 @@ class CurvatureReport:
         reason: one sentence on how φ was derived.
         peak_lr: the peak learning rate the mapping assumed, and ``peak_lr_source`` where it came
             from (the optimizer, the caller, or the curvature suggestion).
-        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD from the curvature (see
+        suggested_lr: the peak rate the curvature suggests, a share
+            (:data:`uba_auto.phi.SUGGESTED_SHARE`) of the optimizer's stability limit divided by
+            the sharpness it sees (plain SGD without an optimizer; see
             :attr:`AutoUBA.suggested_lr <uba_auto.auto.AutoUBA.suggested_lr>`).
         budget, warmup_steps: the run's budget in optimizer steps and its warm-up.
         probe_fraction: the share of the budget probing may take (in gradient-equivalents).
@@ -81,7 +83,15 @@ class CurvatureReport:
         edge_fraction: the peak rate as a fraction of the optimizer's stability limit at
             initialisation, ``peak_lr * (lambda_max + weight_decay) / stability_limit``
             (:func:`uba_auto.phi.stability_fraction`; 1 is the edge), what the gated-edge link
-            reads; ``None`` when the optimizer is unknown or not SGD, or for other links.
+            reads; ``None`` when the optimizer's limit is unknown, or for other links.
+        optimizer_sharpness: the sharpness the optimizer sees at initialisation: ``lambda_max``
+            of the estimate (preconditioned for an adaptive optimizer) plus SGD's coupled weight
+            decay; ``None`` while the optimizer, or its stability limit, is unknown.
+        stability_limit: the optimizer's stability limit on ``lr * sharpness``
+            (:func:`uba_auto.phi.optimizer_stability`).
+        stability_share: ``peak_lr * optimizer_sharpness / stability_limit`` (1 is the edge), for
+            every link.
+        stability_note: which optimizer, the limit's formula, and which curvature was measured.
     """
 
     estimate: CurvatureEstimate
@@ -103,6 +113,10 @@ class CurvatureReport:
     history: tuple[ReestimationRecord, ...] = ()
     warnings: tuple[str, ...] = field(default=())
     edge_fraction: float | None = None
+    optimizer_sharpness: float | None = None
+    stability_limit: float | None = None
+    stability_share: float | None = None
+    stability_note: str = ""
 
     # ------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +169,14 @@ class CurvatureReport:
         def spread(x: float | None) -> str:
             return f" (± {x:.3g} over batches)" if x else ""
 
-        rows = [
+        rows = []
+        if est.preconditioner is not None:
+            what = f"P^-1/2 A P^-1/2, A the {est.curvature} of the loss (+ coupled weight decay)"
+            rows += [
+                ("curvature measured", f"{what}, as {est.optimizer} sees it"),
+                ("  preconditioner P", est.preconditioner),
+            ]
+        rows += [
             ("λ_max", num(est.lambda_max) + spread(est.lambda_max_spread)),
             ("λ_min", num(est.lambda_min) + spread(est.lambda_min_spread)),
             ("smallest positive λ", num(est.lambda_min_positive)),
@@ -185,12 +206,23 @@ class CurvatureReport:
             ("κ used for φ", f"{num(self.kappa)}  [{self.kappa_kind}]"),
             ("peak lr assumed", f"{self.peak_lr:.4g}  [{self.peak_lr_source}]"),
         ]
-        if self.edge_fraction is not None:
+        if self.optimizer_sharpness is not None:
+            seen = (
+                "λ_max of P^-1/2 A P^-1/2"
+                if est.preconditioner is not None
+                else "λ_max + coupled weight decay"
+            )
+            rows += [
+                ("sharpness the optimizer sees", f"{num(self.optimizer_sharpness)}  [{seen}]"),
+                ("its stability limit", f"{num(self.stability_limit)}  [{self.stability_note}]"),
+            ]
+        share = self.edge_fraction if self.stability_share is None else self.stability_share
+        if share is not None:
             rows.append(
                 (
                     "share of stability limit",
-                    f"{num(self.edge_fraction, '.3g')}  [peak lr · λ_max / the optimizer's "
-                    "stability limit, at init; 1 = the edge]",
+                    f"{num(share, '.3g')}  [peak lr · sharpness / the optimizer's stability "
+                    "limit, at init; 1 = the edge]",
                 )
             )
         rows += [

@@ -24,19 +24,19 @@ from torch import nn
 from .._distributed import Communicator, is_communication_failure
 from .._loaders import BatchStream
 from .._validation import check_int
-from ..phi import LINKS
 from ..probe import CurvatureEstimate, ProbeSettings, run_probe
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import UBAScheduler
 from ._choice import (
     adopt_optimizer,
+    as_pair,
     check_final_rate,
     choose,
     default_loss,
     edge_fraction,
     initial_state,
+    optimizer_limit,
     resolve_peak,
-    sgd_stability,
     suggested_lr,
 )
 from ._state import AutoSettings, AutoState, SettingAttribute, check_state_dict, continue_schedule
@@ -78,7 +78,10 @@ class AutoUBA:
         report: the :class:`~uba_auto.report.CurvatureReport` (with the re-estimation history).
         scheduler: the :class:`AutoUBAScheduler` for the optimizer given to :func:`auto_uba`,
             or ``None`` until :meth:`make_scheduler` is called.
-        suggested_lr: ``1 / lambda_max``, a peak rate for plain SGD suggested by the curvature.
+        suggested_lr: the peak rate the curvature suggests: a share
+            (:data:`~uba_auto.phi.SUGGESTED_SHARE`) of the optimizer's stability limit over the
+            sharpness it sees (for plain SGD when the optimizer is unknown); ``None`` without
+            positive curvature. A starting point for a peak-rate search, not a tuned rate.
         budget, warmup_steps, reestimate_every, probe_fraction: the settings (as are
             ``lr_min``, ``lr_min_ratio``, ``num_batches``, ``link``, ``phi_min``, ``phi_max``).
         probe_kwargs: the keywords every probe passes to
@@ -117,6 +120,7 @@ class AutoUBA:
         self._settings = settings
         self._comm = comm
         self._batches = BatchStream(loader)
+        self._optimizer = optimizer  # the probes measure the curvature this optimizer sees
         if resume_from is not None:
             self._state = self._resumed(resume_from)
         else:
@@ -161,7 +165,10 @@ class AutoUBA:
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
         """The one place that runs the probe (every estimation of this object goes through it)."""
         settings = ProbeSettings(num_batches=self.num_batches, **{**self.probe_kwargs, **overrides})
-        return run_probe(self.model, batches, self.loss_fn, settings, self._comm)
+        optimizer = self.scheduler.optimizer if self.scheduler is not None else self._optimizer
+        return run_probe(
+            self.model, batches, self.loss_fn, settings, self._comm, optimizer=optimizer
+        )
 
     def _estimated(self, peak_lr: float | str | None, optimizer: Any) -> AutoState:
         """The state of the pre-training estimate (and, for ``peak_lr='suggest'``, the
@@ -180,7 +187,8 @@ class AutoUBA:
                 notes.append(note)
         t0 = time.perf_counter()
         est = self._probe(batches)
-        peak = resolve_peak(peak_lr, suggested_lr(est), est.lambda_max, optimizer)
+        stability = None if optimizer is None else optimizer_limit(optimizer, est)
+        peak = resolve_peak(peak_lr, suggested_lr(est, stability), est.lambda_max, optimizer)
         if isinstance(peak_lr, str) and optimizer is not None:  # "suggest"
             # Check before writing: a failure must leave the optimizer as it was.
             check_final_rate(
@@ -190,10 +198,8 @@ class AutoUBA:
                 group["lr"] = peak.value
                 group.pop("initial_lr", None)
             notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
-        stability = None
-        if optimizer is not None and LINKS[settings.link].reads_edge:
-            stability = sgd_stability(optimizer)
-        edge = edge_fraction(est, stability, peak)
+            stability = optimizer_limit(optimizer, est)  # AdamW's limit depends on its rate
+        edge = edge_fraction(est, None if stability is None else as_pair(stability), peak)
         try:
             choice, error = choose(est, settings, peak, edge, settings.budget), None
         except Exception as err:

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._optim import group_peaks, sgd_settings
+from .._optim import group_peaks
 from .._validation import check_nonnegative_finite
-from ..phi import LINKS, PhiChoice, choose_phi, stability_fraction, stability_limit
+from ..phi import (
+    LINKS,
+    SUGGESTED_SHARE,
+    OptimizerStability,
+    PhiChoice,
+    choose_phi,
+    optimizer_stability,
+    stability_fraction,
+    stability_limit,
+)
 from ..probe import CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
@@ -24,13 +34,16 @@ from ._state import AutoSettings, AutoState, PeakRate
 
 __all__ = [
     "adopt_optimizer",
+    "as_pair",
     "check_final_rate",
     "choose",
     "default_loss",
     "edge_fraction",
     "initial_state",
+    "optimizer_limit",
     "resolve_peak",
-    "sgd_stability",
+    "stability_fields",
+    "stability_warning",
     "suggested_lr",
 ]
 
@@ -65,19 +78,27 @@ def check_final_rate(
                 )
 
 
-def sgd_stability(optimizer: Any) -> tuple[float, float] | None:
-    """``(stability limit, weight decay)`` of ``optimizer``'s group with the largest peak rate
-    (see :func:`~uba_auto.phi.stability_limit`); ``None`` unless it is ``torch.optim.SGD`` with
-    settings the limit is derived for (momentum and dampening in [0, 1))."""
-    sgd = sgd_settings(optimizer)
-    if sgd is None:
-        return None
+def optimizer_limit(optimizer: Any, estimate: CurvatureEstimate) -> OptimizerStability | None:
+    """The stability limit of ``optimizer`` (:func:`~uba_auto.phi.optimizer_stability`), when
+    ``estimate`` measured the curvature that optimizer sees: the raw curvature for SGD, the
+    preconditioned one for an adaptive optimizer. ``None`` for an optimizer without a derived
+    limit, settings outside the derivation, or an estimate of the other curvature."""
     try:
-        limit = stability_limit(sgd.momentum, sgd.dampening, sgd.nesterov)
-    except ValueError:
+        stability = optimizer_stability(optimizer)
+    except (TypeError, ValueError):
         return None
-    decay = sgd.weight_decay
-    return (limit, decay) if math.isfinite(decay) and decay >= 0 else None
+    preconditioned = estimate.preconditioner is not None
+    if preconditioned != (stability.curvature == "preconditioned"):
+        return None
+    decay = stability.weight_decay
+    if not (math.isfinite(stability.limit) and stability.limit > 0):
+        return None
+    return stability if math.isfinite(decay) and decay >= 0 else None
+
+
+def as_pair(stability: OptimizerStability | None) -> tuple[float, float] | None:
+    """``(limit, weight decay)``, the form :class:`AutoState` keeps (and ``state_dict`` saves)."""
+    return None if stability is None else (stability.limit, stability.weight_decay)
 
 
 def resolve_peak(
@@ -92,30 +113,78 @@ def resolve_peak(
                 "peak_lr='suggest' needs positive curvature, but lambda_max = "
                 f"{lambda_max:.3g} <= 0; pass peak_lr as a number"
             )
-        return PeakRate(suggested, "suggested: 1 / lambda_max")
+        return PeakRate(suggested, "suggested: a share of the stability limit (see report)")
     if optimizer is not None:
         return PeakRate(max(group_peaks(optimizer)), "the optimizer's largest group lr")
     if suggested is not None:
-        return PeakRate(suggested, "no optimizer given: assumed 1 / lambda_max (plain SGD)", True)
+        return PeakRate(suggested, "no optimizer given: assumed the plain-SGD suggestion", True)
     return PeakRate(1.0, "unknown (no optimizer given, no positive curvature)", True)
 
 
-def suggested_lr(estimate: CurvatureEstimate) -> float | None:
-    """``1 / lambda_max``, the plain-SGD peak rate the curvature suggests (``None`` if
-    ``lambda_max <= 0``)."""
-    return 1.0 / estimate.lambda_max if estimate.lambda_max > 0 else None
+def suggested_lr(
+    estimate: CurvatureEstimate, stability: OptimizerStability | None = None
+) -> float | None:
+    """The peak rate the curvature suggests: :data:`~uba_auto.phi.SUGGESTED_SHARE` of the
+    optimizer's stability limit, ``share * limit / (lambda_max + weight_decay)`` (plain SGD,
+    limit 2, without an optimizer); ``None`` without positive curvature, or for an adaptive
+    optimizer whose curvature was not measured."""
+    lam = estimate.lambda_max
+    if not (math.isfinite(lam) and lam > 0):
+        return None
+    if stability is None:
+        if estimate.preconditioner is not None:
+            return None
+        return SUGGESTED_SHARE["hessian"] * stability_limit() / lam
+    share = SUGGESTED_SHARE[stability.curvature]
+    return share * stability.limit / (lam + stability.weight_decay)
 
 
 def edge_fraction(
     estimate: CurvatureEstimate, stability: tuple[float, float] | None, peak: PeakRate
 ) -> float | None:
     """The peak rate as a fraction of the stability limit on the pre-training ``estimate``
-    (``None`` while the SGD optimizer, the peak rate, or a positive curvature, is unknown)."""
+    (``None`` while the optimizer's limit, the peak rate, or a positive curvature, is unknown)."""
     lam = estimate.lambda_max
     if stability is None or peak.assumed or not (math.isfinite(lam) and lam > 0):
         return None
     limit, decay = stability
     return stability_fraction(lam, peak.value, limit, decay)
+
+
+def stability_fields(
+    estimate: CurvatureEstimate, stability: OptimizerStability | None, peak: PeakRate
+) -> dict[str, Any]:
+    """The report's optimizer rows: the sharpness the optimizer sees, its stability limit, the
+    peak rate's share of it, and the formula (all ``None``/empty while unknown)."""
+    if stability is None:
+        return dict.fromkeys(("optimizer_sharpness", "stability_limit", "stability_share"), None) | {
+            "stability_note": ""
+        }
+    return {
+        "optimizer_sharpness": estimate.lambda_max + stability.weight_decay,
+        "stability_limit": stability.limit,
+        "stability_share": edge_fraction(estimate, as_pair(stability), peak),
+        "stability_note": stability.formula,
+    }
+
+
+def stability_warning(fields: Mapping[str, Any], peak: PeakRate, warmup_steps: int) -> list[str]:
+    """A warning when the peak rate exceeds the optimizer's stability limit at initialisation."""
+    share = fields["stability_share"]
+    if share is None or share <= 1:
+        return []
+    stable = fields["stability_limit"] / fields["optimizer_sharpness"]
+    warm = (
+        f"the warm-up of {warmup_steps} steps helps only while the sharpness falls"
+        if warmup_steps
+        else "use a warm-up (warmup_steps), during which the sharpness usually falls"
+    )
+    return [
+        f"the peak lr {peak.value:.4g} is {share:.3g}x the optimizer's stability limit at "
+        f"initialisation (sharpness it sees {fields['optimizer_sharpness']:.4g}, stable below lr "
+        f"{stable:.3g}): steps at the peak from here would diverge along the sharpest direction; "
+        f"{warm}, or lower the peak below {stable:.3g}"
+    ]
 
 
 def choose(
@@ -149,7 +218,7 @@ def initial_state(
     settings: AutoSettings,
     *,
     peak: PeakRate,
-    stability: tuple[float, float] | None,
+    stability: OptimizerStability | None,
     edge: float | None,
     seconds: float,
     notes: list[str],
@@ -157,8 +226,10 @@ def initial_state(
 ) -> AutoState:
     """The state after the pre-training estimate, whose report lists ``notes`` first (the loss
     chosen, a suggested rate set), then what the choice and the probe warned, then what the
-    estimate says about trusting φ. ``probe_share``: the probe's cost as a share of the budget."""
+    estimate says about trusting φ and the peak rate. ``probe_share``: the probe's cost as a
+    share of the budget; ``stability``: the optimizer's limit (``None`` while unknown)."""
     est = estimate
+    optimizer_rows = stability_fields(est, stability, peak)
     record = ReestimationRecord(
         0, "ok", choice.kappa, choice.phi, est.num_hvps, seconds, "pre-training probe"
     )
@@ -180,6 +251,7 @@ def initial_state(
             f"gradient-equivalents (probe_fraction {100 * settings.probe_fraction:g}%): "
             "re-estimations will be skipped; lower num_batches or raise probe_fraction"
         )
+    notes += stability_warning(optimizer_rows, peak, settings.warmup_steps)
     report = CurvatureReport(
         estimate=est,
         **_report_fields(choice),
@@ -188,19 +260,20 @@ def initial_state(
         link=choice.link,
         peak_lr=peak.value,
         peak_lr_source=peak.source,
-        suggested_lr=suggested_lr(est),
+        suggested_lr=suggested_lr(est, stability),
         budget=settings.budget,
         warmup_steps=settings.warmup_steps,
         probe_fraction=settings.probe_fraction,
         history=(record,),
         warnings=tuple(notes),
+        **optimizer_rows,
     )
     return AutoState(
         report=report,
         peak=peak,
         probe_hvps=est.num_hvps,
         choice_warnings=tuple(choice.warnings),
-        stability=stability,
+        stability=as_pair(stability),
         edge_fraction=edge,
     )
 
@@ -225,28 +298,34 @@ def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
 
 def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) -> AutoState:
     """``state`` after the first optimizer: its largest group rate replaces an assumed peak, and
-    its SGD stability limit goes to the gated-edge link. φ is chosen again if that changes
-    anything and the choice is still open (no re-estimation ran, the run is not resumed).
+    its stability limit (when the estimate measured the curvature it sees) goes to the report and
+    to the gated-edge link. φ is chosen again if that changes anything and the choice is still
+    open (no re-estimation ran, the run is not resumed).
 
     Raises:
         ValueError: if ``lr_min`` exceeds a group's rate of an optimizer met only now.
     """
     open_choice = len(state.history) == 1 and state.pending_scheduler is None
-    peak, stability = state.peak, state.stability
+    peak, pair, report = state.peak, state.stability, state.report
     changed = peak.assumed
     if peak.assumed:
         peaks = group_peaks(optimizer)
         check_final_rate(peaks, settings.lr_min, settings.lr_min_ratio)
         source = "the largest group lr of the optimizer given to make_scheduler"
         peak = PeakRate(max(peaks), source)
-    if open_choice and LINKS[settings.link].reads_edge and stability is None:
-        stability = sgd_stability(optimizer)
-        changed = changed or stability is not None
+    if open_choice and pair is None:
+        stability = optimizer_limit(optimizer, report.estimate)
+        if stability is not None:
+            pair = as_pair(stability)
+            rows = stability_fields(report.estimate, stability, peak)
+            extra = stability_warning(rows, peak, settings.warmup_steps)
+            report = replace(report, **rows, warnings=(*report.warnings, *extra))
+            changed = changed or LINKS[settings.link].reads_edge
     if not changed:
-        return state
-    state = replace(state, peak=peak, stability=stability)
+        return replace(state, stability=pair, report=report)
+    state = replace(state, peak=peak, stability=pair, report=report)
     if open_choice:
-        edge = edge_fraction(state.report.estimate, stability, peak)
+        edge = edge_fraction(state.report.estimate, pair, peak)
         return _rechoose_initial(replace(state, edge_fraction=edge), settings)
     report = replace(state.report, peak_lr=peak.value, peak_lr_source=peak.source)
     return replace(state, report=report)

@@ -59,16 +59,26 @@ def auto_uba(
             re-estimations draw the following ones (cycling).
         budget: optimizer steps the run will take; the schedule ends at ``lr_min`` on the last.
         optimizer: if given, :attr:`AutoUBA.scheduler` is ready at once; else call
-            :meth:`AutoUBA.make_scheduler`.
+            :meth:`AutoUBA.make_scheduler`. Every probe then measures the curvature this
+            optimizer sees (``probe_curvature(..., optimizer=)``: preconditioned for Adam, AdamW,
+            Adagrad and RMSprop, estimated before their first step), and the report gives its
+            sharpness and the peak rate's share of its stability limit. Given only at
+            ``make_scheduler``, the pre-training probe measured the raw curvature, which is
+            what SGD sees but not what an adaptive optimizer sees (the report then has no
+            stability rows for it).
         loss_fn: as for :func:`~uba_auto.probe.probe_curvature`. If ``None`` with
             ``(inputs, targets)`` batches: cross-entropy for integer targets, MSE for floating
             targets (recorded in the report).
         warmup_steps: linear warm-up length.
         lr_min, lr_min_ratio: the final rate (absolute, or a fraction of each group's peak).
         peak_lr: the peak rate the φ mapping should assume: a number; ``"suggest"`` to use (and,
-            with an optimizer, set on every param group) ``1 / lambda_max``, the plain-SGD
-            suggestion from the curvature; ``None`` takes the optimizer's largest group lr (or the
-            suggestion when there is no optimizer).
+            with an optimizer, set on every param group) the rate the curvature suggests,
+            :data:`~uba_auto.phi.SUGGESTED_SHARE` of the optimizer's stability limit divided by
+            the sharpness it sees (plain SGD without an optimizer). It is a starting point, not a
+            tuned rate: on the tasks of our study it landed within a factor 10 of the peak tuned
+            for cosine in about half the cells, and up to ~200x off (BENCHMARKS.md, "Suggested
+            peak rate"); ``None`` takes the optimizer's largest group lr (or the suggestion when
+            there is no optimizer).
         num_batches: minibatches per probe (8: the curvature noise that drives the gated and
             calibrated links is a standard deviation across batches, and needs several).
         reestimate_every: re-probe every this many steps (``None``: never).

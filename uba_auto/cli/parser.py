@@ -159,7 +159,8 @@ def _add_report(sub: Any) -> None:  # sub: what add_subparsers returned
         type=float,
         default=None,
         metavar="LR",
-        help="your peak learning rate (default: 1 / lambda_max, the plain-SGD suggestion)",
+        help="your peak learning rate (default: the plain-SGD suggestion from the curvature, "
+        "a share of the stability limit; see auto_uba)",
     )
     report.add_argument(
         "--device",

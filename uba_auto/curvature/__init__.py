@@ -26,6 +26,9 @@ The pieces, one concern each:
 * :mod:`~uba_auto.curvature.allreduce`: the global batches of a process group.
 * :mod:`~uba_auto.curvature.operators`: :func:`build_operator`, :class:`HessianOperator`,
   :class:`GGNOperator`.
+* :mod:`~uba_auto.curvature.preconditioned`: :class:`PreconditionedOperator`,
+  :math:`P^{-1/2} H P^{-1/2}` around any of them; :mod:`~uba_auto.curvature.precondition`: its
+  :math:`P`, read from an adaptive optimizer's state or estimated before its first step.
 """
 
 from uba_auto.curvature.allreduce import AllReducedOperator
@@ -36,8 +39,19 @@ from uba_auto.curvature.local import LocalOperator
 from uba_auto.curvature.modes import MODES
 from uba_auto.curvature.operators import CURVATURES, GGNOperator, HessianOperator, build_operator
 from uba_auto.curvature.params import device_of, unwrap_model
+from uba_auto.curvature.precondition import (
+    ADAPTIVE_OPTIMIZERS,
+    PreconditionedOperator,
+    Preconditioner,
+    estimate_preconditioner,
+    is_adaptive,
+    optimizer_param_names,
+    optimizer_preconditioner,
+    preconditioner_from_state,
+)
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
     "CURVATURES",
     "ENGINES",
     "MODES",
@@ -46,8 +60,15 @@ __all__ = [
     "HessianOperator",
     "LocalOperator",
     "ModelLoss",
+    "PreconditionedOperator",
+    "Preconditioner",
     "UnsupportedDerivativeError",
     "build_operator",
     "device_of",
+    "estimate_preconditioner",
+    "is_adaptive",
+    "optimizer_param_names",
+    "optimizer_preconditioner",
+    "preconditioner_from_state",
     "unwrap_model",
 ]

@@ -43,12 +43,7 @@ How each link fared in training, and why ``"gated"`` is the default while the ot
 selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_validation.py``).
 """
 
-from ._bands import (
-    budget_condition_number,
-    minibatch_condition_number,
-    stability_fraction,
-    stability_limit,
-)
+from ._bands import budget_condition_number, minibatch_condition_number
 from ._links import (
     EDGE_FRACTION,
     EDGE_PHI,
@@ -67,6 +62,13 @@ from ._links import (
     link_inputs,
     phi_from_condition_number,
 )
+from ._stability import (
+    SUGGESTED_SHARE,
+    OptimizerStability,
+    optimizer_stability,
+    stability_fraction,
+    stability_limit,
+)
 
 __all__ = [
     "EDGE_FRACTION",
@@ -78,14 +80,17 @@ __all__ = [
     "PHI_MAX",
     "PHI_MIN",
     "SENSITIVITY",
+    "SUGGESTED_SHARE",
     "Link",
     "LinkInputs",
+    "OptimizerStability",
     "PhiChoice",
     "budget_condition_number",
     "check_link",
     "choose_phi",
     "link_inputs",
     "minibatch_condition_number",
+    "optimizer_stability",
     "phi_from_condition_number",
     "stability_fraction",
     "stability_limit",

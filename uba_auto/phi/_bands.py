@@ -1,7 +1,7 @@
 r"""The numbers a κ→φ link reads that are computed from measurements (see :mod:`uba_auto.phi`).
 
-The condition number of the minibatch sharpness band and of the budget band, and the distance of a
-peak rate to the stability edge of ``torch.optim.SGD``.
+The condition number of the minibatch sharpness band and of the budget band (the stability edge
+is in :mod:`uba_auto.phi._stability`).
 """
 
 from __future__ import annotations
@@ -9,54 +9,6 @@ from __future__ import annotations
 import math
 
 from .._validation import check_positive_finite
-
-
-def stability_limit(momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
-    r"""The largest stable :math:`\eta\lambda` of PyTorch's SGD on a quadratic of curvature λ.
-
-    Heavy ball (``torch.optim.SGD(momentum=β, dampening=d)``): the step is
-    :math:`v \leftarrow \beta v + (1-d) g,\ \theta \leftarrow \theta - \eta v`, stable for
-    :math:`\eta\lambda < 2(1+\beta)/(1-d)`. Nesterov (``nesterov=True``, no dampening):
-    :math:`\theta \leftarrow \theta - \eta(g + \beta v)`, stable for
-    :math:`\eta\lambda < 2(1+\beta)/(1+2\beta)`. Plain SGD (β = 0, whatever the dampening): 2.
-
-    Example:
-        >>> stability_limit(), stability_limit(0.9), round(stability_limit(0.9, nesterov=True), 4)
-        (2.0, 3.8, 1.3571)
-    """
-    for name, value in (("momentum", momentum), ("dampening", dampening)):
-        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    if momentum == 0:
-        return 2.0  # torch.optim.SGD ignores dampening (and Nesterov) without momentum
-    if nesterov:
-        if dampening:
-            raise ValueError("nesterov momentum requires dampening=0 (as torch.optim.SGD does)")
-        return 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
-    return 2.0 * (1.0 + momentum) / (1.0 - dampening)
-
-
-def stability_fraction(
-    lambda_max: float, peak_lr: float, limit: float, weight_decay: float = 0.0
-) -> float:
-    r"""The peak rate as a fraction of the stability limit: :math:`e = \eta(\lambda_{\max} +
-    w)/\ell`.
-
-    ``limit`` is :func:`stability_limit` of the optimizer and ``weight_decay`` :math:`w` its
-    (coupled, as in ``torch.optim.SGD``) weight decay, which adds :math:`w` to every curvature;
-    :math:`e \ge 1` means the top eigen-direction is unstable at the peak rate.
-
-    Example:
-        >>> round(stability_fraction(2.0, 0.1, stability_limit(0.9)), 6)  # 0.2 / 3.8
-        0.052632
-    """
-    if not (isinstance(lambda_max, (int, float)) and math.isfinite(lambda_max) and lambda_max > 0):
-        raise ValueError(f"lambda_max must be finite and > 0, got {lambda_max!r}")
-    peak_lr = check_positive_finite("peak_lr", peak_lr)
-    limit = check_positive_finite("limit", limit)
-    if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < math.inf):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    return peak_lr * (lambda_max + weight_decay) / limit
 
 
 def minibatch_condition_number(curvature_noise: float) -> float:

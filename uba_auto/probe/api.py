@@ -40,6 +40,7 @@ def probe_curvature(
     progress: bool | None = None,
     basis_device: torch.device | str | None = None,
     process_group: Any = "auto",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -96,6 +97,18 @@ def probe_curvature(
             ``torch.distributed.ProcessGroup``. A ``DistributedDataParallel`` model is probed
             through its inner module (DDP's hooks never fire, its state is untouched); FSDP is
             refused. Details: :mod:`uba_auto._distributed`.
+        optimizer: the optimizer that will train the model, to measure the curvature *it* sees.
+            Only the parameters it trains (and that require grad) are probed. For an adaptive
+            optimizer (``torch.optim.Adam``, ``AdamW``, ``Adagrad``, ``RMSprop``) every spectral
+            quantity of the estimate is that of the preconditioned curvature
+            :math:`P^{-1/2} A P^{-1/2}` (the spectrum of :math:`P^{-1}A`), :math:`P` the diagonal
+            its update divides by (for Adam :math:`\sqrt{\hat v} + \epsilon`), read from its
+            state, or estimated from the probe batches' squared gradients before its first step
+            (:mod:`uba_auto.curvature.precondition`); its coupled weight decay is part of
+            :math:`A`. For SGD the curvature is the raw one. ``estimate.optimizer`` and
+            ``estimate.preconditioner`` say which. The optimizer and its state are never changed.
+            Compare ``estimate.lambda_max`` with :func:`~uba_auto.phi.stability_limit` of the
+            optimizer divided by its learning rate.
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -121,6 +134,10 @@ def probe_curvature(
         (4.0, 1.0)
     """
     check_model(model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
     settings = ProbeSettings(
         num_batches=num_batches,
         max_hvps=max_hvps,
@@ -141,4 +158,4 @@ def probe_curvature(
         basis_device=basis_device,
     )
     comm = resolve_process_group(process_group, device=device_of(model))
-    return run_probe(model, loader, loss_fn, settings, comm)
+    return run_probe(model, loader, loss_fn, settings, comm, optimizer=optimizer)

@@ -83,6 +83,10 @@ class CurvatureEstimate:
         world_size: the number of ranks whose batches make up each (global) batch; 1 in a single
             process. Under a process group, ``batch_sizes`` and ``batch_losses`` are those of the
             global batches and every value above is identical on every rank.
+        optimizer: the class name of the optimizer given to the probe (``None`` without one).
+        preconditioner: ``None`` when the spectrum is that of the curvature itself; for an
+            adaptive optimizer, the preconditioner :math:`P` of the measured
+            :math:`P^{-1/2} A P^{-1/2}` and where it came from (its state, or an estimate).
     """
 
     lambda_max: float
@@ -118,6 +122,8 @@ class CurvatureEstimate:
     dtype: str
     warnings: tuple[str, ...] = field(default=())
     world_size: int = 1
+    optimizer: str | None = None
+    preconditioner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the density as its nodes and weights; inf and NaN as None)."""

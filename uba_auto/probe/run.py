@@ -22,7 +22,14 @@ from torch import nn
 from .._batches import BatchSet, collect_batches
 from .._distributed import Communicator, check_enabled
 from .._state import preserve_state
-from ..curvature import build_operator, unwrap_model
+from ..curvature import (
+    PreconditionedOperator,
+    build_operator,
+    is_adaptive,
+    optimizer_param_names,
+    optimizer_preconditioner,
+    unwrap_model,
+)
 from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
 from .bookkeeping import Ledger, Tracked, progress_bar
@@ -42,11 +49,13 @@ def run_probe(
     loss_fn: Any,
     settings: ProbeSettings,
     comm: Communicator | None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> CurvatureEstimate:
     """:func:`~uba_auto.probe.probe_curvature` with checked settings and a resolved process group.
 
     Args:
-        model, loader, loss_fn: as for :func:`~uba_auto.probe.probe_curvature`.
+        model, loader, loss_fn, optimizer: as for :func:`~uba_auto.probe.probe_curvature`.
         settings: the probe's settings.
         comm: the communicator of the process group (from
             :func:`uba_auto._distributed.resolve_process_group`), or ``None`` in a single process.
@@ -60,6 +69,12 @@ def run_probe(
             "method='pyhessian' runs PyHessian's single-process code and cannot probe the global "
             "batch of a process group; use method='lanczos' (or 'power'), or process_group=None "
             "to probe each rank's batches alone"
+        )
+    if optimizer is not None and settings.method == "pyhessian":
+        raise ValueError(
+            "method='pyhessian' measures the raw Hessian of every parameter and cannot take "
+            "optimizer=; use method='lanczos' for the curvature the optimizer sees, or drop "
+            "optimizer="
         )
     model = unwrap_model(model)
     ledger = Ledger()
@@ -80,8 +95,19 @@ def run_probe(
             mode=settings.mode,
             engine=settings.engine,
             dtype=settings.dtype,
+            params=None if optimizer is None else optimizer_param_names(model, optimizer),
             comm=comm,
         )
+        preconditioner = None
+        if optimizer is not None and is_adaptive(optimizer):
+            preconditioner = optimizer_preconditioner(optimizer, model, op)
+            op = PreconditionedOperator(op, preconditioner)
+            if preconditioner.source == "estimate":
+                notes.append(
+                    f"the {preconditioner.optimizer} optimizer has no state yet: its "
+                    "preconditioner was estimated from the probe batches (see "
+                    "estimate.preconditioner)"
+                )
         ledger.end_setup()
         tol = settings.tol_for(op.dtype)
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
@@ -160,6 +186,8 @@ def run_probe(
         dtype=str(dtype).replace("torch.", ""),
         warnings=tuple(notes),
         world_size=1 if comm is None else comm.world_size,
+        optimizer=None if optimizer is None else type(optimizer).__name__,
+        preconditioner=None if preconditioner is None else preconditioner.description,
     )
     if comm is not None and check_enabled():
         _check_identical_across_ranks(comm, estimate)

@@ -1,0 +1,173 @@
+"""The φ study's AdamW task (``gpt_adamw``) and the optimizer / warm-up / clipping hooks of
+``benchmarks/train.py``: the data layout, the two AdamW param groups, causality, and a short
+training run reproduced step by step by hand (warm-up, clipping and AdamW exactly as declared)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/
+
+import uba_auto
+from benchmarks.tasks import REPRESENTATIVE_TASK_NAMES, get_task
+from benchmarks.train import ScheduleSpec, evaluate, train
+from benchmarks.transformer import TinyGPT, adamw_param_groups
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small models: extra threads only add overhead (and spin on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(grad_clip: float | None = 1.0):
+    """gpt_adamw with a 1-layer d16 model, so a run takes well under a second."""
+    task = get_task("gpt_adamw")
+    return replace(
+        task,
+        model_factory=lambda: TinyGPT(256, 64, 16, 1, 2),
+        curve_eval_size=8,
+        train_eval_size=8,
+        x_heldout=task.x_heldout[:16],
+        y_heldout=task.y_heldout[:16],
+        grad_clip=grad_clip,
+    )
+
+
+def test_gpt_adamw_data_is_next_byte_prediction_with_the_last_tenth_held_out():
+    task = get_task("gpt_adamw")
+    assert "gpt_adamw" in REPRESENTATIVE_TASK_NAMES
+    assert task.x_train.shape[1] == task.x_heldout.shape[1] == 64
+    # Row i is a window starting at byte i; its targets are the same window shifted by one.
+    assert torch.equal(task.y_train[:5, :-1], task.x_train[:5, 1:])
+    assert torch.equal(task.x_train[1, :-1], task.x_train[0, 1:])
+    # Held-out windows tile the held-out bytes without overlap.
+    assert torch.equal(task.x_heldout[1, 0], task.y_heldout[0, -1])
+    n = task.meta["num_bytes"]
+    assert task.num_train == int(0.9 * n) - 64
+    assert task.x_heldout.shape[0] == (n - int(0.9 * n) - 1) // 64
+    assert int(task.x_train.max()) < 256 and int(task.x_train.min()) >= 0
+
+
+def test_gpt_adamw_optimizer_decays_the_linear_weights_only():
+    task = get_task("gpt_adamw")
+    model = task.make_model(0)
+    opt = task.make_optimizer(model, 1e-3)
+    assert type(opt) is torch.optim.AdamW
+    no_decay, decay = opt.param_groups
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.1)
+    assert all(g["betas"] == (0.9, 0.95) and g["lr"] == 1e-3 for g in opt.param_groups)
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_weights
+    everything = {id(p) for p in model.parameters()}
+    assert {id(p) for p in no_decay["params"]} == everything - linear_weights
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight"} <= {
+        names[id(p)] for p in no_decay["params"]
+    }
+    # A frozen parameter is in neither group.
+    model.head.weight.requires_grad_(False)
+    groups = adamw_param_groups(model, 0.1)
+    assert id(model.head.weight) not in {id(p) for g in groups for p in g["params"]}
+
+
+def test_gpt_is_causal_and_twice_differentiable():
+    torch.manual_seed(0)
+    model = TinyGPT(256, 16, 16, 2, 2).double()
+    x = torch.randint(0, 256, (2, 16))
+    x2 = x.clone()
+    x2[:, 9] = (x2[:, 9] + 1) % 256
+    out, out2 = model(x), model(x2)
+    assert torch.equal(out[:, :9], out2[:, :9])
+    assert not torch.equal(out[:, 9:], out2[:, 9:])
+    # A Hessian-vector product (what the curvature probe needs) runs through the attention.
+    loss = nn.functional.cross_entropy(out.flatten(0, 1), x.roll(-1, 1).flatten())
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), params)
+    assert all(torch.isfinite(h).all() for h in hvp)
+    with pytest.raises(ValueError, match="context 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _by_hand(task, budget: int, seed: int, peak: float, schedule: str) -> float:
+    """train()'s loop written out: AdamW, linear warm-up then the schedule, clipping."""
+    model = task.make_model(seed)
+    opt = task.make_optimizer(model, peak)
+    warm = task.warmup_steps(budget)
+    plan = uba_auto.schedules.make_schedule(schedule, budget - 1, lr_max=peak, warmup_steps=warm)
+    for step, (xb, yb) in enumerate(itertools.islice(task.batches(seed), budget)):
+        for group in opt.param_groups:
+            group["lr"] = plan(step)
+        opt.zero_grad()
+        task.loss_fn(model(xb), yb).backward()
+        if task.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
+        opt.step()
+    return evaluate(task, model, task.x_heldout, task.y_heldout)[0]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_train_applies_the_tasks_optimizer_warmup_and_clipping(schedule):
+    task, budget = _tiny(), 40
+    assert task.warmup_steps(budget) == 2
+    result = train(task, ScheduleSpec(schedule), budget, seed=0, peak_lr=3e-3)
+    expected = _by_hand(task, budget, 0, 3e-3, schedule)
+    assert result.final_heldout_loss == expected
+    unclipped = _by_hand(_tiny(grad_clip=None), budget, 0, 3e-3, schedule)
+    assert abs(unclipped - expected) > 1e-4  # clipping is active at this rate
+    assert result.curve_lr[:3] == pytest.approx([0.0, 1.5e-3, 3e-3])  # 2 warm-up steps from 0
+
+
+def test_every_schedule_gets_the_same_warmup():
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
+    specs = [ScheduleSpec("cosine"), ScheduleSpec("wsd"), ScheduleSpec("uba", 0.5)]
+    rates = [spec.factory(100, warmup_steps=5)(opt).lr_at for spec in specs]
+    for lr_at in rates:
+        assert [lr_at(t)[0] for t in range(6)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        assert lr_at(99)[0] == 0.0
+    # No warm-up: the schedulers exactly as before the argument existed.
+    assert ScheduleSpec("cosine").factory(100)(opt).warmup_steps is None
+    assert ScheduleSpec("uba", 2.0).factory(100)(opt).warmup_steps == 0
+
+
+def test_train_refuses_a_factory_without_the_tasks_warmup():
+    task = _tiny()
+
+    def factory(opt):
+        return uba_auto.UBAScheduler(opt, total_steps=39, phi=2.0)
+
+    with pytest.raises(ValueError, match=r"warmup_steps=task.warmup_steps\(budget\) \(= 2\)"):
+        train(task, factory, 40, seed=0, peak_lr=1e-3)
+
+
+def test_sequence_accuracy_is_over_every_position():
+    task = _tiny()
+    model = task.make_model(0)
+    loss, acc = evaluate(task, model, task.x_heldout, task.y_heldout)
+    with torch.no_grad():
+        out = model(task.x_heldout)
+    assert acc == float((out.argmax(-1) == task.y_heldout).float().mean())
+    assert loss == pytest.approx(float(task.loss_fn(out, task.y_heldout)), rel=1e-6)
+
+
+def test_sgd_tasks_keep_their_optimizer_and_summary():
+    task = get_task("digits_cnn")
+    opt = task.make_optimizer(task.make_model(0), 0.1)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
+    assert task.warmup_steps(2000) == 0 and task.grad_clip is None
+    summary = task.summary()
+    assert summary["optimizer"] == "SGD(momentum=0.9)"
+    assert "warmup_fraction" not in summary and "grad_clip" not in summary
+    gpt = get_task("gpt_adamw").summary()
+    assert gpt["optimizer"].startswith("AdamW") and gpt["warmup_fraction"] == 0.05

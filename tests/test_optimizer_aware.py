@@ -1,0 +1,202 @@
+"""The probe, the report and auto_uba with the curvature the optimizer sees (issue 12).
+
+Ground truth: the dense float64 Hessian (torch.func) preconditioned by P computed here from the
+optimizer's state with torch's own formula; the optimizer's state_dict bit-identical after.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _models import tanh_mlp
+from _reference import F64, _Reference
+from _state_checks import assert_state_unchanged, snapshot_state
+from torch import nn
+
+from uba_auto import CurvatureReport, auto_uba, probe_curvature
+from uba_auto.phi import SUGGESTED_SHARE, optimizer_stability
+
+LOSS = nn.functional.cross_entropy
+
+
+def _problem():
+    problem = tanh_mlp(num_batches=4, seed=5)
+    problem.model.double()
+    problem.batches = [(x.double(), y) for x, y in problem.batches]
+    return problem
+
+
+def _steps(model, opt, batches, n):
+    for i in range(n):
+        x, y = batches[i % len(batches)]
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        opt.step()
+
+
+def _optimizer_state(opt):
+    """The optimizer's state_dict, deep-copied (tensors and step counters)."""
+    return copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(opt, saved):
+    now = opt.state_dict()
+    assert now["param_groups"] == saved["param_groups"]
+    assert set(now["state"]) == set(saved["state"])
+    for key, entry in saved["state"].items():
+        for name, value in entry.items():
+            other = now["state"][key][name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other) and value.dtype == other.dtype, name
+            else:
+                assert value == other, name
+
+
+def test_probe_measures_adams_preconditioned_curvature_against_dense_ground_truth():
+    problem = _problem()
+    model = problem.model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    _steps(model, opt, problem.batches, 3)
+    saved, snap = _optimizer_state(opt), snapshot_state(model)
+    est = probe_curvature(
+        model, problem.batches, LOSS, optimizer=opt, trace=False, per_batch=False, tol=1e-9
+    )
+    _assert_same_state(opt, saved)
+    assert_state_unchanged(model, snap)
+    # P = sqrt(v / (1 - beta2^t)) + eps, in named_parameters order.
+    group = opt.param_groups[0]
+    parts = []
+    for p in model.parameters():
+        st = opt.state[p]
+        bc = 1 - group["betas"][1] ** int(st["step"])
+        parts.append((st["exp_avg_sq"] / bc).sqrt().reshape(-1) + group["eps"])
+    d = torch.cat(parts).to(F64).rsqrt()
+    hessian = _Reference(problem, problem.batches, "train-deterministic").hessian()
+    expected = torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])
+    assert est.lambda_max == pytest.approx(float(expected[-1]), rel=1e-7)
+    assert est.lambda_min == pytest.approx(float(expected[0]), rel=1e-6, abs=1e-8)
+    assert est.optimizer == "Adam" and "state at step 3" in est.preconditioner
+    assert not any("no state yet" in w for w in est.warnings)
+
+
+def test_sgd_gets_the_raw_curvature_of_the_parameters_it_trains():
+    problem = _problem()
+    model = problem.model
+    first = model[0] if isinstance(model, nn.Sequential) else next(model.children())
+    opt = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    est = probe_curvature(model, problem.batches, LOSS, optimizer=opt, trace=False)
+    everything = probe_curvature(model, problem.batches, LOSS, trace=False)
+    assert est.preconditioner is None and est.optimizer == "SGD"
+    assert est.num_params == sum(p.numel() for p in first.parameters()) < everything.num_params
+
+
+def test_before_the_first_step_the_estimate_is_used_and_said():
+    problem = _problem()
+    opt = torch.optim.AdamW(problem.model.parameters(), lr=1e-3)
+    saved = _optimizer_state(opt)
+    est = probe_curvature(problem.model, problem.batches, LOSS, optimizer=opt, trace=False)
+    assert len(opt.state) == 0 and opt.state_dict() == saved  # still no state
+    assert "estimated" in est.preconditioner
+    assert any("no state yet" in w for w in est.warnings)
+    # The new fields survive the JSON round trip.
+    assert type(est).from_dict(est.to_dict()).preconditioner == est.preconditioner
+
+
+def test_bad_optimizer_arguments_are_refused_before_anything_runs():
+    problem = _problem()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        probe_curvature(problem.model, problem.batches, LOSS, optimizer="adam")
+    opt = torch.optim.Adam(problem.model.parameters())
+    with pytest.raises(ValueError, match="pyhessian"):
+        probe_curvature(problem.model, problem.batches, LOSS, optimizer=opt, method="pyhessian")
+
+
+def test_auto_uba_reports_adamws_sharpness_and_share_and_resumes_them():
+    problem = _problem()
+    model = problem.model
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    auto = auto_uba(model, problem.batches, 100, optimizer=opt, num_batches=4, density=False)
+    report = auto.report
+    stability = optimizer_stability(opt)
+    assert report.stability_limit == pytest.approx(stability.limit)
+    assert report.stability_limit == pytest.approx(19 * (2 - 3e-3 * 0.1))
+    assert report.optimizer_sharpness == report.estimate.lambda_max
+    assert report.stability_share == pytest.approx(
+        3e-3 * report.estimate.lambda_max / stability.limit
+    )
+    text = str(report)
+    for row in ("curvature measured", "sharpness the optimizer sees", "its stability limit"):
+        assert row in text
+    assert CurvatureReport.from_dict(report.to_dict()).stability_share == report.stability_share
+    resumed = auto_uba(
+        model, problem.batches, 100, num_batches=4, density=False, resume_from=auto.state_dict()
+    )
+    assert resumed.report.stability_share == report.stability_share
+
+
+def test_a_peak_beyond_the_limit_is_warned_with_what_to_do():
+    problem = _problem()
+    opt = torch.optim.SGD(problem.model.parameters(), lr=50.0)
+    auto = auto_uba(problem.model, problem.batches, 100, optimizer=opt, density=False)
+    assert auto.report.stability_share > 1
+    (warning,) = [w for w in auto.report.warnings if "stability limit at initialisation" in w]
+    assert "warm-up" in warning and "lower the peak" in warning
+    calm = auto_uba(
+        problem.model,
+        problem.batches,
+        100,
+        optimizer=torch.optim.SGD(problem.model.parameters(), lr=1e-3),
+        density=False,
+    )
+    assert not any("stability limit at initialisation" in w for w in calm.report.warnings)
+
+
+def test_an_adaptive_optimizer_met_only_at_make_scheduler_gets_no_stability_rows():
+    problem = _problem()
+    kw = dict(loss_fn=LOSS, density=False)
+    auto = auto_uba(problem.model, problem.batches, 50, **kw)  # raw curvature: what SGD sees
+    auto.make_scheduler(torch.optim.Adam(problem.model.parameters(), lr=1e-3))
+    assert auto.report.optimizer_sharpness is None and auto.report.stability_share is None
+    sgd = auto_uba(problem.model, problem.batches, 50, **kw)
+    sgd.make_scheduler(torch.optim.SGD(problem.model.parameters(), lr=0.01, momentum=0.9))
+    assert sgd.report.stability_limit == pytest.approx(3.8)
+    assert sgd.report.stability_share == pytest.approx(
+        0.01 * sgd.report.estimate.lambda_max / 3.8
+    )
+
+
+def test_suggest_with_adam_sets_the_share_of_its_limit():
+    problem = _problem()
+    opt = torch.optim.Adam(problem.model.parameters(), lr=1.0)
+    saved_groups = copy.deepcopy(opt.param_groups[0]["betas"])
+    auto = auto_uba(
+        problem.model, problem.batches, 50, optimizer=opt, peak_lr="suggest", density=False
+    )
+    lam = auto.report.estimate.lambda_max
+    expected = SUGGESTED_SHARE["preconditioned"] * 38.0 / lam
+    assert auto.suggested_lr == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert opt.param_groups[0]["betas"] == saved_groups
+    assert auto.report.stability_share == pytest.approx(SUGGESTED_SHARE["preconditioned"])
+
+
+def test_reestimation_reads_the_live_optimizer_state():
+    problem = _problem()
+    model = problem.model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    kw = dict(num_batches=2, probe_fraction=1.0, density=False, trace=False, loss_fn=LOSS)
+    auto = auto_uba(model, problem.batches, 1000, optimizer=opt, max_hvps=20, **kw)
+    assert any("no state yet" in w for w in auto.report.warnings)
+    for i in range(5):
+        x, y = problem.batches[i % len(problem.batches)]
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        opt.step()
+        auto.scheduler.step()
+    saved = _optimizer_state(opt)
+    record = auto.reestimate()
+    assert record.status == "ok"
+    assert not any("no state yet" in w for w in record.warnings)
+    _assert_same_state(opt, saved)
