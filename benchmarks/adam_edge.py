@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import uba_auto  # noqa: E402
-from benchmarks.tasks import get_task  # noqa: E402
-from uba_auto.curvature import (  # noqa: E402
+import uba_auto
+from benchmarks.tasks import get_task
+from uba_auto.curvature import (
     HessianOperator,
     PreconditionedOperator,
     estimate_preconditioner,
@@ -209,25 +209,33 @@ def main() -> None:
         "runs": runs,
     }
     print()
-    print("| step | fraction | lr | sharpness AdamW sees (median over seeds) | 38-edge ℓ_t/η_t |"
-          " η_t·λ/ℓ_t (1 = edge) |")
+    print(
+        "| step | fraction | lr | sharpness AdamW sees (median over seeds) | 38-edge ℓ_t/η_t |"
+        " η_t·λ/ℓ_t (1 = edge) |"
+    )
     print("|---|---|---|---|---|---|")
     for i, row in enumerate(runs[0]["along"]):
         rows = [r["along"][i] for r in runs]
         lam = statistics.median(r["sharpness"] for r in rows)
         share = statistics.median(r["share_of_edge"] for r in rows)
-        print(f"| {row['step']} | {row['fraction']:.2f} | {row['lr']:.3g} | {lam:.4g} | "
-              f"{row['edge_sharpness']:.4g} | {share:.3f} |")
+        print(
+            f"| {row['step']} | {row['fraction']:.2f} | {row['lr']:.3g} | {lam:.4g} | "
+            f"{row['edge_sharpness']:.4g} | {share:.3f} |"
+        )
     print()
     print("pre-training estimate (P estimated from the probe batches):")
     for r in runs:
         i = r["init"]
-        print(f"  seed {r['seed']}: sharpness {i['sharpness']:.4g}, share of the limit at the "
-              f"peak {i['share_at_peak']:.3g}, {i['probe_hvps']} HVPs in {i['probe_s']:.1f} s "
-              f"(a training step: {r['median_step_s'] * 1e3:.0f} ms)")
+        print(
+            f"  seed {r['seed']}: sharpness {i['sharpness']:.4g}, share of the limit at the "
+            f"peak {i['share_at_peak']:.3g}, {i['probe_hvps']} HVPs in {i['probe_s']:.1f} s "
+            f"(a training step: {r['median_step_s'] * 1e3:.0f} ms)"
+        )
     print()
-    print("| K | median abs log10(P_est/P_K) | p90 | corr(log P) | median P_est/P_K | "
-          "sharpness of H_0 with P_est | with P_K |")
+    print(
+        "| K | median abs log10(P_est/P_K) | p90 | corr(log P) | median P_est/P_K | "
+        "sharpness of H_0 with P_est | with P_K |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, row in enumerate(runs[0]["estimate_vs_state"]):
         rows = [r["estimate_vs_state"][i] for r in runs]
@@ -235,10 +243,12 @@ def main() -> None:
         def med(key, rows=rows):
             return statistics.median(r[key] for r in rows)
 
-        print(f"| {row['K']} | {med('median_abs_log10_ratio'):.3g} | "
-              f"{med('p90_abs_log10_ratio'):.3g} | {med('log_corr'):.3f} | "
-              f"{med('median_ratio_est_over_state'):.3g} | "
-              f"{med('sharpness_H0_with_estimate'):.4g} | {med('sharpness_H0_with_state_K'):.4g} |")
+        print(
+            f"| {row['K']} | {med('median_abs_log10_ratio'):.3g} | "
+            f"{med('p90_abs_log10_ratio'):.3g} | {med('log_corr'):.3f} | "
+            f"{med('median_ratio_est_over_state'):.3g} | "
+            f"{med('sharpness_H0_with_estimate'):.4g} | {med('sharpness_H0_with_state_K'):.4g} |"
+        )
     if args.out is not None:
         args.out.write_text(json.dumps(_finite(out), indent=1))
         print(f"\nwrote {args.out}")

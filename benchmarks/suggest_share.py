@@ -67,15 +67,19 @@ def main() -> None:
         held += cells(gd)
     share = math.exp(statistics.fmean(math.log(c["share"]) for c in calibration))
     print(f"SGD share fitted on {len(calibration)} calibration cells: s = {share:.3g}")
-    print(f"(geometric mean of e* = tuned peak * lambda_max / limit; spread of e*: "
-          f"{min(c['share'] for c in calibration):.3g} .. {max(c['share'] for c in calibration):.3g})")
+    print(
+        f"(geometric mean of e* = tuned peak * lambda_max / limit; spread of e*: "
+        f"{min(c['share'] for c in calibration):.3g} .. {max(c['share'] for c in calibration):.3g})"
+    )
     rows = [("calibration", c) for c in calibration] + [("held out", c) for c in held]
     if args.adamw is not None:
         data = json.loads(args.adamw.read_text())
         for c in data.get("suggest_cells", []):
             rows.append(("AdamW", c))
     print()
-    print("| set | task | budget | optimizer | tuned peak | e* (tuned share) | suggestion / tuned |")
+    print(
+        "| set | task | budget | optimizer | tuned peak | e* (tuned share) | suggestion / tuned |"
+    )
     print("|---|---|---|---|---|---|---|")
     for what, c in rows:
         s = c.get("fitted_share", share)

@@ -181,7 +181,8 @@ def test_report_end_to_end(tmp_path):
 @pytest.mark.parametrize(
     "data,loss,expected",
     [
-        ("make_data", "auto", "cross_entropy (integer targets)"),
+        ("make_data", "auto", "! loss guessed: cross_entropy (integer targets of shape (16,)"),
+        ("make_regression_data", "auto", "! loss guessed: mse_loss"),
         ("make_regression_data", "mse", ""),
         ("make_regression_data", "huber", ""),
         ("make_regression_data", "l1", ""),
@@ -228,8 +229,35 @@ def report_args(*args: str, budget: str = "100") -> list[str]:
         ),
         (
             report_args("--model", f"{FACTORIES}:not_a_model"),
-            "must return a torch.nn.Module, got list",
+            "must return the model, a torch.nn.Module, got list, which looks like data: pass "
+            "that factory as --data",
         ),
+        (
+            report_args("--model", f"{FACTORIES}:make_loader"),
+            "must return the model, a torch.nn.Module, got DataLoader (torch.utils.data."
+            "dataloader), which looks like data: pass that factory as --data",
+        ),
+        (
+            report_args("--model", f"{FACTORIES}:model_and_optimizer"),
+            "got tuple holding a Module: return the model alone",
+        ),
+        (
+            report_args("--data", f"{FACTORIES}:model_as_data"),
+            f"--data factory {FACTORIES}:model_as_data returned a model (Sequential "
+            "(torch.nn.modules.container), a torch.nn.Module), not data: --data must name a "
+            "function that returns the batches to probe",
+        ),
+        (
+            report_args("--data", f"{FACTORIES}:dataset_data"),
+            "returned a dataset (TensorDataset (torch.utils.data.dataset)), not batches: return "
+            "torch.utils.data.DataLoader(dataset, batch_size=...) instead",
+        ),
+        (
+            report_args("--data", f"{FACTORIES}:soft_label_data"),
+            "loss_fn is required: the targets of the first batch (float, shape (16, 3)) are rows "
+            "of probabilities",
+        ),
+        (report_args("--mode", "train"), "argument --mode: invalid choice: 'train'"),
         (
             report_args("--data", f"{FACTORIES}:not_a_loader"),
             "must return an iterable of batches (a DataLoader or a list of (inputs, targets) "
@@ -346,3 +374,25 @@ def test_demo_without_scikit_learn(capsys, tmp_path, monkeypatch):
         'install "uba-auto[demo]"',
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_mode_reaches_the_probe(capsys, in_repo, tmp_path):
+    # A layer random in training mode that no mode policy can switch off while it keeps
+    # BatchNorm on batch statistics: the default refuses, naming the flag; --mode eval probes.
+    noisy = ["--model", f"{FACTORIES}:make_noisy_batchnorm_model"]
+    status, _, err = run_main(capsys, *report_args(*noisy))
+    assert_one_line_error(status, err, "random numbers")
+    assert "(on the command line: mode= is --mode)" in err
+    json_path = tmp_path / "report.json"
+    status, out, err = run_main(
+        capsys, *report_args(*noisy, "--mode", "eval", "--json", str(json_path))
+    )
+    assert status == 0, err
+    assert "φ chosen" in out
+    assert json.loads(json_path.read_text())["estimate"]["mode"] == "eval"
+
+
+def test_report_help_lists_modes():
+    res = run("report", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "--mode {train-deterministic,eval,as-is}" in res.stdout

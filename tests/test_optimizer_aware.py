@@ -162,9 +162,7 @@ def test_an_adaptive_optimizer_met_only_at_make_scheduler_gets_no_stability_rows
     sgd = auto_uba(problem.model, problem.batches, 50, **kw)
     sgd.make_scheduler(torch.optim.SGD(problem.model.parameters(), lr=0.01, momentum=0.9))
     assert sgd.report.stability_limit == pytest.approx(3.8)
-    assert sgd.report.stability_share == pytest.approx(
-        0.01 * sgd.report.estimate.lambda_max / 3.8
-    )
+    assert sgd.report.stability_share == pytest.approx(0.01 * sgd.report.estimate.lambda_max / 3.8)
 
 
 def test_suggest_with_adam_sets_the_share_of_its_limit():

@@ -134,7 +134,8 @@ def test_loads_an_earlier_uba_state_with_the_same_rates():
     assert {t: sched.lr_at(t) for t in OLD_UBA_RATES} == OLD_UBA_RATES
     assert [g["lr"] for g in opt.param_groups] == sched.lr_at(60)
     assert sched.phi == 1.5 and [c.step for c in sched.phi_history] == [30, 55]
-    assert sched.state_dict() == OLD_UBA_STATE  # and writes the same format back
+    # ... and writes the same format back, plus the flag an older reader ignores
+    assert sched.state_dict() == {**OLD_UBA_STATE, "past_budget_warned": False}
     assert math.isclose(sched.get_last_lr()[0], 0.03993180833092482)
 
 
@@ -143,4 +144,4 @@ def test_loads_an_earlier_budget_state_with_the_same_rates():
     sched = BudgetScheduler(opt, 50, schedule="cosine")
     sched.load_state_dict(OLD_WSD_STATE)
     assert {t: sched.lr_at(t) for t in OLD_WSD_RATES} == OLD_WSD_RATES
-    assert sched.state_dict() == OLD_WSD_STATE
+    assert sched.state_dict() == {**OLD_WSD_STATE, "past_budget_warned": False}

@@ -4,7 +4,8 @@ The public API, in the order a user meets it:
 
 * schedules as pure functions of the step: :func:`uba_lr` and the baselines in :data:`SCHEDULES`;
 * PyTorch schedulers: :class:`UBAScheduler` (with :meth:`UBAScheduler.set_phi`) and
-  :class:`BudgetScheduler` for any baseline;
+  :class:`BudgetScheduler` for any baseline, which warn once (:class:`PastBudgetWarning`) when
+  stepped past their budget;
 * plotting: :func:`plot_schedules` (needs the ``plot`` extra);
 * the product in one call: :func:`auto_uba` returning an :class:`AutoUBA` (φ, the
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
@@ -39,7 +40,7 @@ from .plotting import plot_schedules
 from .power_iteration import PowerIterationResult, power_iteration
 from .probe import CurvatureEstimate, probe_curvature
 from .report import CurvatureReport, ReestimationRecord
-from .scheduler import BudgetScheduler, PhiChange, UBAScheduler
+from .scheduler import BudgetScheduler, PastBudgetWarning, PhiChange, UBAScheduler
 from .schedules import (
     SCHEDULES,
     constant_lr,
@@ -72,6 +73,7 @@ __all__ = [
     "LanczosResult",
     "ModelLoss",
     "OptimizerStability",
+    "PastBudgetWarning",
     "PhiChange",
     "PhiChoice",
     "PowerIterationResult",

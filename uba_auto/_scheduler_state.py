@@ -1,4 +1,5 @@
-"""The schedulers' state-dict format: its version, the checks on loading, writing rates back.
+"""The schedulers' state-dict format: its version, the checks on loading, writing rates back, and
+the once-per-run warning past the budget that the state records.
 
 Shared by :class:`~uba_auto.scheduler.BudgetScheduler` and its subclasses. The state holds only
 numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
@@ -6,15 +7,46 @@ numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["STATE_VERSION", "check_state", "write_rates"]
+__all__ = ["STATE_VERSION", "PastBudgetWarning", "check_state", "warn_past_budget", "write_rates"]
 
 STATE_VERSION = 1
+
+
+class PastBudgetWarning(UserWarning):
+    """An optimizer step used a rate past the scheduler's ``total_steps``, where the schedule
+    holds its final rate (``lr_min``): the run is longer than the budget it was planned for.
+
+    Given once per run; ``warnings.filterwarnings("ignore", category=PastBudgetWarning)``
+    silences it where the extra steps at ``lr_min`` are intended.
+    """
+
+
+def warn_past_budget(
+    name: str, total_steps: int, step_count: int, lr_mins: Sequence[float]
+) -> None:
+    """Warn that scheduler ``name``, stepped ``step_count`` times, went past ``total_steps``,
+    pointing at the first caller outside uba-auto (the training loop or its framework)."""
+    frame, level = sys._getframe(1), 2  # level 2: the caller of this function
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("uba_auto"):
+        frame, level = frame.f_back, level + 1
+    final = ", ".join(f"{lr:.4g}" for lr in lr_mins)
+    warnings.warn(
+        f"{name} stepped past its budget: it plans optimizer steps 0 to total_steps="
+        f"{total_steps}, and step {step_count - 1} has been taken at the final rate held past "
+        f"it (lr_min {final}). To train longer, build the scheduler with a larger total_steps "
+        "(auto_uba: a larger budget) so the decay spans the whole run; else stop after "
+        f"{total_steps + 1} optimizer steps. (Warned once per run.)",
+        PastBudgetWarning,
+        stacklevel=level,
+    )
 
 
 def check_state(state_dict: Any, class_name: str, num_groups: int) -> None:

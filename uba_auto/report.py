@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._serialize import json_safe
-from .probe import CurvatureEstimate
+from .probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 
 __all__ = ["CurvatureReport", "ReestimationRecord"]
 
@@ -92,6 +92,9 @@ class CurvatureReport:
         stability_share: ``peak_lr * optimizer_sharpness / stability_limit`` (1 is the edge), for
             every link.
         stability_note: which optimizer, the limit's formula, and which curvature was measured.
+        loss_guess: the loss ``auto_uba`` guessed from the targets when no ``loss_fn`` was given
+            (a guess that could be wrong: ``print(report)`` puts it on its first line, above the
+            table); ``""`` when the loss was given or the model returns its own.
     """
 
     estimate: CurvatureEstimate
@@ -117,6 +120,7 @@ class CurvatureReport:
     stability_limit: float | None = None
     stability_share: float | None = None
     stability_note: str = ""
+    loss_guess: str = ""
 
     # ------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +205,7 @@ class CurvatureReport:
                 )
             )
         if est.negative_mass is not None:
-            rows.append(("negative-curvature mass", f"{100 * est.negative_mass:.1f} %"))
+            rows.append(("negative-curvature mass", _negative_mass_text(est)))
         rows += [
             ("κ used for φ", f"{num(self.kappa)}  [{self.kappa_kind}]"),
             ("peak lr assumed", f"{self.peak_lr:.4g}  [{self.peak_lr_source}]"),
@@ -254,9 +258,10 @@ class CurvatureReport:
                 )
             )
         width = max(len(k) for k, _ in rows)
-        lines = [
+        lines = [f"! {self.loss_guess}"] if self.loss_guess else []  # above all: a guess
+        lines.append(
             f"uba-auto curvature report  (budget {self.budget} steps, warm-up {self.warmup_steps})"
-        ]
+        )
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  ! {w}" for w in self.warnings]
         lines += [f"  ! step {r.step}: {w}" for r in self.history[1:] for w in r.warnings]
@@ -300,3 +305,15 @@ class CurvatureReport:
         ax_lr.grid(alpha=0.3)
         ax_lr.legend(frameon=False, fontsize="small")
         return fig
+
+
+def _negative_mass_text(est: CurvatureEstimate) -> str:
+    """The resolved negative mass, and how much more the density cannot rule out (its upper
+    Chebyshev–Markov–Stieltjes bound), when that differs."""
+    text = f"{100 * est.negative_mass:.1f} %"
+    if est.density is None:
+        return text
+    _, upper = est.density.cdf_bounds(-NEGATIVE_MASS_THRESHOLD * abs(est.lambda_max))
+    if upper - est.negative_mass < 5e-4:
+        return text
+    return f"{text}  [resolved; up to {100 * upper:.1f} % within the density's resolution]"

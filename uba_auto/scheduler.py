@@ -16,7 +16,10 @@ guarantees hold:
 * ``load_state_dict`` writes the restored step's rate back into the optimizer, so the remaining
   rate sequence after a resume is bit-identical to an uninterrupted run, whichever order the
   optimizer and the scheduler are restored in;
-* stepping past ``total_steps`` holds the final rate (``lr_min``), it never wraps around;
+* stepping past ``total_steps`` holds the final rate (``lr_min``), it never wraps around, and a
+  :class:`PastBudgetWarning` says so once per run when an optimizer step used such a rate (a loop
+  of ``total_steps + 1`` steps is silent); the state dict records it, so a resumed run does not
+  repeat a warning given before its checkpoint, as an uninterrupted run would not;
 * the state dict holds only numbers, strings, lists and dicts, so ``torch.load(weights_only=True)``
   (PyTorch's default since 2.6) reads it.
 """
@@ -30,13 +33,15 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ._optim import group_peaks, per_group
-from ._scheduler_state import STATE_VERSION, check_state, write_rates
-from ._schedules.factories import check_budget
-from ._validation import (
-    check_fraction,
-    check_int,
-    check_positive_finite,
+from ._scheduler_state import (
+    STATE_VERSION,
+    PastBudgetWarning,
+    check_state,
+    warn_past_budget,
+    write_rates,
 )
+from ._schedules.factories import check_budget
+from ._validation import check_fraction, check_int, check_positive_finite
 from .schedules import (
     Schedule,
     decay_progress,
@@ -47,7 +52,7 @@ from .schedules import (
     uba_reentry,
 )
 
-__all__ = ["BudgetScheduler", "PhiChange", "UBAScheduler"]
+__all__ = ["BudgetScheduler", "PastBudgetWarning", "PhiChange", "UBAScheduler"]
 
 
 def check_lr_min_args(lr_min: Any, lr_min_ratio: Any) -> float | None:
@@ -124,6 +129,7 @@ class BudgetScheduler(LRScheduler):
         self.schedule_kwargs = dict(schedule_kwargs)
         self.peak_lrs = peaks
         self._plans = self._build_plans()  # checks every argument before the optimizer is touched
+        self._past_budget_warned = False
         super().__init__(optimizer, last_epoch=-1)
 
     # -- the schedule ------------------------------------------------------------------------------
@@ -169,6 +175,13 @@ class BudgetScheduler(LRScheduler):
 
     _get_closed_form_lr = get_lr
 
+    def step(self, epoch: int | None = None) -> None:
+        """Advance one step; warn once if the optimizer took a step past ``total_steps``."""
+        super().step(epoch)
+        if not self._past_budget_warned and self.last_epoch > self.total_steps + 1:
+            self._past_budget_warned = True
+            warn_past_budget(type(self).__name__, self.total_steps, self.last_epoch, self.lr_mins)
+
     # -- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,6 +202,7 @@ class BudgetScheduler(LRScheduler):
             "last_epoch": self.last_epoch,
             "_step_count": self._step_count,
             "_last_lr": list(self._last_lr),
+            "past_budget_warned": self._past_budget_warned,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,6 +225,8 @@ class BudgetScheduler(LRScheduler):
         self.base_lrs = list(state_dict["base_lrs"])
         self.last_epoch = state_dict["last_epoch"]
         self._step_count = state_dict["_step_count"]
+        # Absent from states saved before the warning existed: those warn when they cross.
+        self._past_budget_warned = bool(state_dict.get("past_budget_warned", False))
         self._load_extra(state_dict)
         self._plans = self._build_plans()
         write_rates(self.optimizer, self.get_lr())

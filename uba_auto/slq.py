@@ -157,6 +157,63 @@ class SpectralDensity:
         mask = self.nodes < -float(threshold)
         return float((self.weights * mask).sum(dim=1).mean())
 
+    def cdf_bounds(self, x: float) -> tuple[float, float]:
+        r"""Bounds on the fraction of eigenvalues below ``x`` that the quadrature guarantees.
+
+        A Gauss rule locates mass only to within the gaps between its nodes. For one probe's
+        rule with nodes :math:`\theta_1 < \dots < \theta_m` and weights :math:`\tau_j^2`, the
+        Chebyshev–Markov–Stieltjes inequalities bound the probe's spectral measure :math:`\mu_v`:
+
+        .. math::
+
+            \sum_{j < k} \tau_j^2 \le \mu_v\big((-\infty, \theta_k)\big), \qquad
+            \mu_v\big((-\infty, \theta_k]\big) \le \sum_{j \le k} \tau_j^2 .
+
+        So of the mass below ``x`` only the nodes below the largest node under ``x`` are sure
+        (the weight of that node may lie on either side of ``x``), and at most the nodes up to the
+        first node at or above ``x`` can be. A rule whose Lanczos run broke down early, or that
+        has as many nodes as the operator's dimension, is the measure itself: both bounds are its
+        mass below ``x``. The bounds are averaged over the probes, like :meth:`negative_mass`
+        (which lies between them, with the nodes below ``x`` counted in full).
+
+        Args:
+            x: a finite real number.
+
+        Returns:
+            ``(lower, upper)``, fractions in ``[0, 1]``.
+
+        Example:
+            >>> import torch
+            >>> d = SpectralDensity(
+            ...     nodes=torch.tensor([[-2.0, -0.1, 3.0]], dtype=torch.float64),
+            ...     weights=torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64),
+            ...     num_matvecs=3, size=100, num_nodes=torch.tensor([3]))
+            >>> d.negative_mass(threshold=0.05)  # the node at -0.1 counted in full
+            0.7
+            >>> tuple(round(b, 12) for b in d.cdf_bounds(-0.05))  # it may lie above -0.05
+            (0.1, 1.0)
+        """
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise TypeError(f"x must be a real number, got {x!r}")
+        if not math.isfinite(x):
+            raise ValueError(f"x must be finite, got {x!r}; e.g. -1e-3 * lambda_max")
+        below = self.nodes < float(x)
+        mass = (self.weights * below).sum(dim=1)
+        count = below.sum(dim=1)
+        width = self.nodes.shape[1]
+
+        def weight_at(index: Tensor) -> Tensor:  # each row's weight at its own index
+            return self.weights.gather(1, index.clamp(0, width - 1)[:, None])[:, 0]
+
+        # The largest node below x may hold mass from either side; the first node at or above x
+        # may hold mass from below it.
+        lower = mass - torch.where(count > 0, weight_at(count - 1), 0.0)
+        upper = torch.where(count < width, mass + weight_at(count), 1.0)
+        exact = (self.num_nodes < width) | (self.num_nodes >= self.size)
+        lower = torch.where(exact, mass, lower).clamp(0.0, 1.0)
+        upper = torch.where(exact, mass, upper).clamp(0.0, 1.0)
+        return float(lower.mean()), float(upper.mean())
+
     def quantile(self, q: float) -> float:
         r"""The ``q``-quantile of the estimated eigenvalue distribution :math:`\hat\mu`.
 

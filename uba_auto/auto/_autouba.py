@@ -180,11 +180,9 @@ class AutoUBA:
             raise ValueError(
                 "loader yielded no batches; auto_uba needs at least one batch to probe"
             )
-        notes = []
+        notes, loss_guess = [], ""
         if self.loss_fn is None and batches:
-            self.loss_fn, note = default_loss(batches[0])
-            if note:
-                notes.append(note)
+            self.loss_fn, loss_guess = default_loss(batches[0])
         t0 = time.perf_counter()
         est = self._probe(batches)
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
@@ -218,6 +216,7 @@ class AutoUBA:
             seconds=time.perf_counter() - t0,
             notes=notes,
             probe_share=est.num_hvps * HVP_COST_IN_GRADIENTS / settings.budget,
+            loss_guess=loss_guess,
         )
 
     def _resumed(self, saved: Mapping[str, Any]) -> AutoState:

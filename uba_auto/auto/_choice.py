@@ -8,8 +8,8 @@ Nothing here probes, draws batches, talks to other ranks or writes to an optimiz
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,12 +27,13 @@ from ..phi import (
     stability_fraction,
     stability_limit,
 )
-from ..probe import CurvatureEstimate
+from ..probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
 from ._state import AutoSettings, AutoState, PeakRate
 
 __all__ = [
+    "NEGATIVE_CURVATURE_NOTE_ABOVE",
     "adopt_optimizer",
     "as_pair",
     "check_final_rate",
@@ -40,6 +41,7 @@ __all__ = [
     "default_loss",
     "edge_fraction",
     "initial_state",
+    "negative_curvature_note",
     "optimizer_limit",
     "resolve_peak",
     "stability_fields",
@@ -49,18 +51,58 @@ __all__ = [
 
 
 def default_loss(batch: Any) -> tuple[Any, str]:
-    """The loss for a three-argument call, from the form of the first batch, and the note the
-    report records about it (``""`` when the model returns its own loss)."""
+    """The loss for a three-argument call, from the form of the first batch, and the guess the
+    report prints as its first line (``""`` when the model returns its own loss).
+
+    Integer targets are read as class indices (cross-entropy), floating-point ones as
+    regression targets (MSE), and both guesses are printed, since either can be wrong. Floating
+    targets whose rows are probabilities (two or more columns, non-negative, each row summing to
+    1: soft labels, label smoothing, one-hot floats) are refused: MSE on logits would measure
+    another loss than the cross-entropy they are usually trained with, and regression targets can
+    look the same, so only the caller can tell.
+
+    Raises:
+        ValueError: for batches that are neither dicts nor ``(inputs, targets)`` pairs, and for
+            targets that are rows of probabilities (pass ``loss_fn``).
+    """
     if isinstance(batch, dict) or hasattr(batch, "keys"):
         return None, ""  # Hugging Face style: the model returns its own .loss
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        if batch[1].is_floating_point():
-            return nn.functional.mse_loss, "loss_fn not given: mse_loss (floating-point targets)"
-        return nn.functional.cross_entropy, "loss_fn not given: cross_entropy (integer targets)"
+        targets = batch[1]
+        shape = tuple(targets.shape)
+        if targets.is_floating_point():
+            if _probability_rows(targets):
+                raise ValueError(
+                    f"loss_fn is required: the targets of the first batch (float, shape {shape}) "
+                    "are rows of probabilities (non-negative, each row summing to 1), soft labels "
+                    "for cross-entropy or regression targets for MSE, and the curvature of the "
+                    "two differs; pass loss_fn=torch.nn.functional.cross_entropy (soft labels, "
+                    "one-hot) or loss_fn=torch.nn.functional.mse_loss (regression)"
+                )
+            return nn.functional.mse_loss, (
+                f"loss guessed: mse_loss, as loss_fn was not given and the targets are "
+                f"floating-point (shape {shape}); pass loss_fn if your loss is another"
+            )
+        return nn.functional.cross_entropy, (
+            f"loss guessed: cross_entropy (integer targets of shape {shape}, read as class "
+            "indices), as loss_fn was not given; pass loss_fn if your loss is another"
+        )
     raise ValueError(
         "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
         "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
     )
+
+
+def _probability_rows(targets: torch.Tensor) -> bool:
+    """Whether ``targets`` has two or more columns and every row is a probability vector."""
+    if targets.ndim < 2 or targets.shape[-1] < 2 or targets.numel() == 0:
+        return False
+    rows = targets.detach().to("cpu", torch.float64)  # once per run; MPS has no float64
+    if not bool(torch.isfinite(rows).all()) or float(rows.min()) < 0:
+        return False
+    # Rounding of the targets' own dtype (a float16 softmax) must not hide a probability row.
+    tol = min(0.05, max(1e-4, 8 * torch.finfo(targets.dtype).eps * targets.shape[-1]))
+    return bool(((rows.sum(dim=-1) - 1).abs() <= tol).all())
 
 
 def check_final_rate(
@@ -157,9 +199,8 @@ def stability_fields(
     """The report's optimizer rows: the sharpness the optimizer sees, its stability limit, the
     peak rate's share of it, and the formula (all ``None``/empty while unknown)."""
     if stability is None:
-        return dict.fromkeys(("optimizer_sharpness", "stability_limit", "stability_share"), None) | {
-            "stability_note": ""
-        }
+        empty = dict.fromkeys(("optimizer_sharpness", "stability_limit", "stability_share"))
+        return {**empty, "stability_note": ""}
     return {
         "optimizer_sharpness": estimate.lambda_max + stability.weight_decay,
         "stability_limit": stability.limit,
@@ -212,6 +253,31 @@ def _report_fields(choice: PhiChoice) -> dict[str, Any]:
     return {name: getattr(choice, name) for name in fields}
 
 
+NEGATIVE_CURVATURE_NOTE_ABOVE = 0.2
+"""The resolved negative-curvature mass (:attr:`CurvatureEstimate.negative_mass`) above which the
+report warns that the model is far from a minimum."""
+
+
+def negative_curvature_note(estimate: CurvatureEstimate) -> str | None:
+    """The report's warning of negative curvature, or ``None`` below
+    :data:`NEGATIVE_CURVATURE_NOTE_ABOVE`.
+
+    It reads ``estimate.negative_mass``, the mass the density resolves below
+    ``-NEGATIVE_MASS_THRESHOLD * lambda_max`` (:func:`uba_auto.probe.estimate.negative_mass`): a
+    coarse density's node for the near-zero bulk that lands just under the cut-off is not
+    counted, so the warning is only given for negative curvature the density can tell apart.
+    """
+    mass = estimate.negative_mass
+    if mass is None or not mass > NEGATIVE_CURVATURE_NOTE_ABOVE:
+        return None
+    cutoff = NEGATIVE_MASS_THRESHOLD * abs(estimate.lambda_max)
+    return (
+        f"{100 * mass:.0f}% of the spectrum is negative curvature (eigenvalues below "
+        f"-{cutoff:.3g}, resolved by the density): the model is far from a minimum and its "
+        "curvature will change as it trains; consider reestimate_every"
+    )
+
+
 def initial_state(
     estimate: CurvatureEstimate,
     choice: PhiChoice,
@@ -223,23 +289,22 @@ def initial_state(
     seconds: float,
     notes: list[str],
     probe_share: float,
+    loss_guess: str = "",
 ) -> AutoState:
-    """The state after the pre-training estimate, whose report lists ``notes`` first (the loss
-    chosen, a suggested rate set), then what the choice and the probe warned, then what the
-    estimate says about trusting φ and the peak rate. ``probe_share``: the probe's cost as a
-    share of the budget; ``stability``: the optimizer's limit (``None`` while unknown)."""
+    """The state after the pre-training estimate, whose report lists ``notes`` first (a suggested
+    rate set), then what the choice and the probe warned, then what the estimate says about
+    trusting φ and the peak rate. ``probe_share``: the probe's cost as a share of the budget;
+    ``stability``: the optimizer's limit (``None`` while unknown); ``loss_guess``: the loss
+    guessed from the targets (:func:`default_loss`), the report's first line."""
     est = estimate
     optimizer_rows = stability_fields(est, stability, peak)
     record = ReestimationRecord(
         0, "ok", choice.kappa, choice.phi, est.num_hvps, seconds, "pre-training probe"
     )
     notes = [*notes, *choice.warnings, *est.warnings]
-    if est.negative_mass is not None and est.negative_mass > 0.2:
-        notes.append(
-            f"{100 * est.negative_mass:.0f}% of the spectrum is negative curvature: the model "
-            "is far from a minimum and its curvature will change as it trains; consider "
-            "reestimate_every"
-        )
+    negative = negative_curvature_note(est)
+    if negative is not None:
+        notes.append(negative)
     if est.curvature_noise is not None and est.curvature_noise > 0.5:
         notes.append(
             f"the curvature varies by {100 * est.curvature_noise:.0f}% across minibatches: "
@@ -267,6 +332,7 @@ def initial_state(
         history=(record,),
         warnings=tuple(notes),
         **optimizer_rows,
+        loss_guess=loss_guess,
     )
     return AutoState(
         report=report,

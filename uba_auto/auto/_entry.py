@@ -68,7 +68,8 @@ def auto_uba(
             stability rows for it).
         loss_fn: as for :func:`~uba_auto.probe.probe_curvature`. If ``None`` with
             ``(inputs, targets)`` batches: cross-entropy for integer targets, MSE for floating
-            targets (recorded in the report).
+            targets (a guess, the report's first line); floating targets whose rows are
+            probabilities (soft labels) are refused.
         warmup_steps: linear warm-up length.
         lr_min, lr_min_ratio: the final rate (absolute, or a fraction of each group's peak).
         peak_lr: the peak rate the φ mapping should assume: a number; ``"suggest"`` to use (and,

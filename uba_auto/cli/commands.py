@@ -18,7 +18,7 @@ from .checks import (
 )
 from .factories import make_data, make_model, resolve_loss
 
-__all__ = ["demo_command", "plot_command", "report_command"]
+__all__ = ["demo_command", "plot_command", "report_command", "with_flags"]
 
 
 def plot_command(args: argparse.Namespace) -> int:
@@ -83,6 +83,28 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLAGS = {
+    "mode=": "--mode",
+    "loss_fn": "--loss",
+    "num_batches": "--batches",
+    "warmup_steps": "--warmup",
+    "peak_lr": "--peak-lr",
+}
+"""The keywords of ``auto_uba`` that the library's messages may name, and the flags of
+``report`` that set them."""
+
+
+def with_flags(message: str) -> str:
+    """``message`` of the library, with the flags that stand for the keywords it names.
+
+    Example:
+        >>> with_flags("random numbers drawn; use mode='eval'")
+        "random numbers drawn; use mode='eval' (on the command line: mode= is --mode)"
+    """
+    named = [f"{key} is {flag}" for key, flag in _FLAGS.items() if key in message]
+    return f"{message} (on the command line: {', '.join(named)})" if named else message
+
+
 def report_command(args: argparse.Namespace) -> int:
     """``uba-auto report``: :func:`~uba_auto.auto.auto_uba` on the user's model and data, its
     report, the scheduler line to use it, and the ``--json`` and ``--plot`` files."""
@@ -109,6 +131,7 @@ def report_command(args: argparse.Namespace) -> int:
     data = make_data(args.data)
     if device is not None:
         model = model.to(device)
+    mode = {} if args.mode is None else {"mode": args.mode}  # else the library's default
     try:
         auto = auto_uba(
             model,
@@ -119,9 +142,11 @@ def report_command(args: argparse.Namespace) -> int:
             peak_lr=args.peak_lr,
             num_batches=args.batches,
             seed=args.seed,
+            **mode,
         )
-    except (ValueError, TypeError):  # the library's own messages already name the fix
-        raise
+    except (ValueError, TypeError) as err:  # the library's own messages already name the fix
+        kind = TypeError if isinstance(err, TypeError) else ValueError  # subclasses differ
+        raise kind(with_flags(str(err))) from None
     except Exception as err:  # raised inside the user's model, data or loss (shape, KeyError...)
         raise ValueError(
             f"the probe failed: {type(err).__name__}: {err} (raised in the model, the data or "

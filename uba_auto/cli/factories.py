@@ -76,24 +76,57 @@ def make_model(spec: str, flag: str = "--model") -> Any:
     from torch import nn
 
     model = call_factory(spec, flag)
-    if not isinstance(model, nn.Module):
+    if isinstance(model, nn.Module):
+        return model
+    what = f"{flag} factory {spec} must return the model, a torch.nn.Module, got {_kind(model)}"
+    if isinstance(model, (tuple, list)) and any(isinstance(m, nn.Module) for m in model):
+        raise TypeError(f"{what} holding a Module: return the model alone")
+    if _is_data(model):
         raise TypeError(
-            f"{flag} factory {spec} must return a torch.nn.Module, got {type(model).__name__}"
+            f"{what}, which looks like data: pass that factory as --data, and as {flag} a "
+            "function that returns your nn.Module"
         )
-    return model
+    raise TypeError(what)
 
 
 def make_data(spec: str, flag: str = "--data") -> Iterable[Any]:
     """The iterable of batches the factory ``spec`` returns (a tensor or a dict is not one)."""
-    from torch import Tensor
+    from torch import nn
+    from torch.utils.data import Dataset
 
     data = call_factory(spec, flag)
-    if isinstance(data, (Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+    if isinstance(data, nn.Module):
+        raise TypeError(
+            f"{flag} factory {spec} returned a model ({_kind(data)}, a torch.nn.Module), not "
+            "data: --data must name a function that returns the batches to probe (a DataLoader "
+            "or a list of (inputs, targets) pairs, or of dicts for a model that computes its own "
+            "loss); the model's factory goes to --model"
+        )
+    if isinstance(data, Dataset) and not _is_data(data):  # map-style: examples, not batches
+        raise TypeError(
+            f"{flag} factory {spec} returned a dataset ({_kind(data)}), not batches: return "
+            "torch.utils.data.DataLoader(dataset, batch_size=...) instead"
+        )
+    if not _is_data(data):
         raise TypeError(
             f"{flag} factory {spec} must return an iterable of batches (a DataLoader or a "
-            f"list of (inputs, targets) pairs), got {type(data).__name__}"
+            f"list of (inputs, targets) pairs), got {_kind(data)}"
         )
     return data
+
+
+def _is_data(obj: Any) -> bool:
+    """Whether ``obj`` can be a loader: iterable, and not a tensor, a mapping or a string."""
+    from torch import Tensor
+
+    return isinstance(obj, Iterable) and not isinstance(obj, (Tensor, Mapping, str, bytes))
+
+
+def _kind(obj: Any) -> str:
+    """The type of ``obj`` by name, with its module for types outside the builtins."""
+    cls = type(obj)
+    module = cls.__module__
+    return cls.__name__ if module == "builtins" else f"{cls.__name__} ({module})"
 
 
 def resolve_loss(name: str) -> Any:

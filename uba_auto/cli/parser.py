@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from .. import __version__
+from ..curvature import MODES
 from .commands import demo_command, plot_command, report_command
 from .factories import LOSSES
 
@@ -77,7 +78,8 @@ def _add_demo(sub: Any) -> None:  # sub: what add_subparsers returned
             "cosine annealing and with any --phi for the same budget, peak learning rate, "
             "initial weights and minibatch order, print the comparison and write a figure, the "
             'report and the results into --out. Needs: pip install "uba-auto[demo]". About '
-            "a minute on two CPU cores (under 1 s per 100 steps and schedule)."
+            "a minute on two idle CPU cores, up to a quarter of an hour when other jobs share "
+            "them; --quick: about 15 s on two cores, longer under load."
         ),
     )
     demo.add_argument(
@@ -111,7 +113,7 @@ def _add_demo(sub: Any) -> None:  # sub: what add_subparsers returned
     demo.add_argument(
         "--quick",
         action="store_true",
-        help=f"a smoke test of a few seconds: {QUICK_BUDGET} steps and a coarse probe",
+        help=f"a smoke test: {QUICK_BUDGET} steps and a coarse probe (about 15 s on two cores)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=demo_command)
@@ -144,7 +146,8 @@ def _add_report(sub: Any) -> None:  # sub: what add_subparsers returned
         help=(
             f"loss(outputs, targets): one of {', '.join(LOSSES)} (torch.nn.functional), or your "
             "own function; auto (default): cross_entropy for integer targets, mse for floating "
-            "ones, the model's own .loss for dict batches"
+            "ones (rows of probabilities, e.g. soft labels, are refused: name the loss), the "
+            "model's own .loss for dict batches; the guess is the report's first line"
         ),
     )
     report.add_argument(
@@ -161,6 +164,17 @@ def _add_report(sub: Any) -> None:  # sub: what add_subparsers returned
         metavar="LR",
         help="your peak learning rate (default: the plain-SGD suggestion from the curvature, "
         "a share of the stability limit; see auto_uba)",
+    )
+    report.add_argument(
+        "--mode",
+        default=None,
+        choices=MODES,
+        help=(
+            "how the probe sets the model's layers (auto_uba's mode=): train-deterministic "
+            "(default: the loss training sees, normalisation on batch statistics, dropout off), "
+            "eval (every module in eval mode, BatchNorm on running statistics) or as-is (the "
+            "training flags the factory left; no random layer may be active)"
+        ),
     )
     report.add_argument(
         "--device",

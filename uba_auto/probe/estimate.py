@@ -21,8 +21,33 @@ NEGATIVE_MASS_THRESHOLD = 1e-3
 
 
 def negative_mass(density: SpectralDensity, lambda_max: float) -> float:
-    """The fraction of the spectrum below ``-NEGATIVE_MASS_THRESHOLD * |lambda_max|``."""
-    return density.negative_mass(threshold=NEGATIVE_MASS_THRESHOLD * abs(lambda_max))
+    r"""The fraction of the spectrum that ``density`` resolves below
+    :math:`-t = -10^{-3} |\lambda_{\max}|` (:data:`NEGATIVE_MASS_THRESHOLD`).
+
+    The cut-off is tied to the density's own resolution: a Gauss rule of :math:`m` nodes places
+    each node's weight only to within the gap to its neighbours, so the weight of each probe's
+    largest node below :math:`-t` may belong above the cut-off and is not counted; the mass of
+    the nodes below it is (the lower Chebyshev–Markov–Stieltjes bound,
+    :meth:`SpectralDensity.cdf_bounds <uba_auto.slq.SpectralDensity.cdf_bounds>`, of the
+    fraction below :math:`-t`). A coarse density whose heavy node for the near-zero bulk lands
+    just under the cut-off thus no longer reads as negative curvature, while negative
+    eigenvalues spread well beyond the node spacing still count, less one node's weight. Where a
+    rule is exact (its Lanczos run broke down, or it has a node per dimension) all of its mass
+    below :math:`-t` counts.
+
+    Example:
+        >>> import torch
+        >>> bulk_node_just_under = SpectralDensity(  # lambda_max = 42: the cut-off is -0.042
+        ...     nodes=torch.tensor([[-3.0, -0.061, 2.0, 42.0]], dtype=torch.float64),
+        ...     weights=torch.tensor([[0.01, 0.45, 0.5, 0.04]], dtype=torch.float64),
+        ...     num_matvecs=4, size=10_000, num_nodes=torch.tensor([4]))
+        >>> round(bulk_node_just_under.negative_mass(threshold=0.042), 12)  # counted in full
+        0.46
+        >>> round(negative_mass(bulk_node_just_under, lambda_max=42.0), 12)  # resolved
+        0.01
+    """
+    lower, _ = density.cdf_bounds(-NEGATIVE_MASS_THRESHOLD * abs(lambda_max))
+    return lower
 
 
 def condition_number(lambda_max: float, lambda_min_positive: float | None) -> float:
@@ -70,9 +95,12 @@ class CurvatureEstimate:
             batch, or for ``method="pyhessian"``). 0 means full-batch-like curvature.
         batch_losses: loss of each probed batch at the current parameters.
         density: the spectral density by stochastic Lanczos quadrature, or ``None``.
-        negative_mass: the fraction of the spectrum below :math:`-10^{-3}\lambda_{\max}`
-            estimated from ``density`` (:data:`NEGATIVE_MASS_THRESHOLD`): the near-zero cluster
-            of a network's spectrum straddles 0 and would otherwise count as half negative.
+        negative_mass: the fraction of the spectrum that ``density`` resolves below
+            :math:`-10^{-3}\lambda_{\max}` (:data:`NEGATIVE_MASS_THRESHOLD`; see
+            :func:`negative_mass`): the near-zero cluster of a network's spectrum straddles 0
+            and would otherwise count as half negative, and the mass of each probe's node
+            nearest under the cut-off is not counted, as a coarse density cannot tell on which
+            side of it that mass lies.
         num_hvps: single-batch Hessian-vector products spent in total.
         hvps: the same, by part (``"extremes"``, ``"per_batch"``, ``"trace"``, ``"density"``).
         wall_time_s: seconds in total; ``time_s`` by part (``"setup"`` included).
