@@ -260,6 +260,40 @@ def test_uneven_batches_ggn_and_probe_equal_those_of_one_batch():
     assert est.batch_sizes == _SIZES and not any("weighted equally" in w for w in est.warnings)
 
 
+def test_global_batches_of_different_sizes_weigh_by_their_examples():
+    # The process-group operator weighs global batches as the local one weighs batches: a group
+    # of one rank (in this process, gloo) must give the operator of the 74 examples as one batch.
+    import torch.distributed as dist
+
+    from uba_auto._distributed import Communicator
+    from uba_auto.curvature import build_operator
+
+    model, batches, (x, y) = _uneven()
+    whole = HessianOperator(model, [(x, y)], F.cross_entropy, dtype=F64, process_group=None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm = Communicator(None, rank=0, world_size=1, backend="gloo")
+        op = build_operator(
+            "hessian",
+            model,
+            batches,
+            F.cross_entropy,
+            mode="train-deterministic",
+            engine="double-backward",
+            dtype=F64,
+            comm=comm,
+        )
+        assert type(op).__name__ == "AllReducedOperator" and op.global_batch_sizes == [8, 64, 2]
+        _assert_same_operator(op, whole)
+        torch.testing.assert_close(op.gradient(), whole.gradient(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(op.loss_value(), whole.loss_value(), rtol=1e-12, atol=0)
+        _assert_same_operator(
+            op.batch_operator(2), HessianOperator(model, [batches[2]], F.cross_entropy, dtype=F64)
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_dataloaders_short_last_batch_weighs_by_its_examples():
     # 74 examples in batches of 32: 32, 32 and a last batch of 10 (drop_last=False).
     model, _, (x, y) = _uneven()

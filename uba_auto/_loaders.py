@@ -56,8 +56,9 @@ def check_reiterable(loader: Any, caller: str) -> None:
     A probe takes only the first batches of its loader. From a list or a ``DataLoader`` each
     ``iter()`` starts afresh, so the training loop still sees every batch; from a one-shot
     iterator they would be gone, and a training loop iterating it afterwards would silently miss
-    them (with re-estimation, some of every stretch of training). Refusing is the only policy
-    that never loses a batch without a word.
+    them (with re-estimation, some of every stretch of training). Refusing, rather than taking
+    them with a warning, keeps the training run whole: a warning is easy to miss in a log, and
+    the batches taken cannot be put back.
 
     Raises:
         ValueError: if ``loader`` is a one-shot iterator.
@@ -147,7 +148,7 @@ class BatchStream:
     """
 
     def __init__(self, loader: Iterable[Any]) -> None:
-        check_reiterable(loader, "auto_uba's probes (the first and every re-estimation)")
+        check_reiterable(loader, "auto_uba (its first probe and every re-estimation)")
         self.loader = loader
         self.drawn = 0
         self._iterator: Iterator[Any] | None = None
