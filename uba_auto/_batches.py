@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._loaders import loader_untouched
+
 __all__ = [
     "BatchSet",
     "as_batch_set",
@@ -126,7 +128,11 @@ def collect_batches(
 
     Args:
         loader: any iterable of batches: a ``DataLoader``, a list of batches, a generator. It is
-            iterated once.
+            iterated once, under :func:`~uba_auto._loaders.loader_untouched`: its generators
+            and the global CPU generator are as they were afterwards, so the next pass over a
+            ``DataLoader`` yields the same batches in the same order. A one-shot iterator loses
+            the batches taken; callers that take only the first ones refuse it first
+            (:func:`~uba_auto._loaders.check_reiterable`).
         num_batches: how many batches to take; ``None`` takes all (never with an infinite loader).
             If the loader yields fewer, all of them are kept and the shortfall is recorded in the
             result (:attr:`BatchSet.is_short`) for the caller to report.
@@ -171,15 +177,17 @@ def collect_batches(
             "(inputs, targets) batch rather than an iterable of batches; wrap it in a list: "
             "[(inputs, targets)]"
         )
-    try:
-        iterator: Iterator[Any] = iter(loader)
-    except TypeError:
-        raise TypeError(
-            f"loader must be an iterable of batches (a DataLoader or a list), "
-            f"got {type(loader).__name__}"
-        ) from None
     device = torch.device(device)
-    batches = [move_batch(b, device, dtype) for b in itertools.islice(iterator, num_batches)]
+    # iter() is inside: iter(DataLoader) is what draws the shuffling seed.
+    with loader_untouched(loader):
+        try:
+            iterator: Iterator[Any] = iter(loader)
+        except TypeError:
+            raise TypeError(
+                f"loader must be an iterable of batches (a DataLoader or a list), "
+                f"got {type(loader).__name__}"
+            ) from None
+        batches = [move_batch(b, device, dtype) for b in itertools.islice(iterator, num_batches)]
     if not batches:
         raise ValueError(
             "loader yielded no batches; check that the dataset is not empty and that the loader "

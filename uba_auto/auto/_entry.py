@@ -56,7 +56,11 @@ def auto_uba(
     Args:
         model: the model to train (never modified by the probe).
         loader: the training loader; the first ``num_batches`` batches are probed, later
-            re-estimations draw the following ones (cycling).
+            re-estimations draw the following ones (cycling) from an iterator of auto_uba's
+            own, restoring the loader's generators and the global RNG after every draw, so the
+            training loop's data order is unchanged. It must be re-iterable (a ``DataLoader``,
+            a list): a one-shot iterator (a generator, ``iter(dataloader)``) is refused with
+            ``ValueError``, since every batch probed would be lost to the training loop.
         budget: optimizer steps the run will take; the schedule ends at ``lr_min`` on the last.
         optimizer: if given, :attr:`AutoUBA.scheduler` is ready at once; else call
             :meth:`AutoUBA.make_scheduler`. Every probe then measures the curvature this
@@ -119,8 +123,9 @@ def auto_uba(
         An :class:`AutoUBA`.
 
     Raises:
-        ValueError: ``budget <= warmup_steps + 1``, an empty loader, bad option values; anything
-            :func:`~uba_auto.probe.probe_curvature` raises for the pre-training probe.
+        ValueError: ``budget <= warmup_steps + 1``, an empty or one-shot loader, bad option
+            values; anything :func:`~uba_auto.probe.probe_curvature` raises for the pre-training
+            probe.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -5,11 +5,12 @@ require grad (in ``model.named_parameters()`` order) and describe the curvature 
 
 .. math::
 
-    L(\theta) = \frac{1}{B} \sum_{b=1}^{B} \ell_b(\theta),
+    L(\theta) = \sum_{b=1}^{B} c_b \, \ell_b(\theta), \qquad c_b = \frac{n_b}{\sum_{b'} n_{b'}},
 
-the mean over the given batches of the per-batch loss, each batch weighted equally whatever its
-size. The model is never mutated: it is evaluated at detached copies of its parameters and fresh
-copies of its buffers through :func:`torch.func.functional_call`, derivatives are taken with
+the per-batch losses weighted by the batches' numbers of examples :math:`n_b`: with per-batch
+mean losses, the mean loss over all the examples (:mod:`~uba_auto.curvature.local`). The model
+is never mutated: it is evaluated at detached copies of its parameters and fresh copies of its
+buffers through :func:`torch.func.functional_call`, derivatives are taken with
 :func:`torch.autograd.grad` or :mod:`torch.func` (never ``.backward()``), so ``.grad``, running
 statistics and ``training`` flags stay as they were. An operator describes the point at which it
 was built: build a new one after the parameters change (it raises if it notices that they did).
@@ -38,7 +39,7 @@ from uba_auto.curvature.evaluation import ENGINES
 from uba_auto.curvature.local import LocalOperator
 from uba_auto.curvature.modes import MODES
 from uba_auto.curvature.operators import CURVATURES, GGNOperator, HessianOperator, build_operator
-from uba_auto.curvature.params import device_of, unwrap_model
+from uba_auto.curvature.params import device_of, unwrap_model, unwrap_notes
 from uba_auto.curvature.precondition import (
     ADAPTIVE_OPTIMIZERS,
     PreconditionedOperator,
@@ -71,4 +72,5 @@ __all__ = [
     "optimizer_preconditioner",
     "preconditioner_from_state",
     "unwrap_model",
+    "unwrap_notes",
 ]

@@ -7,12 +7,15 @@ losses:
 .. math::
 
     \ell_b = \sum_r w_{r,b}\, \ell_{r,b}, \qquad
-    w_{r,b} = \frac{n_{r,b}}{\sum_{r'} n_{r',b}}, \qquad
-    Av = \frac1B \sum_b \sum_r w_{r,b} A_{r,b} v,
+    w_{r,b} = \frac{n_{r,b}}{N_b}, \qquad
+    Av = \sum_b c_b \sum_r w_{r,b} A_{r,b} v, \qquad c_b = \frac{N_b}{\sum_{b'} N_{b'}},
 
-with :math:`n_{r,b}` the number of examples of rank :math:`r`'s batch :math:`b` (equal weights
-:math:`1/R` when some batch's size is unknown). :class:`AllReducedOperator` gives its rank's
-:class:`~uba_auto.curvature.local.LocalOperator` the coefficients :math:`w_{r,b} / B` and sums
+with :math:`n_{r,b}` the number of examples of rank :math:`r`'s batch :math:`b` and
+:math:`N_b = \sum_r n_{r,b}` those of global batch :math:`b`, so that every example of every rank
+weighs the same, as in a single process
+(:func:`~uba_auto.curvature.local.batch_weights`); equal weights :math:`1/R` and :math:`1/B`
+when some batch's size is unknown. :class:`AllReducedOperator` gives its rank's
+:class:`~uba_auto.curvature.local.LocalOperator` the coefficients :math:`c_b w_{r,b}` and sums
 every product and the gradient over the ranks; building it is an agreement step of
 :class:`~uba_auto._distributed.Communicator` (every rank learns whether any failed).
 """
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from uba_auto._batches import BatchSet
 from uba_auto._distributed import Communicator
-from uba_auto.curvature.local import LocalOperator
+from uba_auto.curvature.local import LocalOperator, batch_weights
 from uba_auto.linear_operator import SymmetricOperator
 
 __all__ = ["AllReducedOperator", "GlobalBatches", "all_reduced", "batch_shares"]
@@ -124,7 +127,9 @@ class AllReducedOperator(SymmetricOperator):
             # The loss of global batch b: the example-weighted mean of every rank's loss on it.
             losses = comm.all_reduce_sum(local_op.batch_losses * weights)
             batches = GlobalBatches(tuple(shares), tuple(sizes), losses)
-            local_op = local_op.reweighted([w / local_op.num_batches for w in shares])
+            local_op = local_op.reweighted(
+                [w * c for w, c in zip(shares, batch_weights(sizes), strict=True)]
+            )
         self.local, self.comm, self._global = local_op, comm, batches
         self.name = local_op.name
         self.size, self.dtype, self.device = local_op.size, local_op.dtype, local_op.device
@@ -152,8 +157,10 @@ class AllReducedOperator(SymmetricOperator):
         return self.local.flatten(tensors)
 
     def loss_value(self) -> Tensor:
-        """The mean over the global batches of their losses at the probe's point (0-dim)."""
-        return self.batch_losses.mean()
+        """:math:`\\sum_b c_b \\ell_b` over the global batches at the probe's point (0-dim): the
+        mean over all their examples (the mean of the batch losses where a size is unknown)."""
+        weights = self.batch_losses.new_tensor(batch_weights(self._global.sizes))
+        return (weights * self.batch_losses).sum()
 
     def gradient(self) -> Tensor:
         """The gradient of the global-batch loss (all-reduced once, then kept): a collective."""

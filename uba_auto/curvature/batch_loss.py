@@ -18,7 +18,8 @@ argument, so that one call never has two readings:
    usual.
 
 Every loss must be a scalar (use ``reduction="mean"``) and finite at the probe's point. With several
-batches the probe's objective is the mean of the per-batch losses, each batch weighted equally.
+batches the probe's objective is the mean of the per-batch losses, each weighted by its batch's
+number of examples (:mod:`~uba_auto.curvature.local`).
 """
 
 from __future__ import annotations

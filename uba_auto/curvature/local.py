@@ -2,12 +2,19 @@ r"""The curvature of this process's batches: a weighted sum of per-batch curvatu
 
 .. math::
 
-    A = \sum_b c_b A_b ,
+    A = \sum_b c_b A_b , \qquad
+    c_b = \frac{n_b}{\sum_{b'} n_{b'}} \quad \text{(the default)},
 
-with :math:`c_b = 1/B` for the mean over the :math:`B` batches (the default), 1 for the operator
-of one batch (:meth:`LocalOperator.batch_operator`), or a rank's share of each global batch (set by
-:class:`~uba_auto.curvature.allreduce.AllReducedOperator`). Views with other weights share the
-engine's closures and cached graphs: nothing is collected, copied or rebuilt.
+with :math:`n_b` the number of examples of batch :math:`b` (the leading dimension of its first
+tensor, :attr:`~uba_auto._batches.BatchSet.batch_sizes`). When each batch's loss is the mean over
+its examples (``reduction="mean"``), :math:`\sum_b c_b \ell_b` is then the mean over all the
+examples, as if the batches were one: batches of 8, 64 and 2 examples give the curvature of
+those 74 examples, not a mean in which the 2 examples weigh as much as the 64. When some batch's
+size is unknown (no leading dimension), every batch gets :math:`c_b = 1/B`, which is the same
+when the batches are of one size; the probe says so in its warnings. Other weights: 1 for the
+operator of one batch (:meth:`LocalOperator.batch_operator`), or a rank's share of each global
+batch (set by :class:`~uba_auto.curvature.allreduce.AllReducedOperator`). Views with other
+weights share the engine's closures and cached graphs: nothing is collected, copied or rebuilt.
 """
 
 from __future__ import annotations
@@ -20,7 +27,23 @@ from uba_auto._batches import BatchSet
 from uba_auto.curvature.evaluation import BatchCurvature, Evaluation
 from uba_auto.linear_operator import SymmetricOperator
 
-__all__ = ["LocalOperator"]
+__all__ = ["LocalOperator", "batch_weights"]
+
+
+def batch_weights(sizes: Sequence[int | None]) -> list[float]:
+    """The default coefficients :math:`c_b = n_b / \\sum n` of batches of ``sizes`` examples;
+    :math:`1/B` each when a size is unknown (``None``) or all are zero.
+
+    Example:
+        >>> batch_weights([8, 64, 2]) == [8 / 74, 64 / 74, 2 / 74]
+        True
+        >>> batch_weights([4, None])
+        [0.5, 0.5]
+    """
+    total = sum(size or 0 for size in sizes)
+    if total <= 0 or any(size is None for size in sizes):
+        return [1.0 / len(sizes)] * len(sizes)
+    return [size / total for size in sizes]
 
 
 class LocalOperator(SymmetricOperator):
@@ -37,7 +60,8 @@ class LocalOperator(SymmetricOperator):
         batch_set, batches, num_batches, batch_sizes: the batches this operator sums.
         global_batch_sizes: ``batch_sizes`` (no process group here).
         batch_losses: each batch's loss at the point, a 1-D tensor.
-        coefficients: :math:`c_b` of each of those batches.
+        coefficients: :math:`c_b` of each of those batches (by default by number of examples:
+            :func:`batch_weights`).
     """
 
     def __init__(
@@ -53,7 +77,9 @@ class LocalOperator(SymmetricOperator):
         self._curvature = curvature
         self.cache_graph = cache_graph
         count = len(ev.batches)
-        weights = dict.fromkeys(range(count), 1.0 / count) if weights is None else dict(weights)
+        if weights is None:
+            weights = dict(enumerate(batch_weights(ev.batch_set.batch_sizes)))
+        weights = dict(weights)
         self._terms = tuple(weights.items())
         self.coefficients = tuple(weights.values())
         indices = list(weights)
@@ -90,8 +116,10 @@ class LocalOperator(SymmetricOperator):
         return self._evaluation.point.flatten(tensors)
 
     def loss_value(self) -> Tensor:
-        """The mean over batches of the batch losses at the probe's point (0-dim, no graph)."""
-        return self.batch_losses.mean()
+        """:math:`\\sum_b c_b \\ell_b` at the probe's point (0-dim, no graph): by default the
+        example-weighted mean of the batch losses, the loss whose curvature this is."""
+        weights = self.batch_losses.new_tensor(self.coefficients)
+        return (weights * self.batch_losses).sum()
 
     def gradient(self) -> Tensor:
         """:math:`\\sum_b c_b \\nabla \\ell_b` at the point (no graph attached; computed once)."""

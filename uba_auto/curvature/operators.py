@@ -48,7 +48,7 @@ def build_operator(
     cache_graph: bool = True,
     comm: Communicator | None,
 ) -> LocalOperator | AllReducedOperator:
-    """The curvature operator of ``model``'s mean batch loss, for an already resolved process group.
+    """The curvature operator of ``model``'s mean loss, for an already resolved process group.
 
     Arguments are those of :class:`HessianOperator`, with ``curvature`` (``"hessian"`` or
     ``"ggn"``) choosing the matrix and ``comm`` the resolved process group
@@ -142,16 +142,22 @@ class _PublicOperator(SymmetricOperator):
 
 
 class HessianOperator(_PublicOperator):
-    r"""The Hessian of the mean batch loss as a symmetric operator on the flat parameter vector.
+    r"""The Hessian of the mean loss over the examples, as a symmetric operator on the flat
+    parameter vector.
 
     .. math::
 
-        H = \nabla^2_\theta \, \frac{1}{B} \sum_{b=1}^{B} \ell_b(\theta), \qquad
-        Hv = \frac{1}{B} \sum_{b=1}^{B} \nabla_\theta \big(\nabla_\theta \ell_b(\theta)^\top v\big).
+        H = \nabla^2_\theta \sum_{b=1}^{B} c_b \ell_b(\theta), \qquad
+        Hv = \sum_{b=1}^{B} c_b \nabla_\theta \big(\nabla_\theta \ell_b(\theta)^\top v\big), \qquad
+        c_b = \frac{n_b}{\sum_{b'} n_{b'}}.
 
     The vector is the concatenation of the flattened parameters that require grad (or those named
     by ``params``), in ``model.named_parameters()`` order: see :attr:`param_names`,
-    :attr:`param_shapes` and :meth:`unflatten`. Every batch's loss is weighted equally.
+    :attr:`param_shapes` and :meth:`unflatten`. Each batch's loss is weighted by its number of
+    examples :math:`n_b` (the leading dimension of its first tensor, :attr:`batch_sizes`): with
+    per-batch mean losses (``reduction="mean"``) the operator is that of all the examples as one
+    batch, whatever the batch sizes. Where a batch has no leading dimension, every batch weighs
+    :math:`1/B` (the same for equal sizes; the probe notes it in its warnings).
 
     Mode policy (``mode``): by default, ``"train-deterministic"``, the loss is the one training
     sees, without randomness: every module is in eval mode, which switches off whatever is random
@@ -180,7 +186,13 @@ class HessianOperator(_PublicOperator):
     Args:
         model: the model; never modified.
         batches: an iterable of batches (all of it is used) or a
-            :class:`~uba_auto._batches.BatchSet`. Batches are moved to the model's device.
+            :class:`~uba_auto._batches.BatchSet`. Batches are moved to the model's device. A
+            ``DataLoader`` is left as it was (its generators and the global RNG are restored, so
+            the next pass over it sees the same order). A one-shot iterator (a generator,
+            ``iter(dataloader)``) is accepted, unlike in :func:`~uba_auto.probe_curvature`: the
+            operator takes every batch it yields, so none is lost, but it is consumed to its end
+            and nothing is left for a training loop (and an endless one never ends): pass a list
+            to keep using the batches.
         loss: ``loss(outputs, targets)`` for ``(inputs, targets)`` batches, ``None`` for dict
             batches of Hugging Face-style models, or ``ModelLoss(fn)`` with ``fn(model, batch)``.
         mode: ``"train-deterministic"``, ``"eval"`` or ``"as-is"`` (see above).
@@ -197,7 +209,8 @@ class HessianOperator(_PublicOperator):
             :mod:`uba_auto.curvature.allreduce`). ``None``/``False``: this process's batches
             alone. Or a ``torch.distributed.ProcessGroup``. It is resolved once, here. A
             ``DistributedDataParallel`` (or ``DataParallel``) model is probed through its inner
-            module; FSDP is refused.
+            module, a ``torch.compile``'d one through its original module (``_orig_mod``: the
+            same function, and nothing is compiled); FSDP is refused.
 
     Attributes:
         size, dtype, device: of the flat vectors (``dtype`` is the probe's dtype).
@@ -209,10 +222,11 @@ class HessianOperator(_PublicOperator):
         batch_set: the batches, as a :class:`~uba_auto._batches.BatchSet`.
         num_matvecs: products computed so far.
 
-    Methods: :meth:`matvec`, ``gradient()`` (of the mean batch loss, no graph), ``loss_value()``,
-    ``flatten``/``unflatten`` (flat vector <-> ``name -> tensor``), and ``batch_operator(i)``: the
-    operator of batch ``i`` alone (under a process group, global batch ``i``), which reuses this
-    operator's batches, point and cached graphs and counts its own products.
+    Methods: :meth:`matvec`, ``gradient()`` and ``loss_value()`` (of :math:`\sum_b c_b \ell_b`, no
+    graph), ``flatten``/``unflatten`` (flat vector <-> ``name -> tensor``), and
+    ``batch_operator(i)``: the operator of batch ``i`` alone (under a process group, global batch
+    ``i``), which reuses this operator's batches, point and cached graphs and counts its own
+    products.
 
     Raises:
         ValueError: for an empty loader, a missing or misplaced ``loss``, a non-scalar or
@@ -245,7 +259,9 @@ class GGNOperator(_PublicOperator):
 
     .. math::
 
-        G = \frac{1}{B} \sum_{b=1}^{B} J_b^\top \, \nabla^2_{z} \ell(z_b, y_b) \, J_b .
+        G = \sum_{b=1}^{B} c_b \, J_b^\top \, \nabla^2_{z} \ell(z_b, y_b) \, J_b ,
+
+    with the weights :math:`c_b` of :class:`HessianOperator` (by number of examples).
 
     It drops the second-derivative-of-the-network term of the Hessian, so it is positive
     semi-definite whenever the loss is convex in the outputs (MSE, cross-entropy, BCE), and equals

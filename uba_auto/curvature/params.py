@@ -21,6 +21,7 @@ __all__ = [
     "probe_dtype",
     "select_parameters",
     "unwrap_model",
+    "unwrap_notes",
 ]
 
 _FSDP_FIX = (
@@ -63,13 +64,40 @@ def _refuse_sharded(model: nn.Module) -> None:
             )
 
 
+def _compiled_module_type() -> type | None:
+    """``torch.compile``'s wrapper class, ``None`` while dynamo was never imported (then no model
+    can be compiled, and importing it here would cost a second)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    kind = getattr(eval_frame, "OptimizedModule", None)
+    return kind if isinstance(kind, type) else None
+
+
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The innermost module, and whether a ``torch.compile`` wrapper was removed on the way."""
+    compiled = _compiled_module_type()
+    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    removed_compiled = False
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            model, removed_compiled = model._orig_mod, True
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model, removed_compiled
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module to probe: the inner module of ``DistributedDataParallel``/``DataParallel``.
+    """The module to probe: the inner module of ``DistributedDataParallel``/``DataParallel`` and
+    the original module of ``torch.compile(model)`` (``model._orig_mod``), in any nesting.
 
     The probe evaluates the inner module through ``torch.func.functional_call`` and never runs
     the wrapper's forward, so DDP's gradient-synchronisation hooks never fire and its state (the
-    reducer, buffers, ``require_forward_param_sync``) is left alone. Fully sharded models are
-    refused with a ``TypeError`` that says what to do.
+    reducer, buffers, ``require_forward_param_sync``) is left alone. A compiled model is the
+    same function of the same parameters as its original module, but its graphs have no double
+    backward (torch raises "aot_autograd does not currently support double backward" after
+    compiling): probing the original compiles nothing and gives the same curvature
+    (:func:`unwrap_notes` says so for the result). Fully sharded models are refused with a
+    ``TypeError`` that says what to do.
 
     Example:
         >>> import torch
@@ -78,10 +106,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         True
     """
     _refuse_sharded(model)
-    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    return _unwrapped(model)[0]
+
+
+def unwrap_notes(model: nn.Module) -> tuple[str, ...]:
+    """What :func:`unwrap_model` did that a result should say: a note when it probes the
+    original module of a ``torch.compile``'d model, else nothing.
+
+    Example:
+        >>> unwrap_notes(torch.nn.Linear(2, 1))
+        ()
+    """
+    if not _unwrapped(model)[1]:
+        return ()
+    return (
+        "model is torch.compile'd: the probe evaluated its original module (model._orig_mod: "
+        "the same parameters, the same function) without compiling anything, because compiled "
+        "graphs have no double backward",
+    )
 
 
 def select_parameters(model: nn.Module, params: Iterable[Any] | None) -> list[str]:

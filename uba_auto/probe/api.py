@@ -44,8 +44,11 @@ def probe_curvature(
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
-    The operator is the Hessian (or GGN) of :math:`\frac1B\sum_b \ell_b(\theta)`, the mean loss over
-    the first ``num_batches`` batches of ``loader``, at the model's current parameters. Lanczos with
+    The operator is the Hessian (or GGN) of :math:`\sum_b c_b \ell_b(\theta)` with
+    :math:`c_b = n_b / \sum_{b'} n_{b'}` (:math:`n_b` examples in batch :math:`b`): with per-batch
+    mean losses, the mean loss over the examples of the first ``num_batches`` batches of
+    ``loader``, at the model's current parameters (batches without a leading dimension to count
+    examples by are weighted equally, noted in ``warnings``). Lanczos with
     full re-orthogonalisation gives :math:`\lambda_{\max}` and :math:`\lambda_{\min}` from one
     Krylov space; a Ritz pair counts as converged when its residual
     :math:`\|Ay - \theta y\| \le \mathrm{tol}\cdot\max|\theta|`. With ``per_batch=True`` and more
@@ -53,9 +56,18 @@ def probe_curvature(
     minibatches.
 
     Args:
-        model: the model, on its device; never modified.
-        loader: an iterable of batches (a ``DataLoader``, a list...). Batch forms: ``(inputs,
-            targets)`` with ``loss_fn(outputs, targets)``; dicts with a model returning ``.loss``
+        model: the model, on its device; never modified. A ``torch.compile``'d model is probed
+            through its original module (``model._orig_mod``: the same parameters and function;
+            nothing is compiled, as compiled graphs have no double backward), noted in
+            ``warnings``.
+        loader: a re-iterable of batches (a ``DataLoader``, a list...); it is left as it was
+            found: a ``DataLoader``'s generators (its own, its sampler's) and the global RNG are
+            restored, so the next training epoch sees the same order, and two probes in a row
+            the same batches. A one-shot iterator (a generator, ``iter(dataloader)``: anything
+            with ``iter(loader) is loader``) is refused with ``ValueError``, because the batches
+            taken would be lost to the training loop that iterates it next; pass a list of
+            batches or the ``DataLoader`` itself. Batch forms: ``(inputs, targets)`` with
+            ``loss_fn(outputs, targets)``; dicts with a model returning ``.loss``
             (``loss_fn=None``); anything with ``loss_fn=ModelLoss(fn)``, ``fn(model, batch)``.
         loss_fn: see ``loader``.
         num_batches: how many batches to probe; a shorter loader uses what it has (recorded in
@@ -114,8 +126,8 @@ def probe_curvature(
         A :class:`CurvatureEstimate`.
 
     Raises:
-        ValueError: empty loader, non-finite or non-scalar loss (naming the batch), no parameter
-            requiring grad, a budget too small for an estimate, unknown option values.
+        ValueError: empty or one-shot loader, non-finite or non-scalar loss (naming the batch), no
+            parameter requiring grad, a budget too small for an estimate, unknown option values.
         TypeError: arguments of the wrong type.
         UnsupportedDerivativeError: an operation of the model lacks a double backward (or a
             forward-mode derivative for ``engine="forward-over-reverse"``).

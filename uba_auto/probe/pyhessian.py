@@ -157,7 +157,7 @@ def run_pyhessian(
         model: the caller's model; only a deep copy is given to PyHessian.
         batches: ``(inputs, targets)`` pairs on the model's device. One batch uses PyHessian's
             single-batch mode (cached gradient graph), several its data-loader mode (PyHessian
-            weights batches by their size; ours weighs them equally: the same when sizes match).
+            weights batches by their size, as ours does).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         mode: the probe's mode policy for BatchNorm and dropout.
         dtype: run in this dtype (the copy is cast; the batches must already be); default the

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._batches import BatchSet, collect_batches
 from .._distributed import Communicator, check_enabled
+from .._loaders import check_reiterable
 from .._state import preserve_state
 from ..curvature import (
     PreconditionedOperator,
@@ -29,6 +30,7 @@ from ..curvature import (
     optimizer_param_names,
     optimizer_preconditioner,
     unwrap_model,
+    unwrap_notes,
 )
 from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
@@ -76,9 +78,9 @@ def run_probe(
             "optimizer=; use method='lanczos' for the curvature the optimizer sees, or drop "
             "optimizer="
         )
+    notes = list(unwrap_notes(model))
     model = unwrap_model(model)
     ledger = Ledger()
-    notes: list[str] = []
     with preserve_state(model), contextlib.ExitStack() as stack:
         batch_set = _collect(model, loader, settings, comm, stack, notes)
         num_found = batch_set.num_found
@@ -161,11 +163,13 @@ def run_probe(
         batch_sizes = tuple(op.global_batch_sizes)
         num_params, device, dtype = op.size, op.device, op.dtype
 
-    if comm is not None and any(size is None for size in batch_sizes):
+    if any(size is None for size in batch_sizes):
+        whose = "some batch has" if comm is None else "some rank's batch has"
+        parts = "" if comm is None else " and every rank's part of a global batch (1 / world_size)"
         notes.append(
-            "some rank's batch has no leading dimension to count examples by: every rank's part "
-            "of a global batch was weighted equally (1 / world_size), which is the global-batch "
-            "mean only if the ranks' batches are the same size"
+            f"{whose} no leading dimension to count examples by: the batches were weighted "
+            f"equally (1 / num_batches){parts}, which is the per-example mean only if the "
+            "batches are the same size"
         )
     estimate = CurvatureEstimate(
         **_spectrum_fields(ext, per_batch, trace_est, dens, notes),
@@ -209,10 +213,16 @@ def _collect(
     stack: contextlib.ExitStack,
     notes: list[str],
 ) -> BatchSet:
-    """The probe's batches on the model's device; under a process group, agreed by every rank."""
+    """The probe's batches on the model's device; under a process group, agreed by every rank.
+
+    A one-shot iterator is refused (the batches taken would be lost to training); any other
+    loader is left as it was found, its generators and the global RNG included
+    (:func:`~uba_auto._batches.collect_batches`), so two probes in a row see the same batches.
+    """
     error: Exception | None = None
     batch_set = BatchSet(batches=[])
     try:
+        check_reiterable(loader, "probe_curvature")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
