@@ -36,6 +36,7 @@ from benchmarks.tasks import Task
 __all__ = ["RunResult", "ScheduleSpec", "evaluate", "probe_at_init", "train"]
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+StepCallback = Callable[[int, nn.Module, torch.optim.Optimizer], None]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def train(
     budget: int,
     seed: int,
     peak_lr: float,
+    callback: StepCallback | None = None,
 ) -> RunResult:
     """Train ``task``'s model from seed ``seed`` for ``budget`` steps of ``task``'s optimizer
     (:meth:`Task.make_optimizer`) under a schedule, with the task's warm-up and gradient clipping.
@@ -156,6 +158,10 @@ def train(
         budget: optimizer steps.
         seed: seeds the initialisation and the minibatch order.
         peak_lr: the optimizer's ``lr`` at construction, the schedule's peak.
+        callback: ``callback(step, model, optimizer)``, called after every update (``step`` from 1,
+            after ``scheduler.step()``), e.g. to probe the curvature along the run. It must leave
+            the model, the optimizer and the global RNG as they were (the probe does), or the run
+            is no longer the same run.
 
     Returns:
         A :class:`RunResult`. A run whose loss becomes non-finite stops there with ``diverged``
@@ -207,6 +213,8 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
+        if callback is not None:
+            callback(step, model, opt)
         running += loss.detach()
         since += 1
         if step % every == 0 or step == budget:

@@ -129,6 +129,19 @@ def test_train_applies_the_tasks_optimizer_warmup_and_clipping(schedule):
     assert result.curve_lr[:3] == pytest.approx([0.0, 1.5e-3, 3e-3])  # 2 warm-up steps from 0
 
 
+def test_callback_sees_every_step_and_changes_nothing():
+    task, seen = _tiny(), []
+
+    def callback(step, model, opt):
+        seen.append((step, opt.param_groups[0]["lr"], int(opt.state[model.head.weight]["step"])))
+
+    plain = train(task, ScheduleSpec("cosine"), 10, seed=1, peak_lr=1e-3)
+    watched = train(task, ScheduleSpec("cosine"), 10, seed=1, peak_lr=1e-3, callback=callback)
+    assert watched.final_heldout_loss == plain.final_heldout_loss
+    assert [s for s, _, _ in seen] == list(range(1, 11)) == [n for _, _, n in seen]
+    assert seen[-1][1] == 0.0  # the rate after the last scheduler step (the budget's end)
+
+
 def test_every_schedule_gets_the_same_warmup():
     opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
     specs = [ScheduleSpec("cosine"), ScheduleSpec("wsd"), ScheduleSpec("uba", 0.5)]
