@@ -179,6 +179,10 @@ def _finite(obj):
     return obj
 
 
+def _adamw_limit_at_peak(task, peak: float) -> float:
+    return uba_auto.phi.optimizer_stability(task.make_optimizer(task.make_model(0), peak)).limit
+
+
 def _adamw_limit_at(opt, eta: float) -> float:
     group = opt.param_groups[0]
     beta1 = group["betas"][0]
@@ -200,6 +204,21 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     runs = [run(s, args.budget, peak, args.steps, checkpoints) for s in args.seeds]
+    # The share of the limit at which each budget's cosine-tuned peak sits at initialisation, for
+    # benchmarks/suggest_share.py (the sharpness at init does not depend on the peak rate).
+    suggest_cells = []
+    for b, tuned in sorted(task.base_lr.items()):
+        shares = [tuned * r["init"]["sharpness"] / _adamw_limit_at_peak(task, tuned) for r in runs]
+        suggest_cells.append(
+            {
+                "task": task.name,
+                "budget": b,
+                "optimizer": "AdamW(0.9, 0.95), wd 0.1",
+                "tuned_peak": tuned,
+                "share": math.exp(statistics.fmean(math.log(e) for e in shares)),
+                "fitted_share": uba_auto.phi.SUGGESTED_SHARE["preconditioned"],
+            }
+        )
     out = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -207,6 +226,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
         "task": task.summary(),
         "runs": runs,
+        "suggest_cells": suggest_cells,
     }
     print()
     print(
@@ -248,6 +268,12 @@ def main() -> None:
             f"{med('p90_abs_log10_ratio'):.3g} | {med('log_corr'):.3f} | "
             f"{med('median_ratio_est_over_state'):.3g} | "
             f"{med('sharpness_H0_with_estimate'):.4g} | {med('sharpness_H0_with_state_K'):.4g} |"
+        )
+    print()
+    for c in suggest_cells:
+        print(
+            f"budget {c['budget']}: tuned peak {c['tuned_peak']:.3g} sits at {c['share']:.3g} of "
+            "AdamW's limit at initialisation (geometric mean over seeds)"
         )
     if args.out is not None:
         args.out.write_text(json.dumps(_finite(out), indent=1))

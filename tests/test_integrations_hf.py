@@ -46,6 +46,7 @@ def stepped_rates(optimizer, scheduler, steps: int) -> list[list[float]]:
 @pytest.mark.parametrize(
     ("phi", "warmup", "ratio"), [(2.0, 0, 0.0), (0.5, 5, 0.0), (4.0, 3, 0.1), (16.0, 1, 1.0)]
 )
+@pytest.mark.filterwarnings("ignore::uba_auto.PastBudgetWarning")  # stepped past the end on purpose
 def test_the_schedule_is_uba_lr_in_closed_form_per_group(phi, warmup, ratio):
     total, peaks = 30, (0.1, 0.03)
     opt = sgd(peaks)
