@@ -24,7 +24,12 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from uba_auto.phi import SUGGESTED_SHARE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,17 +70,27 @@ def main() -> None:
     gd = RESULTS / "phi_sweep_holdout_gd.json"
     if gd.exists():
         held += cells(gd)
-    share = math.exp(statistics.fmean(math.log(c["share"]) for c in calibration))
-    print(f"SGD share fitted on {len(calibration)} calibration cells: s = {share:.3g}")
+    fit = math.exp(statistics.fmean(math.log(c["share"]) for c in calibration))
+    share = SUGGESTED_SHARE["hessian"]
+    print(
+        f"SGD share fitted on {len(calibration)} calibration cells: {fit:.3g} "
+        f"(uba_auto.phi.SUGGESTED_SHARE['hessian'] = {share:g})"
+    )
     print(
         f"(geometric mean of e* = tuned peak * lambda_max / limit; spread of e*: "
         f"{min(c['share'] for c in calibration):.3g} .. {max(c['share'] for c in calibration):.3g})"
     )
     rows = [("calibration", c) for c in calibration] + [("held out", c) for c in held]
+    adaptive = SUGGESTED_SHARE["preconditioned"]
     if args.adamw is not None:
         data = json.loads(args.adamw.read_text())
-        for c in data.get("suggest_cells", []):
-            rows.append(("AdamW", c))
+        adam_cells = data.get("suggest_cells", [])
+        rows += [("AdamW (fit)", {**c, "fitted_share": adaptive}) for c in adam_cells]
+        fit = math.exp(statistics.fmean(math.log(c["share"]) for c in adam_cells))
+        print(
+            f"AdamW share fitted on {len(adam_cells)} cells of gpt_adamw: {fit:.3g} "
+            f"(uba_auto.phi.SUGGESTED_SHARE['preconditioned'] = {adaptive:g})"
+        )
     print()
     print(
         "| set | task | budget | optimizer | tuned peak | e* (tuned share) | suggestion / tuned |"
@@ -88,7 +103,7 @@ def main() -> None:
             f"{' (grid edge)' if c.get('at_grid_edge') else ''} | {c['share']:.3g} | "
             f"{s / c['share']:.3g} |"
         )
-    ratios = [share / c["share"] for what, c in rows if what != "AdamW"]
+    ratios = [share / c["share"] for what, c in rows if not what.startswith("AdamW")]
     logs = sorted(abs(math.log(r)) for r in ratios)
     print()
     print(

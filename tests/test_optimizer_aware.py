@@ -142,7 +142,17 @@ def test_a_peak_beyond_the_limit_is_warned_with_what_to_do():
     auto = auto_uba(problem.model, problem.batches, 100, optimizer=opt, density=False)
     assert auto.report.stability_share > 1
     (warning,) = [w for w in auto.report.warnings if "stability limit at initialisation" in w]
-    assert "warm-up" in warning and "lower the peak" in warning
+    assert "use a warm-up" in warning and "lower the peak" in warning
+    warmed = auto_uba(
+        problem.model,
+        problem.batches,
+        100,
+        optimizer=torch.optim.SGD(problem.model.parameters(), lr=50.0),
+        warmup_steps=10,
+        density=False,
+    )
+    (warning,) = [w for w in warmed.report.warnings if "stability limit at initialisation" in w]
+    assert "warm-up of 10 steps" in warning and "lengthen the warm-up" in warning
     calm = auto_uba(
         problem.model,
         problem.batches,
@@ -198,3 +208,28 @@ def test_reestimation_reads_the_live_optimizer_state():
     assert record.status == "ok"
     assert not any("no state yet" in w for w in record.warnings)
     _assert_same_state(opt, saved)
+
+
+def test_the_estimate_clips_each_batch_gradient_as_the_training_loop_will():
+    problem = _problem()
+    model = problem.model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-8)
+    clip = 0.05
+    est = probe_curvature(
+        model, problem.batches, LOSS, optimizer=opt, grad_clip=clip, trace=False, tol=1e-9
+    )
+    assert "clipped to norm 0.05" in est.preconditioner
+    reference = _Reference(problem, problem.batches, "train-deterministic")
+    squares = []
+    for batch in problem.batches:
+        g = torch.func.grad(lambda flat, b=batch: reference.batch_loss(flat, b))(reference.flat0)
+        assert float(g.norm()) > clip  # the clipping is active on every batch
+        squares.append((g * min(1.0, clip / (float(g.norm()) + 1e-6))) ** 2)
+    d = (torch.stack(squares).mean(0).sqrt() + 1e-8).rsqrt()
+    hessian = reference.hessian()
+    expected = torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])
+    assert est.lambda_max == pytest.approx(float(expected[-1]), rel=1e-6)
+    unclipped = probe_curvature(model, problem.batches, LOSS, optimizer=opt, trace=False)
+    assert unclipped.lambda_max < est.lambda_max  # clipped moments divide by less
+    with pytest.raises(ValueError, match="grad_clip"):
+        probe_curvature(model, problem.batches, LOSS, optimizer=opt, grad_clip=0.0)

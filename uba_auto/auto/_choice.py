@@ -210,21 +210,28 @@ def stability_fields(
 
 
 def stability_warning(fields: Mapping[str, Any], peak: PeakRate, warmup_steps: int) -> list[str]:
-    """A warning when the peak rate exceeds the optimizer's stability limit at initialisation."""
+    """A warning when the peak rate exceeds the optimizer's stability limit at initialisation,
+    with what to do: a warm-up (or a longer one), or a lower peak."""
     share = fields["stability_share"]
     if share is None or share <= 1:
         return []
     stable = fields["stability_limit"] / fields["optimizer_sharpness"]
-    warm = (
-        f"the warm-up of {warmup_steps} steps helps only while the sharpness falls"
-        if warmup_steps
-        else "use a warm-up (warmup_steps), during which the sharpness usually falls"
-    )
-    return [
+    head = (
         f"the peak lr {peak.value:.4g} is {share:.3g}x the optimizer's stability limit at "
         f"initialisation (sharpness it sees {fields['optimizer_sharpness']:.4g}, stable below lr "
-        f"{stable:.3g}): steps at the peak from here would diverge along the sharpest direction; "
-        f"{warm}, or lower the peak below {stable:.3g}"
+        f"{stable:.3g})"
+    )
+    if warmup_steps:
+        return [
+            f"{head}: the warm-up of {warmup_steps} steps must bring the sharpness down before "
+            "the rate gets there (tuned AdamW recipes start 6-11x above it, and 5 % of warm-up "
+            "brought it to 0.2-0.6 of the limit on our transformer task, BENCHMARKS.md §3); if "
+            f"the loss spikes early, lengthen the warm-up or lower the peak toward {stable:.3g}"
+        ]
+    return [
+        f"{head}: steps at the peak from the first one are unstable along the sharpest "
+        "direction; use a warm-up (warmup_steps), during which the sharpness usually falls, or "
+        f"lower the peak toward {stable:.3g}"
     ]
 
 

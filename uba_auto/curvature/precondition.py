@@ -285,7 +285,9 @@ def preconditioner_from_state(optimizer: Any, model: nn.Module, op: Any) -> Prec
     return Preconditioner(torch.cat(parts), name, "state", step, description, decay)
 
 
-def estimate_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Preconditioner:
+def estimate_preconditioner(
+    optimizer: Any, model: nn.Module, op: Any, *, grad_clip: float | None = None
+) -> Preconditioner:
     r""":math:`P` estimated over ``op``'s batches, for an optimizer that has taken no step.
 
     .. math::
@@ -293,7 +295,12 @@ def estimate_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Precon
         v = \frac1B \sum_{b=1}^{B} (g_b + w\theta)^2, \qquad P = \sqrt{s_0 + v} + \epsilon,
 
     :math:`g_b` the gradient of batch :math:`b` alone (``op.batch_operator(b).gradient()``; under a
-    process group the global batch's, the same on every rank), :math:`w` the coupled weight decay,
+    process group the global batch's, the same on every rank), scaled by
+    :math:`\min(1, c/\lVert g_b\rVert)` when the training loop clips the gradient norm to
+    ``grad_clip`` :math:`= c` (``torch.nn.utils.clip_grad_norm_``, the Hugging Face Trainer's
+    ``max_grad_norm``): the optimizer's moments are of the clipped gradients, so without it the
+    estimate is too large by the clipping factor (about 5x on ``gpt_adamw`` at initialisation,
+    BENCHMARKS.md §3). :math:`w` is the coupled weight decay,
     :math:`\epsilon` each group's, :math:`s_0` Adagrad's ``initial_accumulator_value`` (else 0).
 
     * Adam/AdamW: the bias-corrected :math:`\hat v_t` is a normalised moving average of
@@ -320,6 +327,8 @@ def estimate_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Precon
         decay_term = decay * torch.cat([e.param.detach().reshape(-1) for e in probed]).to(square)
     for b in range(op.num_batches):
         grad = op.batch_operator(b).gradient()
+        if grad_clip is not None:  # as clip_grad_norm_ does, before the optimizer adds any decay
+            grad = grad * min(1.0, grad_clip / (float(grad.norm()) + 1e-6))
         grad = grad if decay is None else grad + decay_term
         square = square + grad * grad
     chunks = (square / op.num_batches).split([e.param.numel() for e in probed])
@@ -331,15 +340,19 @@ def estimate_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Precon
         for e, v, s in zip(probed, chunks, s0, strict=True)
     ]
     name = type(optimizer).__name__
+    clipped = "" if grad_clip is None else f", gradients clipped to norm {grad_clip:g}"
     description = (
-        f"diag({mean}) estimated over {op.num_batches} probe batches ({name} has no state before "
-        "its first step)"
+        f"diag({mean}) estimated over {op.num_batches} probe batches{clipped} ({name} has no "
+        "state before its first step)"
     )
     return Preconditioner(torch.cat(parts), name, "estimate", None, description, decay)
 
 
-def optimizer_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Preconditioner:
-    """:func:`preconditioner_from_state` if the optimizer has state, else the estimate.
+def optimizer_preconditioner(
+    optimizer: Any, model: nn.Module, op: Any, *, grad_clip: float | None = None
+) -> Preconditioner:
+    """:func:`preconditioner_from_state` if the optimizer has state, else the estimate (with the
+    training loop's gradient clipping ``grad_clip``, see :func:`estimate_preconditioner`).
 
     Example:
         >>> from uba_auto.curvature import HessianOperator
@@ -354,4 +367,6 @@ def optimizer_preconditioner(optimizer: Any, model: nn.Module, op: Any) -> Preco
         [1.0, 1.0]
     """
     found = preconditioner_from_state(optimizer, model, op)
-    return found if found is not None else estimate_preconditioner(optimizer, model, op)
+    if found is not None:
+        return found
+    return estimate_preconditioner(optimizer, model, op, grad_clip=grad_clip)

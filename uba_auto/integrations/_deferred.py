@@ -184,6 +184,7 @@ class DeferredAutoUBA:
         step: int,
         stepped: Iterable[Any],
         trainer: str,
+        grad_clip: float | None = None,
     ) -> AutoUBA:
         """Probe (fresh run) or resume (a state was restored): build the :class:`AutoUBA`.
 
@@ -194,6 +195,9 @@ class DeferredAutoUBA:
             step: the trainer's step now (``> 0`` when resuming).
             stepped: the schedulers the trainer will step (checked to include ours).
             trainer: the trainer's name, for messages.
+            grad_clip: the trainer's gradient-norm clipping, for the probe's estimate of an
+                adaptive optimizer's preconditioner before its first step (``grad_clip`` of
+                :func:`~uba_auto.probe.probe_curvature`), unless the callback was given one.
 
         Raises:
             ValueError: the trainer steps no scheduler of this object, has no budget, or resumes
@@ -222,13 +226,16 @@ class DeferredAutoUBA:
                 f"the {trainer} has no finite number of optimizer steps, and the UBA schedule "
                 "needs its budget: set the trainer's max_steps, or pass budget= to the callback"
             )
+        kwargs = dict(self.auto_uba_kwargs)
+        if grad_clip is not None and grad_clip > 0:
+            kwargs.setdefault("grad_clip", float(grad_clip))
         sched.auto = auto_uba(
             model,
             self.loader,
             budget,
             optimizer=sched.optimizer,
             resume_from=saved,
-            **self.auto_uba_kwargs,
+            **kwargs,
         )
         sched.saved_state = None
         return sched.auto

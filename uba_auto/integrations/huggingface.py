@@ -152,4 +152,5 @@ class UBACallback(DeferredAutoUBA, _Base):
             step=state.global_step,
             stepped=[kwargs.get("lr_scheduler")],
             trainer="Trainer",
+            grad_clip=getattr(args, "max_grad_norm", None),
         )

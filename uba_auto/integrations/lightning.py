@@ -100,4 +100,12 @@ class UBACallback(DeferredAutoUBA, _Base):
             step=trainer.global_step,
             stepped=[c.scheduler for c in trainer.lr_scheduler_configs],
             trainer="Lightning Trainer",
+            grad_clip=_norm_clip(trainer),
         )
+
+
+def _norm_clip(trainer: Any) -> float | None:
+    """The trainer's gradient-norm clipping value (``None`` without it, or for value clipping)."""
+    value = getattr(trainer, "gradient_clip_val", None)
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+    return float(value) if value and algorithm.endswith("norm") else None

@@ -73,13 +73,17 @@ __all__ = [
     "stability_limit",
 ]
 
-SUGGESTED_SHARE = types.MappingProxyType({"hessian": 0.1, "preconditioned": 0.1})
+SUGGESTED_SHARE = types.MappingProxyType({"hessian": 0.1, "preconditioned": 8.0})
 r"""The share of the stability limit at which ``auto_uba(peak_lr="suggest")`` sets the peak rate,
 by the curvature the optimizer's limit is on: ``"hessian"`` for SGD, ``"preconditioned"`` for
-the adaptive optimizers. Each is the geometric mean, over the cells of our φ study, of the share
+the adaptive optimizers. Each is the geometric mean (rounded) of the share
 :math:`e^* = \eta^*\lambda/\ell` at which the peak tuned for cosine annealing sat at
-initialisation (``benchmarks/suggest_share.py``; BENCHMARKS.md, "Suggested peak rate"). The
-tuned shares spread over three orders of magnitude, so a suggestion is a starting point."""
+initialisation (``benchmarks/suggest_share.py``; BENCHMARKS.md, §3): for SGD over the 10
+calibration cells of the φ study (0.097; the tuned shares spread over 0.004–1.9, and the held-out
+cells' over 0.0005–2), for AdamW over the two budgets of ``gpt_adamw``, the one AdamW task (8.0:
+its tuned peaks sit 6–11x above Adam's limit at initialisation, and a 5 % warm-up carries the run
+there; the sharpness AdamW sees falls to 0.2–0.6 of its limit by the end of the warm-up). Neither
+is validated beyond these tasks: a suggestion is a starting point for a peak-rate search."""
 
 _SUPPORTED = "torch.optim.SGD, Adam, AdamW, Adagrad and RMSprop (and their subclasses)"
 

@@ -41,6 +41,7 @@ def probe_curvature(
     basis_device: torch.device | str | None = None,
     process_group: Any = "auto",
     optimizer: torch.optim.Optimizer | None = None,
+    grad_clip: float | None = None,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -121,6 +122,11 @@ def probe_curvature(
             ``estimate.preconditioner`` say which. The optimizer and its state are never changed.
             Compare ``estimate.lambda_max`` with :func:`~uba_auto.phi.stability_limit` of the
             optimizer divided by its learning rate.
+        grad_clip: the gradient-norm clipping of your training loop (``clip_grad_norm_``'s
+            ``max_norm``, the Hugging Face Trainer's ``max_grad_norm``), if any: the estimate of
+            an adaptive optimizer's preconditioner before its first step clips each probe batch's
+            gradient the same way, as the optimizer will only ever see clipped gradients. Unused
+            once the optimizer has state, and without an adaptive optimizer.
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -168,6 +174,7 @@ def probe_curvature(
         seed=seed,
         progress=progress,
         basis_device=basis_device,
+        grad_clip=grad_clip,
     )
     comm = resolve_process_group(process_group, device=device_of(model))
     return run_probe(model, loader, loss_fn, settings, comm, optimizer=optimizer)

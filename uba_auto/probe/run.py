@@ -102,7 +102,9 @@ def run_probe(
         )
         preconditioner = None
         if optimizer is not None and is_adaptive(optimizer):
-            preconditioner = optimizer_preconditioner(optimizer, model, op)
+            preconditioner = optimizer_preconditioner(
+                optimizer, model, op, grad_clip=settings.grad_clip
+            )
             op = PreconditionedOperator(op, preconditioner)
             if preconditioner.source == "estimate":
                 notes.append(

@@ -58,6 +58,7 @@ class ProbeSettings:
     seed: int = 0
     progress: bool | None = None
     basis_device: torch.device | str | None = None
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -81,6 +82,8 @@ class ProbeSettings:
             store("max_hvps", check_int("max_hvps", self.max_hvps, minimum=1))
         if self.tol is not None:
             store("tol", check_positive_finite("tol", self.tol))
+        if self.grad_clip is not None:
+            store("grad_clip", check_positive_finite("grad_clip", self.grad_clip))
         if self.method == "pyhessian" and self.curvature != "hessian":
             raise ValueError(
                 "method='pyhessian' computes the Hessian only; use curvature='hessian'"
@@ -123,4 +126,5 @@ class ProbeSettings:
         settings = (self.num_batches, self.max_hvps, self.tol, self.method, self.curvature)
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
+        settings += (self.grad_clip,)
         return repr(settings)
