@@ -80,10 +80,10 @@ def auto_uba(
             with an optimizer, set on every param group) the rate the curvature suggests,
             :data:`~uba_auto.phi.SUGGESTED_SHARE` of the optimizer's stability limit divided by
             the sharpness it sees (plain SGD without an optimizer). It is a starting point, not a
-            tuned rate: on the tasks of our study it landed within a factor 10 of the peak tuned
-            for cosine in about half the cells, and up to ~200x off (BENCHMARKS.md, "Suggested
-            peak rate"); ``None`` takes the optimizer's largest group lr (or the suggestion when
-            there is no optimizer).
+            tuned rate: on the held-out SGD tasks of our study it landed a median factor 12 from
+            the peak tuned for cosine, up to ~200x off, and the AdamW share is fitted on one task
+            (BENCHMARKS.md §3.C); ``None`` takes the optimizer's largest group lr (or the
+            suggestion when there is no optimizer).
         num_batches: minibatches per probe (8: the curvature noise that drives the gated and
             calibrated links is a standard deviation across batches, and needs several).
         reestimate_every: re-probe every this many steps (``None``: never).
