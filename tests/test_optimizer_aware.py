@@ -180,14 +180,47 @@ def test_suggest_with_adam_sets_the_share_of_its_limit():
     opt = torch.optim.Adam(problem.model.parameters(), lr=1.0)
     saved_groups = copy.deepcopy(opt.param_groups[0]["betas"])
     auto = auto_uba(
-        problem.model, problem.batches, 50, optimizer=opt, peak_lr="suggest", density=False
+        problem.model,
+        problem.batches,
+        50,
+        optimizer=opt,
+        peak_lr="suggest",
+        warmup_steps=5,
+        density=False,
     )
     lam = auto.report.estimate.lambda_max
     expected = SUGGESTED_SHARE["preconditioned"] * 38.0 / lam
     assert auto.suggested_lr == pytest.approx(expected)
-    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(expected)
     assert opt.param_groups[0]["betas"] == saved_groups
     assert auto.report.stability_share == pytest.approx(SUGGESTED_SHARE["preconditioned"])
+    # The suggestion needs a warm-up, and the report says what it does.
+    assert any("the warm-up of 5 steps" in w for w in auto.report.warnings)
+
+
+def _capture_probes(auto):
+    """Keep every estimate ``auto`` makes from now on (a test seam on this instance only)."""
+    seen, probe = [], auto._probe
+
+    def recording(*args, **kwargs):
+        seen.append(probe(*args, **kwargs))
+        return seen[-1]
+
+    auto._probe = recording
+    return seen
+
+
+def _adam_sharpness(problem, opt, batches):
+    """λ_max of D H D, D = P^-1/2 from the Adam state, H the dense float64 Hessian."""
+    group = opt.param_groups[0]
+    parts = []
+    for p in problem.model.parameters():
+        st = opt.state[p]
+        bc = 1 - group["betas"][1] ** int(st["step"])
+        parts.append((st["exp_avg_sq"] / bc).sqrt().reshape(-1) + group["eps"])
+    d = torch.cat(parts).to(F64).rsqrt()
+    hessian = _Reference(problem, batches, "train-deterministic").hessian()
+    return float(torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])[-1])
 
 
 def test_reestimation_reads_the_live_optimizer_state():
@@ -195,19 +228,81 @@ def test_reestimation_reads_the_live_optimizer_state():
     model = problem.model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     kw = dict(num_batches=2, probe_fraction=1.0, density=False, trace=False, loss_fn=LOSS)
-    auto = auto_uba(model, problem.batches, 1000, optimizer=opt, max_hvps=20, **kw)
+    auto = auto_uba(model, problem.batches, 20000, optimizer=opt, max_hvps=240, tol=1e-10, **kw)
     assert any("no state yet" in w for w in auto.report.warnings)
-    for i in range(5):
-        x, y = problem.batches[i % len(problem.batches)]
-        opt.zero_grad()
-        LOSS(model(x), y).backward()
-        opt.step()
+    seen = _capture_probes(auto)
+    _steps(model, opt, problem.batches, 5)
+    for _ in range(5):
         auto.scheduler.step()
     saved = _optimizer_state(opt)
     record = auto.reestimate()
     assert record.status == "ok"
     assert not any("no state yet" in w for w in record.warnings)
     _assert_same_state(opt, saved)
+    (est,) = seen
+    assert "state at step 5" in est.preconditioner
+    # The re-estimation drew the next two batches of the loader (cycling).
+    batches = problem.batches[2:4]
+    assert est.lambda_max == pytest.approx(_adam_sharpness(problem, opt, batches), rel=1e-7)
+
+
+def test_one_curvature_for_the_whole_phi_history():
+    problem = _problem()
+    kw = dict(num_batches=2, probe_fraction=1.0, density=False, trace=False, loss_fn=LOSS)
+    auto = auto_uba(problem.model, problem.batches, 5000, max_hvps=20, **kw)  # no optimizer
+    opt = torch.optim.Adam(problem.model.parameters(), lr=1e-3)
+    auto.make_scheduler(opt)
+    seen = _capture_probes(auto)
+    _steps(problem.model, opt, problem.batches, 3)
+    for _ in range(3):
+        auto.scheduler.step()
+    assert auto.reestimate().status == "ok"
+    # The pre-training probe measured the raw curvature: so do the re-estimations.
+    assert auto.report.estimate.preconditioner is None
+    assert seen[0].preconditioner is None and seen[0].optimizer is None
+
+
+def test_suggest_with_adamw_solves_for_its_rate_dependent_limit():
+    problem = _problem()
+    model = problem.model
+    for warmup, share in ((10, SUGGESTED_SHARE["preconditioned"]), (0, 1.0)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        auto = auto_uba(
+            model,
+            problem.batches,
+            100,
+            optimizer=opt,
+            peak_lr="suggest",
+            warmup_steps=warmup,
+            density=False,
+            trace=False,
+        )
+        lr = opt.param_groups[0]["initial_lr"]  # the peak (the warm-up starts lower)
+        report = auto.report
+        assert lr == auto.suggested_lr and lr * 0.1 < 2
+        limit = optimizer_stability(opt).limit  # at the rate just set
+        assert report.stability_limit == pytest.approx(limit)
+        assert report.stability_share == pytest.approx(share, rel=1e-9)
+        assert lr * report.optimizer_sharpness == pytest.approx(share * limit, rel=1e-9)
+
+
+def test_suggest_is_refused_for_an_optimizer_without_a_limit_before_probing():
+    problem = _problem()
+    snap = snapshot_state(problem.model)
+    opt = torch.optim.NAdam(problem.model.parameters(), lr=1e-3)
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return iter(problem.batches)
+
+    class Loader:
+        __iter__ = staticmethod(loader)
+
+    with pytest.raises(ValueError, match="none for this NAdam.*Pass peak_lr as a number"):
+        auto_uba(problem.model, Loader(), 100, optimizer=opt, peak_lr="suggest")
+    assert not calls and opt.param_groups[0]["lr"] == 1e-3
+    assert_state_unchanged(problem.model, snap)
 
 
 def test_the_estimate_clips_each_batch_gradient_as_the_training_loop_will():

@@ -165,7 +165,12 @@ class AutoUBA:
     def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
         """The one place that runs the probe (every estimation of this object goes through it)."""
         settings = ProbeSettings(num_batches=self.num_batches, **{**self.probe_kwargs, **overrides})
-        optimizer = self.scheduler.optimizer if self.scheduler is not None else self._optimizer
+        optimizer = self._optimizer
+        if hasattr(self, "_state"):  # a re-estimation: the curvature of the pre-training probe
+            if self._state.report.estimate.optimizer is None:
+                optimizer = None  # raw then, raw now (one curvature for the whole φ history)
+            elif self.scheduler is not None:
+                optimizer = self.scheduler.optimizer
         return run_probe(
             self.model, batches, self.loss_fn, settings, self._comm, optimizer=optimizer
         )
@@ -186,7 +191,8 @@ class AutoUBA:
         t0 = time.perf_counter()
         est = self._probe(batches)
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
-        peak = resolve_peak(peak_lr, suggested_lr(est, stability), est.lambda_max, optimizer)
+        suggested = suggested_lr(est, stability, settings.warmup_steps)
+        peak = resolve_peak(peak_lr, suggested, est.lambda_max, optimizer)
         if isinstance(peak_lr, str) and optimizer is not None:  # "suggest"
             # Check before writing: a failure must leave the optimizer as it was.
             check_final_rate(
@@ -197,7 +203,7 @@ class AutoUBA:
                 group.pop("initial_lr", None)
             notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
             stability = optimizer_limit(optimizer, est)  # AdamW's limit depends on its rate
-        edge = edge_fraction(est, None if stability is None else as_pair(stability), peak)
+        edge = edge_fraction(est, as_pair(stability, peak), peak)
         try:
             choice, error = choose(est, settings, peak, edge, settings.budget), None
         except Exception as err:
@@ -237,7 +243,8 @@ class AutoUBA:
         ``peak_lr``), the peak rate it assumed is replaced by ``optimizer``'s largest group rate,
         in the report too, and φ is chosen again for that rate where the link depends on it; the
         same happens when ``optimizer`` is the first optimizer seen and the link reads its
-        stability limit (the gated-edge link, with ``torch.optim.SGD``).
+        stability limit (the gated-edge link; an optimizer whose curvature the pre-training probe
+        measured: SGD always, an adaptive one only if it was given to :func:`auto_uba`).
         After ``auto_uba(..., resume_from=state)``, the scheduler continues the saved one.
         If it raises, this object is as it was, and a retry starts from the same state.
         """

@@ -12,9 +12,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import torch
-from torch import nn
-
 from .._optim import group_peaks
 from .._validation import check_nonnegative_finite
 from ..phi import (
@@ -30,6 +27,7 @@ from ..phi import (
 from ..probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
+from ._loss import default_loss
 from ._state import AutoSettings, AutoState, PeakRate
 
 __all__ = [
@@ -48,61 +46,6 @@ __all__ = [
     "stability_warning",
     "suggested_lr",
 ]
-
-
-def default_loss(batch: Any) -> tuple[Any, str]:
-    """The loss for a three-argument call, from the form of the first batch, and the guess the
-    report prints as its first line (``""`` when the model returns its own loss).
-
-    Integer targets are read as class indices (cross-entropy), floating-point ones as
-    regression targets (MSE), and both guesses are printed, since either can be wrong. Floating
-    targets whose rows are probabilities (two or more columns, non-negative, each row summing to
-    1: soft labels, label smoothing, one-hot floats) are refused: MSE on logits would measure
-    another loss than the cross-entropy they are usually trained with, and regression targets can
-    look the same, so only the caller can tell.
-
-    Raises:
-        ValueError: for batches that are neither dicts nor ``(inputs, targets)`` pairs, and for
-            targets that are rows of probabilities (pass ``loss_fn``).
-    """
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return None, ""  # Hugging Face style: the model returns its own .loss
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        targets = batch[1]
-        shape = tuple(targets.shape)
-        if targets.is_floating_point():
-            if _probability_rows(targets):
-                raise ValueError(
-                    f"loss_fn is required: the targets of the first batch (float, shape {shape}) "
-                    "are rows of probabilities (non-negative, each row summing to 1), soft labels "
-                    "for cross-entropy or regression targets for MSE, and the curvature of the "
-                    "two differs; pass loss_fn=torch.nn.functional.cross_entropy (soft labels, "
-                    "one-hot) or loss_fn=torch.nn.functional.mse_loss (regression)"
-                )
-            return nn.functional.mse_loss, (
-                f"loss guessed: mse_loss, as loss_fn was not given and the targets are "
-                f"floating-point (shape {shape}); pass loss_fn if your loss is another"
-            )
-        return nn.functional.cross_entropy, (
-            f"loss guessed: cross_entropy (integer targets of shape {shape}, read as class "
-            "indices), as loss_fn was not given; pass loss_fn if your loss is another"
-        )
-    raise ValueError(
-        "loss_fn is required for batches that are neither (inputs, targets) pairs nor dicts; "
-        "pass loss_fn=uba_auto.ModelLoss(fn) with fn(model, batch) -> scalar loss"
-    )
-
-
-def _probability_rows(targets: torch.Tensor) -> bool:
-    """Whether ``targets`` has two or more columns and every row is a probability vector."""
-    if targets.ndim < 2 or targets.shape[-1] < 2 or targets.numel() == 0:
-        return False
-    rows = targets.detach().to("cpu", torch.float64)  # once per run; MPS has no float64
-    if not bool(torch.isfinite(rows).all()) or float(rows.min()) < 0:
-        return False
-    # Rounding of the targets' own dtype (a float16 softmax) must not hide a probability row.
-    tol = min(0.05, max(1e-4, 8 * torch.finfo(targets.dtype).eps * targets.shape[-1]))
-    return bool(((rows.sum(dim=-1) - 1).abs() <= tol).all())
 
 
 def check_final_rate(
@@ -138,9 +81,12 @@ def optimizer_limit(optimizer: Any, estimate: CurvatureEstimate) -> OptimizerSta
     return stability if math.isfinite(decay) and decay >= 0 else None
 
 
-def as_pair(stability: OptimizerStability | None) -> tuple[float, float] | None:
-    """``(limit, weight decay)``, the form :class:`AutoState` keeps (and ``state_dict`` saves)."""
-    return None if stability is None else (stability.limit, stability.weight_decay)
+def as_pair(stability: OptimizerStability | None, peak: PeakRate) -> tuple[float, float] | None:
+    """``(limit at the peak rate, weight decay)``, the form :class:`AutoState` keeps (and
+    ``state_dict`` saves)."""
+    if stability is None:
+        return None
+    return (stability.limit_at(peak.value), stability.weight_decay)
 
 
 def resolve_peak(
@@ -164,12 +110,16 @@ def resolve_peak(
 
 
 def suggested_lr(
-    estimate: CurvatureEstimate, stability: OptimizerStability | None = None
+    estimate: CurvatureEstimate,
+    stability: OptimizerStability | None = None,
+    warmup_steps: int = 0,
 ) -> float | None:
-    """The peak rate the curvature suggests: :data:`~uba_auto.phi.SUGGESTED_SHARE` of the
-    optimizer's stability limit, ``share * limit / (lambda_max + weight_decay)`` (plain SGD,
-    limit 2, without an optimizer); ``None`` without positive curvature, or for an adaptive
-    optimizer whose curvature was not measured."""
+    """The peak rate the curvature suggests: the rate at which the sharpness the optimizer sees is
+    :data:`~uba_auto.phi.SUGGESTED_SHARE` of its stability limit
+    (:meth:`~uba_auto.phi.OptimizerStability.rate_for_share`; plain SGD, limit 2, without an
+    optimizer). For an adaptive optimizer without a warm-up the share is capped at 1 (its share,
+    measured with a warm-up, is above the limit at initialisation). ``None`` without positive
+    curvature, or for an adaptive optimizer whose curvature was not measured."""
     lam = estimate.lambda_max
     if not (math.isfinite(lam) and lam > 0):
         return None
@@ -178,7 +128,9 @@ def suggested_lr(
             return None
         return SUGGESTED_SHARE["hessian"] * stability_limit() / lam
     share = SUGGESTED_SHARE[stability.curvature]
-    return share * stability.limit / (lam + stability.weight_decay)
+    if stability.curvature == "preconditioned" and not warmup_steps:
+        share = min(share, 1.0)
+    return stability.rate_for_share(share, lam)
 
 
 def edge_fraction(
@@ -203,8 +155,8 @@ def stability_fields(
         return {**empty, "stability_note": ""}
     return {
         "optimizer_sharpness": estimate.lambda_max + stability.weight_decay,
-        "stability_limit": stability.limit,
-        "stability_share": edge_fraction(estimate, as_pair(stability), peak),
+        "stability_limit": stability.limit_at(peak.value),
+        "stability_share": edge_fraction(estimate, as_pair(stability, peak), peak),
         "stability_note": stability.formula,
     }
 
@@ -224,8 +176,8 @@ def stability_warning(fields: Mapping[str, Any], peak: PeakRate, warmup_steps: i
     if warmup_steps:
         return [
             f"{head}: the warm-up of {warmup_steps} steps must bring the sharpness down before "
-            "the rate gets there (tuned AdamW recipes start 6-11x above it, and 5 % of warm-up "
-            "brought it to 0.2-0.6 of the limit on our transformer task, BENCHMARKS.md §3); if "
+            "the rate gets there (on our one AdamW task, gpt_adamw, the tuned peaks start 6-11x "
+            "above it and a 5 % warm-up brought it to 0.2-0.6 of the limit, BENCHMARKS.md §3); if "
             f"the loss spikes early, lengthen the warm-up or lower the peak toward {stable:.3g}"
         ]
     return [
@@ -332,7 +284,7 @@ def initial_state(
         link=choice.link,
         peak_lr=peak.value,
         peak_lr_source=peak.source,
-        suggested_lr=suggested_lr(est, stability),
+        suggested_lr=suggested_lr(est, stability, settings.warmup_steps),
         budget=settings.budget,
         warmup_steps=settings.warmup_steps,
         probe_fraction=settings.probe_fraction,
@@ -346,7 +298,7 @@ def initial_state(
         peak=peak,
         probe_hvps=est.num_hvps,
         choice_warnings=tuple(choice.warnings),
-        stability=as_pair(stability),
+        stability=as_pair(stability, peak),
         edge_fraction=edge,
     )
 
@@ -389,7 +341,7 @@ def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) ->
     if open_choice and pair is None:
         stability = optimizer_limit(optimizer, report.estimate)
         if stability is not None:
-            pair = as_pair(stability)
+            pair = as_pair(stability, peak)
             rows = stability_fields(report.estimate, stability, peak)
             extra = stability_warning(rows, peak, settings.warmup_steps)
             report = replace(report, **rows, warnings=(*report.warnings, *extra))

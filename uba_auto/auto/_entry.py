@@ -14,7 +14,7 @@ from .._distributed import resolve_process_group
 from .._optim import group_peaks
 from .._validation import check_positive_finite
 from ..curvature import device_of
-from ..phi import PHI_MAX, PHI_MIN
+from ..phi import PHI_MAX, PHI_MIN, optimizer_stability
 from ..probe import ProbeSettings
 from ._autouba import AutoUBA
 from ._choice import check_final_rate
@@ -82,7 +82,9 @@ def auto_uba(
             the sharpness it sees (plain SGD without an optimizer). It is a starting point, not a
             tuned rate: on the held-out SGD tasks of our study it landed a median factor 12 from
             the peak tuned for cosine, up to ~200x off, and the AdamW share is fitted on one task
-            (BENCHMARKS.md §3.C); ``None`` takes the optimizer's largest group lr (or the
+            (BENCHMARKS.md §3.C; it assumes a warm-up and, before the first step, the loop's
+            clipping as ``grad_clip=``; without ``warmup_steps`` an adaptive optimizer's share is
+            capped at its limit); ``None`` takes the optimizer's largest group lr (or the
             suggestion when there is no optimizer).
         num_batches: minibatches per probe (8: the curvature noise that drives the gated and
             calibrated links is a standard deviation across batches, and needs several).
@@ -150,6 +152,14 @@ def auto_uba(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
     # Checked now, so that a bad setting fails before the probe's cost, not after it.
+    if peak_lr == "suggest" and optimizer is not None:
+        try:
+            optimizer_stability(optimizer)
+        except ValueError as err:
+            raise ValueError(
+                f"peak_lr='suggest' sets a share of the optimizer's stability limit, and there is "
+                f"none for this {type(optimizer).__name__}: {err}. Pass peak_lr as a number"
+            ) from None
     peaks = None
     if optimizer is not None and peak_lr != "suggest":
         peaks = group_peaks(optimizer)

@@ -147,8 +147,9 @@ class AutoState:
         peak: the :class:`PeakRate` the mapping assumes.
         probe_hvps: Hessian-vector products spent by every probe so far.
         choice_warnings: what the pre-training φ choice warned (replaced if φ is chosen again).
-        stability: the SGD optimizer's ``(stability limit, weight decay)``, for the gated-edge
-            link (``None`` while unknown).
+        stability: the optimizer's ``(stability limit at the peak rate, coupled weight decay)``
+            (:func:`~uba_auto.phi.optimizer_stability`), for the report and the gated-edge link
+            (``None`` while unknown).
         edge_fraction: the peak rate as a fraction of that limit at init (``None`` if unknown).
         pending_scheduler: a resumed scheduler's state, until ``make_scheduler`` loads it.
     """

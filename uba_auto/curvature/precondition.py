@@ -25,8 +25,10 @@ the optimizer, never writing its state:
 
 Each with the :math:`\epsilon` and :math:`\beta_2` of the parameter's own param group, by torch's
 operations in the state's dtype (those of ``_single_tensor_adam`` and its siblings): bit for bit
-what step :math:`t` divided by. Step :math:`t+1` divides by it after one more moving-average
-update (the frozen-preconditioner picture). Before the first step there is no state, and
+what step :math:`t` divided by, for the default (for-loop and foreach) implementations; to
+rounding for ``fused=True`` and ``capturable=True``, whose kernels order the operations their way.
+Step :math:`t+1` divides by it after one more moving-average update (the frozen-preconditioner
+picture). Before the first step there is no state, and
 :func:`estimate_preconditioner` estimates :math:`P` from the probe batches.
 """
 

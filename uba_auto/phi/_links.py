@@ -37,7 +37,9 @@ minibatch task of our study (σ ≥ 0.067 per seed), above full-batch training (
 EDGE_FRACTION = 0.038
 """The distance to the stability edge, ``peak_lr * lambda_max / stability_limit`` at
 initialisation, below which the gated-edge link caps φ at :data:`EDGE_PHI` (fitted: the geometric
-midpoint of 0.030 and 0.048, see BENCHMARKS.md, §2, finding 8)."""
+midpoint of 0.030 and 0.048, see BENCHMARKS.md, §2, finding 8). Fitted on SGD tasks only; for an
+adaptive optimizer the same share of its own limit (on the preconditioned curvature) is used,
+untested."""
 EDGE_PHI = 1.0
 """The gated-edge link's φ for a peak rate far below the stability edge."""
 
@@ -87,8 +89,9 @@ def _gated_edge_reason(name: str, noise: float, kappa: float, edge_fraction: flo
 def _edge_reason(edge_fraction: float | None, noise_phi: float) -> str:
     if edge_fraction is None:
         return (
-            "edge gate off: no stability limit known (it is read from a torch.optim.SGD "
-            "optimizer with momentum < 1, given to auto_uba or make_scheduler)"
+            "edge gate off: no stability limit known (it is read from the optimizer given to "
+            "auto_uba or make_scheduler: SGD, Adam/AdamW, Adagrad or RMSprop; an adaptive one "
+            "must be given to auto_uba, so that the probe measures the curvature it sees)"
         )
     head = f"the peak rate is {edge_fraction:.3g} of the optimizer's stability limit at init"
     if edge_fraction >= EDGE_FRACTION:

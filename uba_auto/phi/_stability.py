@@ -82,8 +82,11 @@ initialisation (``benchmarks/suggest_share.py``; BENCHMARKS.md, §3): for SGD ov
 calibration cells of the φ study (0.097; the tuned shares spread over 0.004–1.9, and the held-out
 cells' over 0.0005–2), for AdamW over the two budgets of ``gpt_adamw``, the one AdamW task (8.0:
 its tuned peaks sit 6–11x above Adam's limit at initialisation, and a 5 % warm-up carries the run
-there; the sharpness AdamW sees falls to 0.2–0.6 of its limit by the end of the warm-up). Neither
-is validated beyond these tasks: a suggestion is a starting point for a peak-rate search."""
+there; the sharpness AdamW sees falls to 0.2–0.6 of its limit by the end of the warm-up; measured
+with the pre-training estimate of P clipped as the loop clips, ``grad_clip=1``: without it the
+estimated sharpness is ~2.6x lower and the suggestion as much higher). ``auto_uba`` caps the
+adaptive share at 1 when there is no warm-up. Neither share is validated beyond these tasks: a
+suggestion is a starting point for a peak-rate search."""
 
 _SUPPORTED = "torch.optim.SGD, Adam, AdamW, Adagrad and RMSprop (and their subclasses)"
 
@@ -106,6 +109,8 @@ class OptimizerStability:
         group: the index of the param group read, the one with the largest peak rate (the first).
         formula: one line with the formula, its numbers and its assumptions, for a report.
         peak_lr: the peak rate η read from that group (AdamW's limit depends on it).
+        decoupled_decay: AdamW's decoupled weight decay w of that group (0.0 otherwise), which
+            makes the limit depend on the rate: :math:`k(2 - \eta w)`, see :meth:`limit_at`.
     """
 
     optimizer: str
@@ -115,6 +120,42 @@ class OptimizerStability:
     group: int
     formula: str
     peak_lr: float
+    decoupled_decay: float = 0.0
+
+    def limit_at(self, lr: float) -> float:
+        """The limit at another peak rate ``lr`` (only AdamW's depends on it; 0 once
+        ``lr * decoupled_decay >= 2``, where the decay alone diverges).
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-3, weight_decay=0.1)
+            >>> s = optimizer_stability(opt)
+            >>> round(s.limit, 6), round(s.limit_at(1.0), 6)  # 19 (2 - 1e-4), 19 (2 - 0.1)
+            (37.9981, 36.1)
+        """
+        lr = check_positive_finite("lr", lr)
+        if not self.decoupled_decay:
+            return self.limit
+        per_unit = self.limit / (2.0 - self.peak_lr * self.decoupled_decay)
+        return max(0.0, per_unit * (2.0 - lr * self.decoupled_decay))
+
+    def rate_for_share(self, share: float, sharpness: float) -> float:
+        r"""The rate η at which :math:`\eta(\lambda + w) = ` ``share`` × the limit at η, λ =
+        ``sharpness`` (what :func:`~uba_auto.auto_uba`'s ``peak_lr="suggest"`` sets). For AdamW
+        the limit is :math:`k(2 - \eta w_d)`, so :math:`\eta = 2 s k/(\lambda + s k w_d)`.
+
+        Example:
+            >>> import torch
+            >>> s = optimizer_stability(torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.9))
+            >>> round(s.rate_for_share(0.5, 1.9), 6)  # 0.5 * 3.8 / 1.9
+            1.0
+        """
+        share = check_positive_finite("share", share)
+        sharpness = check_positive_finite("sharpness", sharpness)
+        if not self.decoupled_decay:
+            return share * self.limit / (sharpness + self.weight_decay)
+        per_unit = self.limit / (2.0 - self.peak_lr * self.decoupled_decay)
+        return 2.0 * share * per_unit / (sharpness + share * per_unit * self.decoupled_decay)
 
 
 def optimizer_stability(optimizer: Any) -> OptimizerStability:
@@ -170,6 +211,7 @@ def optimizer_stability(optimizer: Any) -> OptimizerStability:
         group=index,
         formula=f"{name}: {derived.formula}",
         peak_lr=peaks[index],
+        decoupled_decay=derived.decoupled_decay,
     )
 
 
@@ -200,6 +242,7 @@ class _Derived(NamedTuple):
     curvature: str
     weight_decay: float
     formula: str  # without the class name
+    decoupled_decay: float = 0.0
 
 
 def _sgd(optimizer: Any, group: dict, key: str, lr: float) -> _Derived:
@@ -258,7 +301,9 @@ def _adam(optimizer: Any, group: dict, key: str, lr: float) -> _Derived:
     moment = "max(v_hat)" if group.get("amsgrad", False) else "v_hat"
     derived = _preconditioned(limit, rule, moment, 0.0 if decoupled else decay)
     note = ", bias correction of m ignored (the limit once b1^t ~ 0)"
-    return derived._replace(formula=derived.formula + note)
+    return derived._replace(
+        formula=derived.formula + note, decoupled_decay=decay if decoupled else 0.0
+    )
 
 
 def _adagrad(optimizer: Any, group: dict, key: str, lr: float) -> _Derived:

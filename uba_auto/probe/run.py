@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -82,7 +83,7 @@ def run_probe(
     model = unwrap_model(model)
     ledger = Ledger()
     with preserve_state(model), contextlib.ExitStack() as stack:
-        batch_set = _collect(model, loader, settings, comm, stack, notes)
+        batch_set = _collect(model, loader, settings, comm, stack, notes, _optimizer_tag(optimizer))
         num_found = batch_set.num_found
         max_iters = settings.lanczos_steps(num_found)
         if settings.method == "pyhessian":
@@ -102,9 +103,23 @@ def run_probe(
         )
         preconditioner = None
         if optimizer is not None and is_adaptive(optimizer):
-            preconditioner = optimizer_preconditioner(
-                optimizer, model, op, grad_clip=settings.grad_clip
-            )
+            error = None
+            try:
+                preconditioner = optimizer_preconditioner(
+                    optimizer, model, op, grad_clip=settings.grad_clip
+                )
+            except Exception as err:
+                if comm is None:
+                    raise
+                error = err
+            if comm is not None:  # the same P on every rank, or the summed products mean nothing
+                total = math.nan if error else float(preconditioner.diagonal.double().sum())
+                comm.agree(
+                    error,
+                    "reading the optimizer's preconditioner",
+                    equal={"sum of P": total},
+                    hint="every rank must hold the same optimizer state (as DDP keeps it)",
+                )
             op = PreconditionedOperator(op, preconditioner)
             if preconditioner.source == "estimate":
                 notes.append(
@@ -214,8 +229,10 @@ def _collect(
     comm: Communicator | None,
     stack: contextlib.ExitStack,
     notes: list[str],
+    optimizer_tag: int = 0,
 ) -> BatchSet:
-    """The probe's batches on the model's device; under a process group, agreed by every rank.
+    """The probe's batches on the model's device; under a process group, agreed by every rank
+    (with the optimizer's ``optimizer_tag``, :func:`_optimizer_tag`).
 
     A one-shot iterator is refused (the batches taken would be lost to training); any other
     loader is left as it was found, its generators and the global RNG included
@@ -243,7 +260,7 @@ def _collect(
             raise
         error = err
     if comm is not None:
-        batch_set = _agree_on_batches(comm, error, batch_set, settings, notes)
+        batch_set = _agree_on_batches(comm, error, batch_set, settings, notes, optimizer_tag)
     if batch_set.shortfall_message:
         notes.append(batch_set.shortfall_message)
     return batch_set
@@ -255,6 +272,7 @@ def _agree_on_batches(
     batch_set: BatchSet,
     settings: ProbeSettings,
     notes: list[str],
+    optimizer_tag: int = 0,
 ) -> BatchSet:
     """The collective start of a distributed probe: every rank learns of any rank's failure,
     checks that all use the same settings, and keeps as many batches as the shortest rank has."""
@@ -264,9 +282,11 @@ def _agree_on_batches(
         equal={
             "seed": settings.seed,
             "the probe's settings (fingerprint)": zlib.crc32(settings.fingerprint().encode()),
+            "the optimizer (class, states)": optimizer_tag,
         },
         gather={"batches": batch_set.num_found},
-        hint="pass the same probe arguments (seed, num_batches, max_hvps, method...) on every rank",
+        hint="pass the same probe arguments (seed, num_batches, max_hvps, method...) and the same "
+        "optimizer (same class, same state) on every rank",
     )
     counts = [int(c) for c in table["batches"]]
     common = min(counts)
@@ -282,6 +302,14 @@ def _agree_on_batches(
         batch_sizes=batch_set.batch_sizes[:common],
         num_requested=batch_set.num_requested,
     )
+
+
+def _optimizer_tag(optimizer: torch.optim.Optimizer | None) -> int:
+    """What every rank's optimizer must share for a collective probe: its class and how many
+    parameters have state (0 without an optimizer)."""
+    if optimizer is None:
+        return 0
+    return zlib.crc32(f"{type(optimizer).__name__}/{len(optimizer.state)}".encode())
 
 
 def _convergence_notes(ext: Extremes, budget: int, tol: float) -> list[str]:
