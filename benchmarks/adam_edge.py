@@ -260,8 +260,8 @@ def main() -> None:
         )
     print()
     print(
-        "| K | median abs log10(P_est/P_K) | p90 | corr(log P) | median P_est/P_K | "
-        "sharpness of H_0 with P_est | with P_K |"
+        "| K | median abs log10(P_est/P_K) | p90 | corr(log P) | median P_est/P_K (unclipped "
+        "estimate) | sharpness of H_0 with P_est (unclipped) | with P_K |"
     )
     print("|---|---|---|---|---|---|---|")
     for i, row in enumerate(runs[0]["estimate_vs_state"]):

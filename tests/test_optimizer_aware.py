@@ -136,31 +136,24 @@ def test_auto_uba_reports_adamws_sharpness_and_share_and_resumes_them():
     assert resumed.report.stability_share == report.stability_share
 
 
+def _sgd_auto(problem, lr, **kw):
+    opt = torch.optim.SGD(problem.model.parameters(), lr=lr)
+    return auto_uba(problem.model, problem.batches, 100, optimizer=opt, density=False, **kw)
+
+
+def _limit_warning(auto):
+    return [w for w in auto.report.warnings if "stability limit at initialisation" in w]
+
+
 def test_a_peak_beyond_the_limit_is_warned_with_what_to_do():
     problem = _problem()
-    opt = torch.optim.SGD(problem.model.parameters(), lr=50.0)
-    auto = auto_uba(problem.model, problem.batches, 100, optimizer=opt, density=False)
+    auto = _sgd_auto(problem, 50.0)
     assert auto.report.stability_share > 1
-    (warning,) = [w for w in auto.report.warnings if "stability limit at initialisation" in w]
+    (warning,) = _limit_warning(auto)
     assert "use a warm-up" in warning and "lower the peak" in warning
-    warmed = auto_uba(
-        problem.model,
-        problem.batches,
-        100,
-        optimizer=torch.optim.SGD(problem.model.parameters(), lr=50.0),
-        warmup_steps=10,
-        density=False,
-    )
-    (warning,) = [w for w in warmed.report.warnings if "stability limit at initialisation" in w]
+    (warning,) = _limit_warning(_sgd_auto(problem, 50.0, warmup_steps=10))
     assert "warm-up of 10 steps" in warning and "lengthen the warm-up" in warning
-    calm = auto_uba(
-        problem.model,
-        problem.batches,
-        100,
-        optimizer=torch.optim.SGD(problem.model.parameters(), lr=1e-3),
-        density=False,
-    )
-    assert not any("stability limit at initialisation" in w for w in calm.report.warnings)
+    assert not _limit_warning(_sgd_auto(problem, 1e-3))
 
 
 def test_an_adaptive_optimizer_met_only_at_make_scheduler_gets_no_stability_rows():
