@@ -107,6 +107,24 @@ def _summary(est: uba_auto.CurvatureEstimate) -> dict[str, Any]:
     }
 
 
+def _adam(model: nn.Module, steps: int) -> torch.optim.Optimizer:
+    """Adam after ``steps`` full steps on the global batches: the same state on every rank."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.stack([F.cross_entropy(model(x), y) for x, y in _global_batches()]).mean().backward()
+        opt.step()
+    return opt
+
+
+def _adam_probe(batches: list[Any], steps: int) -> dict[str, Any]:
+    """The probe with Adam (``steps`` = 0: the estimated preconditioner; else its state)."""
+    model = _model()
+    opt = _adam(model, steps)
+    est = uba_auto.probe_curvature(model, batches, F.cross_entropy, optimizer=opt, **PROBE_KWARGS)
+    return {**_summary(est), "preconditioner": est.preconditioner}
+
+
 AUTO_BUDGET = 200  # large enough for 3 re-estimations within probe_fraction=1
 AUTO_SETTINGS: dict[str, Any] = dict(
     budget=AUTO_BUDGET,
@@ -189,6 +207,21 @@ def _scenarios(rank: int) -> dict[str, Any]:
             _model(), _shard(rank, (6, 6)), F.cross_entropy, curvature="ggn", **PROBE_KWARGS
         )
     )
+
+    # The curvature Adam sees, before its first step (P estimated from the global batches'
+    # gradients) and after two steps (its state, the same on every rank).
+    out["adam_estimate"] = _adam_probe(_shard(rank, (4, 8)), 0)
+    out["adam_state"] = _adam_probe(_shard(rank, (4, 8)), 2)
+    # Ranks that disagree on the optimizer are refused on every rank, before any product.
+    try:
+        model = _model()
+        optimizer = torch.optim.Adam(model.parameters()) if rank == 0 else None
+        uba_auto.probe_curvature(
+            model, _shard(rank, (6, 6)), F.cross_entropy, optimizer=optimizer, **PROBE_KWARGS
+        )
+        out["optimizer_disagree"] = None
+    except ValueError as err:
+        out["optimizer_disagree"] = str(err)
 
     # Batches with no leading dimension to count examples by: ranks weighted equally, and said.
     def tagged_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -443,6 +476,8 @@ def single() -> dict[str, Any]:
             )
         ),
     }
+    out["adam_estimate"] = _adam_probe(batches, 0)
+    out["adam_state"] = _adam_probe(batches, 2)
     x_all, y_all = _data(4 * GLOBAL_BATCH)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_all, y_all), batch_size=GLOBAL_BATCH
@@ -481,6 +516,26 @@ def test_distributed_probe_equals_the_single_process_probe_on_the_global_batch(
             assert all(_close(a, b) for a, b in zip(got[key], ref[key], strict=True)), key
         assert got["batch_sizes"] == (GLOBAL_BATCH,) * NUM_BATCHES
         assert got["world_size"] == WORLD_SIZE
+
+
+@pytest.mark.parametrize("case", ["adam_estimate", "adam_state"])
+def test_the_curvature_adam_sees_is_the_global_batchs_on_every_rank(
+    ranks: list[dict[str, Any]], single: dict[str, Any], case: str
+) -> None:
+    ref = single[case]
+    assert ("estimated" in ref["preconditioner"]) == (case == "adam_estimate")
+    for res in ranks:
+        got = res[case]
+        assert got["preconditioner"] == ref["preconditioner"]
+        for key in ("lambda_max", "lambda_min", "trace", "curvature_noise"):
+            assert _close(got[key], ref[key]), (case, key, got[key], ref[key])
+    assert ranks[0][case] == ranks[1][case]
+
+
+def test_ranks_that_disagree_on_the_optimizer_are_refused(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        assert res["optimizer_disagree"] is not None
+        assert "the optimizer (class, states)" in res["optimizer_disagree"]
 
 
 @pytest.mark.parametrize("case", ["equal", "unequal", "ggn", "ddp"])
