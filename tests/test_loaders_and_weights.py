@@ -22,7 +22,14 @@ from _state_checks import assert_state_unchanged, snapshot_state
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from uba_auto import GGNOperator, HessianOperator, ModelLoss, auto_uba, probe_curvature
+from uba_auto import (
+    GGNOperator,
+    HessianOperator,
+    ModelLoss,
+    UnsupportedDerivativeError,
+    auto_uba,
+    probe_curvature,
+)
 from uba_auto._loaders import is_one_shot
 from uba_auto.curvature import unwrap_model
 
@@ -335,3 +342,19 @@ def test_batches_without_a_size_are_weighted_equally_and_the_probe_says_so():
     torch.testing.assert_close(op.loss_value(), op.batch_losses.mean(), rtol=1e-14, atol=0)
     est = probe_curvature(model, unsized, ModelLoss(loss), **CHEAP)
     assert any("weighted equally (1 / num_batches)" in w for w in est.warnings)
+
+
+def test_a_compiled_submodule_fails_fast_with_what_to_do() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    model[0] = torch.compile(model[0], backend="aot_eager")  # aot_autograd: no double backward
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with pytest.raises(UnsupportedDerivativeError, match="torch.compile'd part") as info:
+        probe_curvature(model, [(x, y)], nn.functional.cross_entropy, trace=False)
+    message = str(info.value)
+    assert "_orig_mod" in message and "forward-over-reverse" in message
+    # The advised engine works on the same model.
+    est = probe_curvature(
+        model, [(x, y)], nn.functional.cross_entropy, trace=False, engine="forward-over-reverse"
+    )
+    assert est.lambda_max > 0

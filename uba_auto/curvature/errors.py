@@ -59,6 +59,11 @@ _DERIVATIVE_ERRORS: tuple[tuple[re.Pattern[str], str, str], ...] = (
         "forward mode",
     ),
     (
+        re.compile(r"(aot_autograd) does not currently support double backward"),
+        "a torch.compile'd part of the model (compiled through {0}) has no double backward",
+        "double backward",
+    ),
+    (
         re.compile(r"(implement the jvp|jvp is not implemented|jvp function)"),
         "a custom torch.autograd.Function in the model has no jvp staticmethod (forward-mode "
         "derivative)",
@@ -86,6 +91,12 @@ def unsupported_derivative(
             "scaled_dot_product_attention, so this fused kernel was called another way "
             "(directly, or by a library such as flash-attn/xformers): switch the model to "
             "PyTorch's 'sdpa' or 'eager' attention (Hugging Face: attn_implementation='eager')"
+        )
+    if "torch.compile" in culprit:
+        hints.append(
+            "probe the uncompiled module: a model passed as torch.compile(model) is unwrapped "
+            "automatically, but a compiled submodule is not; probe before compiling it, or "
+            "assign its original module (compiled._orig_mod) back for the probe"
         )
     hints.append(
         "replace the operation by differentiable torch operations (for a custom "
