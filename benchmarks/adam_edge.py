@@ -18,7 +18,7 @@ the real state after K steps: the median and 90th percentile over coordinates of
 :math:`|\log_{10}(P_{est}/P_K)|`, the correlation of :math:`\log P`, and the sharpness of the
 *initial* Hessian preconditioned by each (so only the preconditioner differs).
 
-Run (about 5 minutes per seed on 2 idle cores)::
+Run (about 2 minutes per seed on 2 idle cores)::
 
     python benchmarks/adam_edge.py --seeds 0 1 --out benchmarks/results/adamw_edge.json
 """
