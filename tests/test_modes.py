@@ -371,3 +371,18 @@ def test_probing_restores_every_flag_and_the_rng(seed: int) -> None:
     with pytest.raises(ValueError, match="'blocks.1.noise'"):
         HessianOperator(noisy, _regression(), F.mse_loss)
     assert_state_unchanged(noisy, snapshot)
+
+
+def test_a_build_that_fails_after_drawing_leaves_the_global_rng_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+
+    def failing(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        torch.randn(10)  # draws, then fails
+        raise RuntimeError("the user's loss failed")
+
+    before = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="the user's loss failed"):
+        HessianOperator(model, [(x,)], ModelLoss(failing))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -388,14 +388,19 @@ class ModePolicy:
 
         Args:
             check_rng: raise ``ValueError`` if the block drew random numbers (the generators are
-                restored first).
+                restored first); the generators are also restored when the block raises.
             replay: re-runs the block's forward passes (e.g. every batch's loss without a graph);
                 called once, with hooks, when the block drew random numbers, so that the message
                 names the modules that drew them.
         """
         before = self._rng_states() if check_rng else None
-        with evaluation_mode(self.model, self.overrides):
-            yield
+        try:
+            with evaluation_mode(self.model, self.overrides):
+                yield
+        except BaseException:
+            if before is not None:  # a failed block leaves the generators as it found them too
+                self._set_rng_states(before)
+            raise
         if before is None or _same(self._rng_states(), before):
             return
         self._set_rng_states(before)
