@@ -785,3 +785,16 @@ def test_reestimation_before_make_scheduler_is_the_phi_the_scheduler_starts_from
         optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
     )
     assert resumed.phi == record.phi
+
+
+def test_a_choice_that_fails_after_the_probe_leaves_a_suggested_optimizer_as_it_was(monkeypatch):
+    problem, model, opt = mlp_setup()
+    before = [dict(g) for g in opt.param_groups]
+
+    def failing_choice(*args, **kwargs):
+        raise RuntimeError("the choice failed")
+
+    monkeypatch.setattr("uba_auto.auto._autouba.choose", failing_choice)
+    with pytest.raises(RuntimeError, match="the choice failed"):
+        auto_uba(model, problem.batches, 30, optimizer=opt, loss_fn=problem.loss, peak_lr="suggest")
+    assert [dict(g) for g in opt.param_groups] == before  # the suggestion was never written

@@ -177,7 +177,8 @@ class AutoUBA:
 
     def _estimated(self, peak_lr: float | str | None, optimizer: Any) -> AutoState:
         """The state of the pre-training estimate (and, for ``peak_lr='suggest'``, the
-        optimizer's rates set to the suggestion)."""
+        optimizer's rates set to the suggestion, only once φ is chosen: a failure leaves the
+        optimizer as it was)."""
         settings = self._settings
         batches = self._batches.draw(settings.num_batches)
         # Under a process group an empty loader on one rank fails the probe's collective start.
@@ -193,17 +194,12 @@ class AutoUBA:
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
         suggested = suggested_lr(est, stability, settings.warmup_steps)
         peak = resolve_peak(peak_lr, suggested, est.lambda_max, optimizer)
-        if isinstance(peak_lr, str) and optimizer is not None:  # "suggest"
-            # Check before writing: a failure must leave the optimizer as it was.
+        suggest = isinstance(peak_lr, str) and optimizer is not None
+        if suggest:  # checked now, written only once everything below has succeeded
             check_final_rate(
                 [peak.value] * len(optimizer.param_groups), settings.lr_min, settings.lr_min_ratio
             )
-            for group in optimizer.param_groups:
-                group["lr"] = peak.value
-                group.pop("initial_lr", None)
-            notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
-            stability = optimizer_limit(optimizer, est)  # AdamW's limit depends on its rate
-        edge = edge_fraction(est, as_pair(stability, peak), peak)
+        edge = edge_fraction(est, as_pair(stability, peak), peak)  # the limit at the peak rate
         try:
             choice, error = choose(est, settings, peak, edge, settings.budget), None
         except Exception as err:
@@ -211,7 +207,13 @@ class AutoUBA:
         phi = None if choice is None else choice.phi
         error = agree_phi(self._comm, settings, error, phi, "estimating phi")
         if error is not None:
-            raise error
+            raise error  # the optimizer is as it was
+        if suggest:
+            for group in optimizer.param_groups:
+                group["lr"] = peak.value
+                group.pop("initial_lr", None)
+            notes.append(f"peak_lr='suggest' set every param group's lr to {peak.value:.4g}")
+            stability = optimizer_limit(optimizer, est)  # its formula at the rate just set
         return initial_state(
             est,
             choice,
