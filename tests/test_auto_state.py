@@ -225,3 +225,33 @@ def test_probe_keywords_are_checked_before_any_probe(monkeypatch, extra, error, 
     with pytest.raises(error, match=match):
         auto_uba(model, loader, 200, loss_fn=problem.loss, **{**CHEAP, **extra})
     assert len(list(loader)) == len(problem.batches)  # nothing drawn
+
+
+def test_a_failed_load_state_dict_leaves_the_object_and_its_scheduler_as_they_were():
+    from uba_auto.report import ReestimationRecord
+
+    problem = make_problem("tanh_mlp", num_batches=6, seed=2)
+    model = problem.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kw = dict(loss_fn=problem.loss, num_batches=2, density=False, trace=False)
+    kw.update(reestimate_every=10, probe_fraction=1.0, max_hvps=8)
+    auto = auto_uba(model, problem.batches, 100, optimizer=opt, **kw)
+    for _ in range(15):
+        opt.step()
+        auto.scheduler.step()  # one re-estimation at step 10
+    saved = auto.state_dict()
+    # A state whose history disagrees with its scheduler (phi of the last record changed).
+    bad = dict(saved, history=[list(row) for row in saved["history"]])
+    last = ReestimationRecord.from_row(bad["history"][-1])
+    bad["history"][-1] = dataclasses.replace(last, phi=last.phi * 3 + 1).to_row()
+    for _ in range(5):
+        opt.step()
+        auto.scheduler.step()
+    before_sched, before_drawn = auto.scheduler.state_dict(), auto.batches_drawn
+    before_report = auto.report
+    with pytest.raises(ValueError, match="inconsistent"):
+        auto.load_state_dict(bad)
+    assert auto.scheduler.state_dict() == before_sched
+    assert auto.batches_drawn == before_drawn and auto.report is before_report
+    auto.load_state_dict(saved)  # the good state still loads
+    assert auto.scheduler.last_epoch == 15

@@ -231,10 +231,15 @@ class AutoUBA:
         """The state ``saved`` holds (its scheduler state pending), the loader fast-forwarded
         past the batches the saved run probed."""
         state = AutoState.from_dict(saved, self._settings)
+        self._fast_forward(saved)
+        return state
+
+    def _fast_forward(self, saved: Mapping[str, Any]) -> None:
+        """Move the probe's loader past the batches the saved run drew (from the start, so a
+        repeat is harmless), and take the loss the saved run took by default."""
         first = self._batches.skip_to(saved["batches_drawn"], self.num_batches)
         if self.loss_fn is None and first is not None:
             self.loss_fn, _ = default_loss(first)  # as the saved run chose it
-        return state
 
     # -- transitions -------------------------------------------------------------------------------
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> AutoUBAScheduler:
@@ -392,6 +397,7 @@ class AutoUBA:
         The scheduler must exist (``optimizer=`` given to :func:`auto_uba` or
         :meth:`make_scheduler` called) if the state holds one. To resume without paying for a
         new pre-training probe, pass the state to ``auto_uba(..., resume_from=state)`` instead.
+        If it raises, this object and its scheduler are as they were.
         """
         check_state_dict(state)
         if state["scheduler"] is not None and self.scheduler is None:
@@ -399,7 +405,13 @@ class AutoUBA:
                 "the state holds a scheduler: call make_scheduler(optimizer) (or pass "
                 "optimizer= to auto_uba) before load_state_dict"
             )
-        restored = self._resumed(state)
+        restored = AutoState.from_dict(state, self._settings)  # raises before anything changes
         if self.scheduler is not None:
-            restored = continue_schedule(self.scheduler, restored)
+            before = self.scheduler.state_dict()
+            try:
+                restored = continue_schedule(self.scheduler, restored)
+            except Exception:
+                self.scheduler.load_state_dict(before)  # a failed load leaves it as it was
+                raise
+        self._fast_forward(state)
         self._state = restored
