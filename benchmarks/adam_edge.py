@@ -136,9 +136,9 @@ def run(seed: int, budget: int, peak: float, steps: int, checkpoints: tuple[int,
             est = uba_auto.probe_curvature(
                 model, probe_batches, task.loss_fn, optimizer=opt, **probe
             )
-            limit = stability(opt).limit
-            # The limit of the *current* rate: AdamW's decoupled decay enters with eta_t.
-            limit_t = limit if not math.isfinite(eta) else _adamw_limit_at(opt, eta)
+            # The limit of the *current* rate: AdamW's decoupled decay enters with eta_t (at
+            # eta_t = 0 the share is 0 whatever the limit).
+            limit_t = stability(opt).limit_at(eta) if eta > 0 else stability(opt).limit
             along.append(
                 {
                     "step": step,
@@ -187,17 +187,6 @@ def _finite(obj):
     return obj
 
 
-def _adamw_limit_at_peak(task, peak: float) -> float:
-    return uba_auto.phi.optimizer_stability(task.make_optimizer(task.make_model(0), peak)).limit
-
-
-def _adamw_limit_at(opt, eta: float) -> float:
-    group = opt.param_groups[0]
-    beta1 = group["betas"][0]
-    decay = group["weight_decay"] if isinstance(opt, torch.optim.AdamW) else 0.0
-    return (1 + beta1) * (2 - eta * decay) / (1 - beta1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -215,8 +204,10 @@ def main() -> None:
     # The share of the limit at which each budget's cosine-tuned peak sits at initialisation, for
     # benchmarks/suggest_share.py (the sharpness at init does not depend on the peak rate).
     suggest_cells = []
+    reference = uba_auto.phi.optimizer_stability(task.make_optimizer(task.make_model(0), peak))
     for b, tuned in sorted(task.base_lr.items()):
-        shares = [tuned * r["init"]["sharpness"] / _adamw_limit_at_peak(task, tuned) for r in runs]
+        limit = reference.limit_at(tuned)
+        shares = [tuned * r["init"]["sharpness"] / limit for r in runs]
         suggest_cells.append(
             {
                 "task": task.name,

@@ -29,14 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from uba_auto.phi import SUGGESTED_SHARE
+from uba_auto.phi import SUGGESTED_SHARE, stability_limit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _limit(momentum: float) -> float:
-    # torch.optim.SGD heavy ball (the study's tasks use no dampening, no Nesterov, no decay).
-    return 2.0 * (1.0 + momentum) if momentum else 2.0
 
 
 def cells(path: Path) -> list[dict]:
@@ -46,7 +41,8 @@ def cells(path: Path) -> list[dict]:
     for cell in data["cells"]:
         task = cell["task"]
         lams = [p["lambda_max"] for key, p in data["probes"].items() if key.startswith(task + "/")]
-        limit = _limit(cell["momentum"])
+        # torch.optim.SGD heavy ball: the study's tasks use no dampening, Nesterov or decay.
+        limit = stability_limit(cell["momentum"])
         shares = [cell["peak_lr"] * lam / limit for lam in lams]
         out.append(
             {
