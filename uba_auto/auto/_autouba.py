@@ -120,7 +120,7 @@ class AutoUBA:
         self._settings = settings
         self._comm = comm
         self._batches = BatchStream(loader)
-        self._optimizer = optimizer  # the probes measure the curvature this optimizer sees
+        self._optimizer = optimizer  # re-estimations before make_scheduler read its state
         if resume_from is not None:
             self._state = self._resumed(resume_from)
         else:
@@ -162,18 +162,20 @@ class AutoUBA:
         return self._state.stability
 
     # -- probing -----------------------------------------------------------------------------------
-    def _probe(self, batches: list[Any], **overrides: Any) -> CurvatureEstimate:
-        """The one place that runs the probe (every estimation of this object goes through it)."""
+    def _probe(self, batches: list[Any], optimizer: Any, **overrides: Any) -> CurvatureEstimate:
+        """The one place that runs the probe (every estimation of this object goes through it),
+        on the curvature ``optimizer`` sees (``None``: the raw curvature)."""
         settings = ProbeSettings(num_batches=self.num_batches, **{**self.probe_kwargs, **overrides})
-        optimizer = self._optimizer
-        if hasattr(self, "_state"):  # a re-estimation: the curvature of the pre-training probe
-            if self._state.report.estimate.optimizer is None:
-                optimizer = None  # raw then, raw now (one curvature for the whole φ history)
-            elif self.scheduler is not None:
-                optimizer = self.scheduler.optimizer
         return run_probe(
             self.model, batches, self.loss_fn, settings, self._comm, optimizer=optimizer
         )
+
+    def _reestimation_optimizer(self) -> Any:
+        """Whose curvature a re-estimation measures: that of the pre-training probe (raw stays
+        raw, one curvature for the whole φ history), read from the live optimizer's state."""
+        if self._state.report.estimate.optimizer is None:
+            return None
+        return self.scheduler.optimizer if self.scheduler is not None else self._optimizer
 
     def _estimated(self, peak_lr: float | str | None, optimizer: Any) -> AutoState:
         """The state of the pre-training estimate (and, for ``peak_lr='suggest'``, the
@@ -190,7 +192,7 @@ class AutoUBA:
         if self.loss_fn is None and batches:
             self.loss_fn, loss_guess = default_loss(batches[0])
         t0 = time.perf_counter()
-        est = self._probe(batches)
+        est = self._probe(batches, optimizer)
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
         suggested = suggested_lr(est, stability, settings.warmup_steps)
         peak = resolve_peak(peak_lr, suggested, est.lambda_max, optimizer)
@@ -332,7 +334,8 @@ class AutoUBA:
         t0 = time.perf_counter()
         est, choice, error = None, None, None
         try:
-            est = self._probe(self._batches.draw(settings.num_batches), density=False)
+            batches = self._batches.draw(settings.num_batches)
+            est = self._probe(batches, self._reestimation_optimizer(), density=False)
             remaining = settings.budget - step
             choice = choose(est, settings, state.peak, state.edge_fraction, remaining)
         except Exception as err:  # a failed probe must never stop training
