@@ -54,6 +54,20 @@ def _assert_same_state(opt, saved):
                 assert value == other, name
 
 
+def _adam_spectrum(problem, opt, batches):
+    """Eigenvalues of D H D, D = P^-1/2 with P = sqrt(v / (1 - beta2^t)) + eps from the Adam
+    state (named_parameters order), H the dense float64 Hessian of ``batches``."""
+    group = opt.param_groups[0]
+    parts = []
+    for p in problem.model.parameters():
+        st = opt.state[p]
+        bc = 1 - group["betas"][1] ** int(st["step"])
+        parts.append((st["exp_avg_sq"] / bc).sqrt().reshape(-1) + group["eps"])
+    d = torch.cat(parts).to(F64).rsqrt()
+    hessian = _Reference(problem, batches, "train-deterministic").hessian()
+    return torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])
+
+
 def test_probe_measures_adams_preconditioned_curvature_against_dense_ground_truth():
     problem = _problem()
     model = problem.model
@@ -65,16 +79,7 @@ def test_probe_measures_adams_preconditioned_curvature_against_dense_ground_trut
     )
     _assert_same_state(opt, saved)
     assert_state_unchanged(model, snap)
-    # P = sqrt(v / (1 - beta2^t)) + eps, in named_parameters order.
-    group = opt.param_groups[0]
-    parts = []
-    for p in model.parameters():
-        st = opt.state[p]
-        bc = 1 - group["betas"][1] ** int(st["step"])
-        parts.append((st["exp_avg_sq"] / bc).sqrt().reshape(-1) + group["eps"])
-    d = torch.cat(parts).to(F64).rsqrt()
-    hessian = _Reference(problem, problem.batches, "train-deterministic").hessian()
-    expected = torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])
+    expected = _adam_spectrum(problem, opt, problem.batches)
     assert est.lambda_max == pytest.approx(float(expected[-1]), rel=1e-7)
     assert est.lambda_min == pytest.approx(float(expected[0]), rel=1e-6, abs=1e-8)
     assert est.optimizer == "Adam" and "state at step 3" in est.preconditioner
@@ -203,19 +208,6 @@ def _capture_probes(auto):
     return seen
 
 
-def _adam_sharpness(problem, opt, batches):
-    """λ_max of D H D, D = P^-1/2 from the Adam state, H the dense float64 Hessian."""
-    group = opt.param_groups[0]
-    parts = []
-    for p in problem.model.parameters():
-        st = opt.state[p]
-        bc = 1 - group["betas"][1] ** int(st["step"])
-        parts.append((st["exp_avg_sq"] / bc).sqrt().reshape(-1) + group["eps"])
-    d = torch.cat(parts).to(F64).rsqrt()
-    hessian = _Reference(problem, batches, "train-deterministic").hessian()
-    return float(torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])[-1])
-
-
 def test_reestimation_reads_the_live_optimizer_state():
     problem = _problem()
     model = problem.model
@@ -236,7 +228,8 @@ def test_reestimation_reads_the_live_optimizer_state():
     assert "state at step 5" in est.preconditioner
     # The re-estimation drew the next two batches of the loader (cycling).
     batches = problem.batches[2:4]
-    assert est.lambda_max == pytest.approx(_adam_sharpness(problem, opt, batches), rel=1e-7)
+    expected = float(_adam_spectrum(problem, opt, batches)[-1])
+    assert est.lambda_max == pytest.approx(expected, rel=1e-7)
 
 
 def test_one_curvature_for_the_whole_phi_history():
