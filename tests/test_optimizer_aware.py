@@ -314,3 +314,22 @@ def test_the_estimate_clips_each_batch_gradient_as_the_training_loop_will():
     assert unclipped.lambda_max < est.lambda_max  # clipped moments divide by less
     with pytest.raises(ValueError, match="grad_clip"):
         probe_curvature(model, problem.batches, LOSS, optimizer=opt, grad_clip=0.0)
+
+
+def test_a_peak_at_which_adamws_decay_alone_diverges_is_refused_before_probing():
+    problem = _problem()
+    opt = torch.optim.AdamW(problem.model.parameters(), lr=1e-3, weight_decay=0.1)
+    stability = optimizer_stability(opt)
+    assert stability.limit_at(19.0) == pytest.approx(19 * (2 - 1.9))
+    with pytest.raises(ValueError, match="decoupled decay .* alone diverges"):
+        stability.limit_at(30.0)
+    drawn = []
+
+    class Loader:
+        def __iter__(self):
+            drawn.append(1)
+            return iter(problem.batches)
+
+    with pytest.raises(ValueError, match="lr \\* weight_decay = 3 >= 2"):
+        auto_uba(problem.model, Loader(), 100, optimizer=opt, peak_lr=30.0, density=False)
+    assert not drawn  # refused before the probe drew a batch

@@ -160,6 +160,13 @@ def auto_uba(
                 f"peak_lr='suggest' sets a share of the optimizer's stability limit, and there is "
                 f"none for this {type(optimizer).__name__}: {err}. Pass peak_lr as a number"
             ) from None
+    if optimizer is not None and peak_lr is not None and not isinstance(peak_lr, str):
+        try:
+            stability = optimizer_stability(optimizer)
+        except ValueError:
+            stability = None  # no limit derived for it: nothing to check the peak against
+        if stability is not None:
+            stability.limit_at(float(peak_lr))  # raises for a peak AdamW's decay cannot survive
     peaks = None
     if optimizer is not None and peak_lr != "suggest":
         peaks = group_peaks(optimizer)

@@ -123,8 +123,11 @@ class OptimizerStability:
     decoupled_decay: float = 0.0
 
     def limit_at(self, lr: float) -> float:
-        """The limit at another peak rate ``lr`` (only AdamW's depends on it; 0 once
-        ``lr * decoupled_decay >= 2``, where the decay alone diverges).
+        """The limit at another peak rate ``lr`` (only AdamW's depends on it).
+
+        Raises:
+            ValueError: if ``lr * decoupled_decay >= 2``: the decay alone diverges there, so no
+                rate is stable (as :func:`optimizer_stability` says for the group's own rate).
 
         Example:
             >>> import torch
@@ -136,8 +139,15 @@ class OptimizerStability:
         lr = check_positive_finite("lr", lr)
         if not self.decoupled_decay:
             return self.limit
+        if lr * self.decoupled_decay >= 2:
+            raise ValueError(
+                f"lr * weight_decay = {lr * self.decoupled_decay:g} >= 2 for {self.optimizer}'s "
+                f"param group {self.group} at lr={lr:g}: the decoupled decay theta <- theta * "
+                "(1 - lr * weight_decay) alone diverges, so no rate is stable; lower the peak "
+                "rate or weight_decay"
+            )
         per_unit = self.limit / (2.0 - self.peak_lr * self.decoupled_decay)
-        return max(0.0, per_unit * (2.0 - lr * self.decoupled_decay))
+        return per_unit * (2.0 - lr * self.decoupled_decay)
 
     def rate_for_share(self, share: float, sharpness: float) -> float:
         r"""The rate η at which :math:`\eta(\lambda + w) = ` ``share`` × the limit at η, λ =
