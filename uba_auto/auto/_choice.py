@@ -72,13 +72,9 @@ def optimizer_limit(optimizer: Any, estimate: CurvatureEstimate) -> OptimizerSta
         stability = optimizer_stability(optimizer)
     except (TypeError, ValueError):
         return None
+    # optimizer_stability checks its settings: the limit is positive, the decay finite >= 0.
     preconditioned = estimate.preconditioner is not None
-    if preconditioned != (stability.curvature == "preconditioned"):
-        return None
-    decay = stability.weight_decay
-    if not (math.isfinite(stability.limit) and stability.limit > 0):
-        return None
-    return stability if math.isfinite(decay) and decay >= 0 else None
+    return stability if preconditioned == (stability.curvature == "preconditioned") else None
 
 
 def as_pair(stability: OptimizerStability | None, peak: PeakRate) -> tuple[float, float] | None:
