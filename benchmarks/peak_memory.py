@@ -1,0 +1,137 @@
+"""Peak memory of one operation on a benchmark model, measured in a fresh process.
+
+    python benchmarks/peak_memory.py MODEL WHAT [--device cpu] [--repeats 3] [--kwargs JSON]
+
+``MODEL`` is one of :data:`benchmarks.probe_models.MODELS`; ``WHAT`` is
+
+* ``train_step``: one SGD-momentum step on one batch (the reference; a first step, so the
+  momentum buffers and ``.grad`` are allocated inside it, as in the first step of a run);
+* ``probe``: ``probe_curvature(model, batches, loss_fn, **kwargs)`` (``--kwargs`` a JSON dict,
+  default the probe's defaults on 8 batches);
+* ``auto``: ``auto_uba(model, batches, 5000, loss_fn=loss_fn, **kwargs)`` on 8 batches;
+* ``peer:NAME``: a peer library's top-eigenvalue solver on one batch (see ``probe_benchmark.py``).
+
+Every measurement runs in a new interpreter (nothing cached from an earlier one), after the
+model, its batches and one forward pass exist, so what is measured is what the operation adds.
+On CUDA: ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` before. On CPU: the rise of
+the resident set size over its level before the operation, sampled every ~20 µs by a thread
+(page-granular), with glibc's mmap threshold pinned to 64 KiB so that freed blocks leave the
+resident set; ``OMP_NUM_THREADS=1``. Prints one JSON line ``{"bytes": ...}``; :func:`measure`
+runs it ``repeats`` times and returns the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHILD = r"""
+import gc, json, sys, threading, time, torch
+sys.path.insert(0, {root!r})
+from benchmarks.probe_models import make_model, batches, loss_fn, train_step
+device = torch.device({device!r})
+name, what, kwargs = {model!r}, {what!r}, json.loads({kwargs!r})
+model = make_model(name, device)
+data = batches(name, kwargs.pop("num_batches", 8), device)
+if what == "train_step":
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    def run():
+        train_step(model, opt, data[0])
+elif what == "probe":
+    from uba_auto import probe_curvature
+    kwargs.setdefault("progress", False)
+    def run():
+        probe_curvature(model, data, loss_fn, num_batches=len(data), **kwargs)
+elif what == "auto":
+    from uba_auto import auto_uba
+    kwargs.setdefault("progress", False)
+    def run():
+        auto_uba(model, data, kwargs.pop("budget", 5000), loss_fn=loss_fn,
+                 num_batches=len(data), **kwargs)
+elif what.startswith("peer:"):
+    sys.path.insert(0, {bench!r})
+    from probe_benchmark import peer_solver
+    solve = peer_solver(what[5:], model, data[0])
+    def run():
+        solve()
+else:
+    raise SystemExit("unknown operation " + what)
+with torch.no_grad():
+    model(data[0][0])
+gc.collect()
+if device.type == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run(); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - base
+else:
+    page = 4096
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    sys.setswitchinterval(1e-6)
+    peak_rss, stop = [0], threading.Event()
+    def sample():
+        while not stop.is_set():
+            peak_rss[0] = max(peak_rss[0], rss())
+            time.sleep(2e-5)
+    base = rss()
+    thread = threading.Thread(target=sample); thread.start()
+    run()
+    stop.set(); thread.join()
+    peak = max(peak_rss[0], rss()) - base
+print(json.dumps({{"bytes": peak}}))
+"""
+
+
+def measure(
+    model: str, what: str, *, device: str = "cpu", repeats: int = 3, kwargs: dict | None = None
+) -> float:
+    """Median peak bytes of ``what`` on ``model`` over ``repeats`` fresh processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    code = _CHILD.format(
+        root=str(ROOT),
+        bench=str(ROOT / "benchmarks"),
+        device=device,
+        model=model,
+        what=what,
+        kwargs=json.dumps(kwargs or {}),
+    )
+    values = []
+    for _ in range(repeats):
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"{model}/{what} failed:\n{res.stderr[-3000:]}")
+        values.append(json.loads(res.stdout.strip().splitlines()[-1])["bytes"])
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("what")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kwargs", default="{}")
+    args = parser.parse_args()
+    value = measure(
+        args.model,
+        args.what,
+        device=args.device,
+        repeats=args.repeats,
+        kwargs=json.loads(args.kwargs),
+    )
+    print(f"{args.model} {args.what}: {value / 2**20:.2f} MiB")
+
+
+if __name__ == "__main__":
+    main()

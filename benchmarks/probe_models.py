@@ -1,0 +1,168 @@
+"""The four models of the probe benchmark (BENCHMARKS.md §1), their batches and their training step.
+
+Nothing is downloaded: images are scikit-learn's bundled digits, text is ``pydoc_data.topics``
+(Python's own documentation, shipped with the interpreter). Every model is built at a seeded
+random initialisation, float32.
+
+=============  ========  ===========================================================================
+name           params    model, batch
+=============  ========  ===========================================================================
+``mlp``        26 122    tanh MLP 64-128-128-10 on digits, batch 256
+``cnn``        9 930     two 3x3 convolutions + max-pool + linear head on digits (8x8), batch 256
+``resnet``     2.8 M     half-width ResNet-18 (widths 32-64-128-256, BatchNorm, basic blocks) on
+                         digits upsampled to 1x32x32, batch 64; BatchNorm on batch statistics
+``transformer`` 0.87 M   4-layer GPT decoder, d 128, 4 heads, context 64, on bytes, batch 32
+=============  ========  ===========================================================================
+
+``python -c "import benchmarks.probe_models as m; m.summary()"`` prints the parameter counts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+try:
+    from benchmarks.transformer import TinyGPT
+except ImportError:  # run from inside benchmarks/
+    from transformer import TinyGPT  # type: ignore[no-redef]
+
+__all__ = ["BATCH_SIZES", "MODELS", "batches", "loss_fn", "make_model", "summary", "train_step"]
+
+MODELS = ("mlp", "cnn", "resnet", "transformer")
+BATCH_SIZES = {"mlp": 256, "cnn": 256, "resnet": 64, "transformer": 32}
+CONTEXT = 64
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (3x3 stem, no max-pool), ``width`` channels in the first stage."""
+
+    def __init__(self, width: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            for j in range(2):
+                layers.append(_BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(self.stem(x))
+        return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def make_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The model ``name`` (one of :data:`MODELS`) at its seeded initialisation, in train mode."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)
+        )
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 10),
+        )
+    elif name == "resnet":
+        model = ResNet18(width=32)
+    elif name == "transformer":
+        model = TinyGPT(vocab_size=256, context=CONTEXT, d_model=128, num_layers=4, num_heads=4)
+    else:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    return model.to(device)
+
+
+def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy, over tokens for the language model's ``(batch, time, vocab)`` outputs."""
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+@functools.cache
+def _digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-3)
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+@functools.cache
+def _text_codes() -> Tensor:
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def batches(name: str, count: int, device: torch.device | str = "cpu") -> list[tuple[Tensor, Any]]:
+    """``count`` distinct training batches of model ``name`` (fixed: the same on every call)."""
+    size = BATCH_SIZES[name]
+    out = []
+    if name == "transformer":
+        codes = _text_codes()
+        gen = torch.Generator().manual_seed(1)
+        starts = torch.randint(0, codes.numel() - CONTEXT - 1, (count, size), generator=gen)
+        for row in starts:
+            idx = row[:, None] + torch.arange(CONTEXT)
+            out.append((codes[idx].to(device), codes[idx + 1].to(device)))
+        return out
+    x, y = _digits()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(count):  # each batch a random subset of the 1797 digits (seeded)
+        idx = torch.randperm(x.shape[0], generator=gen)[:size]
+        xb, yb = x[idx], y[idx]
+        if name == "resnet":
+            xb = F.interpolate(xb.view(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
+        out.append((xb.to(device), yb.to(device)))
+    return out
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> None:
+    """One training step on ``batch``: zero the gradients, forward, backward, step."""
+    optimizer.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+
+
+def summary() -> None:
+    for name in MODELS:
+        model = make_model(name)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {n} parameters, batch {BATCH_SIZES[name]}")
+
+
+if __name__ == "__main__":
+    summary()
