@@ -10,7 +10,7 @@ name           params    model, batch
 ``mlp``        26 122    tanh MLP 64-128-128-10 on digits, batch 256
 ``cnn``        9 930     two 3x3 convolutions + max-pool + linear head on digits (8x8), batch 256
 ``resnet``     2.8 M     half-width ResNet-18 (widths 32-64-128-256, BatchNorm, basic blocks) on
-                         digits upsampled to 1x32x32, batch 64; BatchNorm on batch statistics
+                         digits upsampled to 1x16x16, batch 64; BatchNorm on batch statistics
 ``transformer`` 0.87 M   4-layer GPT decoder, d 128, 4 heads, context 64, on bytes, batch 32
 =============  ========  ===========================================================================
 
@@ -145,7 +145,7 @@ def batches(name: str, count: int, device: torch.device | str = "cpu") -> list[t
         idx = torch.randperm(x.shape[0], generator=gen)[:size]
         xb, yb = x[idx], y[idx]
         if name == "resnet":
-            xb = F.interpolate(xb.view(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
+            xb = F.interpolate(xb.view(-1, 1, 8, 8), size=16, mode="bilinear", align_corners=False)
         out.append((xb.to(device), yb.to(device)))
     return out
 
