@@ -11,8 +11,10 @@
 * ``auto``: ``auto_uba(model, batches, 5000, loss_fn=loss_fn, **kwargs)`` on 8 batches;
 * ``peer:NAME``: a peer library's top-eigenvalue solver on one batch (see ``probe_benchmark.py``).
 
-Every measurement runs in a new interpreter (nothing cached from an earlier one), after the
-model, its batches and one forward pass exist, so what is measured is what the operation adds.
+Every measurement runs in a new interpreter, after the model and its batches exist and after one
+warm-up run of the same operation (which loads the libraries it imports and whatever they
+initialise on first use; the training step is a first step again after it, with ``.grad`` and the
+momentum buffers freed), so what is measured is the working memory the operation adds.
 On CUDA: ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` before. On CPU: the rise of
 the resident set size over its level before the operation, sampled every ~20 µs by a thread
 (page-granular), with glibc's mmap threshold pinned to 64 KiB so that freed blocks leave the
@@ -41,9 +43,11 @@ name, what, kwargs = {model!r}, {what!r}, json.loads({kwargs!r})
 model = make_model(name, device)
 data = batches(name, kwargs.pop("num_batches", 8), device)
 if what == "train_step":
-    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    def run():
+    def run():  # a first step: .grad and the momentum buffers are allocated inside it
+        model.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
         train_step(model, opt, data[0])
+        model.zero_grad(set_to_none=True)
 elif what == "probe":
     from uba_auto import probe_curvature
     kwargs.setdefault("progress", False)
@@ -63,8 +67,9 @@ elif what.startswith("peer:"):
         solve()
 else:
     raise SystemExit("unknown operation " + what)
-with torch.no_grad():
-    model(data[0][0])
+# A warm-up run loads what the operation's code imports and initialises on first use (libraries,
+# thread pools), which is not the operation's working memory; then the measured run.
+run()
 gc.collect()
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)

@@ -149,8 +149,9 @@ def test_reestimation_keeps_lr_continuous_and_history():
     assert [c.step for c in sched.phi_history] == [200, 400]
     assert used[-1] == 0.0
     assert all(b <= a for a, b in itertools.pairwise(used))
+    # Every probe's graph setup (1.5 gradients per batch, 3 probes of 2) and its HVPs.
     assert auto.probe_cost_fraction == pytest.approx(
-        sum(r.hvps for r in history) * HVP_COST_IN_GRADIENTS / 600
+        (sum(r.hvps for r in history) * HVP_COST_IN_GRADIENTS + 3 * 2 * 1.5) / 600
     )
 
 
@@ -271,7 +272,9 @@ def test_no_positive_curvature_falls_back_loudly():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        auto = auto_uba(model, batches, 20, optimizer=opt, loss_fn=concave, density=False)
+        auto = auto_uba(
+            model, batches, 20, optimizer=opt, loss_fn=concave, density=False, probe_fraction=1.0
+        )
     assert auto.phi == FALLBACK_PHI
     assert any("fell back" in w for w in auto.report.warnings)
     assert "fallback" in str(auto.report)
@@ -435,13 +438,15 @@ def test_first_reestimation_budget_leaves_out_the_density():
         reestimate_every=200,
         per_batch=False,
         trace=False,
+        density=True,  # asked for: computed whatever the plan leaves
     )
     est = auto.report.estimate
     assert est.hvps["density"] > 0
     # Exactly enough budget for the initial probe plus one re-estimation without density.
     expected = est.num_hvps - est.hvps["density"]
     assert auto._expected_reestimation_hvps() == expected
-    auto.probe_fraction = (est.num_hvps + expected) * HVP_COST_IN_GRADIENTS / 600
+    setup = 2 * 2 * 1.5  # 1.5 gradients per batch, 2 batches per probe
+    auto.probe_fraction = ((est.num_hvps + expected) * HVP_COST_IN_GRADIENTS + setup) / 600 + 1e-12
     train(model, opt, auto.scheduler, problem.batches, 201)
     assert [r.status for r in auto.report.history] == ["ok", "ok"]
 
@@ -540,7 +545,7 @@ def test_resuming_a_state_saved_before_make_scheduler_keeps_the_assumed_peak_ope
 
 def test_rechoosing_phi_replaces_the_clamp_warning():
     problem, model, _ = mlp_setup()
-    auto = auto_uba(model, problem.batches, 50, link="chebyshev", density=False)
+    auto = auto_uba(model, problem.batches, 50, link="chebyshev", density=False, max_hvps=600)
     assert auto.report.clamped and any("clamp" in w for w in auto.report.warnings)
     auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=1e-4))
     assert not auto.report.clamped
@@ -556,7 +561,9 @@ def _saved(obj):
 
 def test_report_round_trips_through_from_dict_and_json():
     problem, model, opt = mlp_setup()
-    report = auto_uba(model, problem.batches, 100, optimizer=opt, loss_fn=problem.loss).report
+    report = auto_uba(
+        model, problem.batches, 100, optimizer=opt, loss_fn=problem.loss, max_hvps=600, density=True
+    ).report
     assert report.estimate.density is not None
     back = CurvatureReport.from_dict(json.loads(report.to_json()))
     assert back.to_dict() == report.to_dict() and str(back) == str(report)
@@ -637,7 +644,7 @@ def test_resume_from_a_foreign_state_is_refused():
 
 def test_report_says_when_the_trace_has_no_error_bar():
     problem, model, _ = mlp_setup()
-    auto = auto_uba(model, problem.batches, 50, trace_matvecs=3, density=False)
+    auto = auto_uba(model, problem.batches, 50, trace_matvecs=3, density=False, trace=True)
     assert math.isnan(auto.report.estimate.trace_std_error)
     assert "no error bar" in str(auto.report) and "nan" not in str(auto.report)
 

@@ -76,7 +76,8 @@ def test_the_scheduler_delegates_every_step_to_maybe_reestimate(monkeypatch):
 
 def test_maybe_reestimate_through_the_scheduler_equals_reestimate():
     problem, model = setup()
-    kw = dict(loss_fn=problem.loss, reestimate_every=50, **CHEAP)
+    # max_hvps: probes of a fixed size (the plan's shares depend on reestimate_every, unset below)
+    kw = dict(loss_fn=problem.loss, reestimate_every=50, max_hvps=100, **CHEAP)
     driven = auto_uba(model, problem.batches, 200, optimizer=sgd(model), **kw)
     by_hand = auto_uba(model, problem.batches, 200, optimizer=sgd(model), **kw)
     by_hand.reestimate_every = None  # the plan says never: re-estimate by hand at the same steps

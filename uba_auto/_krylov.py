@@ -43,7 +43,9 @@ def gaussian_unit_vector(op: SymmetricOperator, generator: torch.Generator) -> T
     return v / torch.linalg.vector_norm(v)
 
 
-_BASIS_BLOCK = 16
+# Small blocks: a block is allocated whole, and a short run (a decision probe takes 3-10 steps) must
+# not pay for 16 rows of a model-sized basis.
+_BASIS_BLOCK = 4
 
 
 def _breakdown_rtol(dtype: torch.dtype) -> float:
@@ -127,16 +129,21 @@ def run_lanczos(
     basis_device: torch.device,
     check_every: int,
     should_stop: Callable[[np.ndarray, np.ndarray], bool] | None,
+    product: Callable[[Tensor, LanczosBasis], Tensor] | None = None,
 ) -> LanczosProcess:
     r"""Run up to ``max_steps`` (<= n) Lanczos steps from the unit vector ``q0``.
 
     Every ``check_every`` steps (and at the last one) the coefficients are copied to the host, the
     run is truncated at the first breakdown (:math:`\beta_j \le` :func:`_breakdown_rtol`
     :math:`\cdot \|A q_j\|`), and ``should_stop(alpha, beta)`` may end it.
+
+    ``product(q_j, basis)``, if given, computes :math:`A q_j` instead of ``op.matvec`` (on the
+    operator's device), with ``basis`` holding rows :math:`q_0 \dots q_j`: a caller can project
+    parts of the product on the basis as they are computed (see
+    :class:`uba_auto.probe.projected.BatchProjections`).
     """
     n = op.size
     dtype = op.dtype
-    start_count = op.num_matvecs
     basis = LanczosBasis(n, max_steps, dtype, basis_device)
     # Coefficients stay on the device between checks so that no step waits for the host.
     alpha = torch.empty(max_steps, dtype=dtype, device=basis_device)
@@ -149,7 +156,8 @@ def run_lanczos(
     for j in range(max_steps):
         # detach: the solver never differentiates through the operator, and a graph attached to
         # the product would otherwise be kept alive by the basis.
-        w = op.matvec(basis.row(j).to(op.device)).detach().to(basis_device)
+        q = basis.row(j).to(op.device)
+        w = (op.matvec(q) if product is None else product(q, basis)).detach().to(basis_device)
         aq_norm[j] = torch.linalg.vector_norm(w)
         # Two classical Gram-Schmidt passes against the whole basis. The first pass also yields the
         # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
@@ -186,7 +194,7 @@ def run_lanczos(
                 beta=beta_h[:m_b].copy(),
                 basis=basis,
                 num_steps=m_b,
-                num_matvecs=op.num_matvecs - start_count,
+                num_matvecs=j + 1,
                 breakdown=True,
             )
         if m == max_steps or (should_stop is not None and should_stop(alpha_h, beta_h)):
@@ -195,7 +203,7 @@ def run_lanczos(
                 beta=beta_h,
                 basis=basis,
                 num_steps=m,
-                num_matvecs=op.num_matvecs - start_count,
+                num_matvecs=j + 1,
                 breakdown=False,
             )
     raise AssertionError("unreachable: the loop returns at its last step")  # pragma: no cover

@@ -12,6 +12,7 @@ an :math:`(m, n)` basis in memory, which ``basis_device`` can move off the accel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from uba_auto._krylov import (
     DEFAULT_CHECK_EVERY,
+    LanczosBasis,
     gaussian_unit_vector,
     ritz_residuals,
     run_lanczos,
@@ -156,7 +158,7 @@ def lanczos(
     Args:
         op: the symmetric operator.
         max_iters: the most Lanczos steps (= products), capped at ``op.size``. The basis holds one
-            vector of size ``n`` per step taken, allocated in blocks of 16 as the run proceeds.
+            vector of size ``n`` per step taken, allocated in blocks of 4 as the run proceeds.
         tol: relative residual tolerance, see above. The default ``1e-8`` is for float64; with
             float32 operators use ``tol >= 1e-5`` (residuals cannot drop below rounding).
         v0: starting vector, shape ``(n,)``, the operator's dtype and device, nonzero. Default: a
@@ -214,25 +216,61 @@ def lanczos(
     basis_dev = check_basis_device(basis_device, op)
     if q0 is None:
         q0 = gaussian_unit_vector(op, resolve_generator(generator, op))
+    return solve_lanczos(
+        op,
+        q0,
+        max_iters=max_iters,
+        tol=tol,
+        which=which,
+        k=k,
+        basis_device=basis_dev,
+        check_every=check_every,
+    )
 
+
+def solve_lanczos(
+    op: SymmetricOperator,
+    q0: Tensor,
+    *,
+    max_iters: int,
+    tol: float,
+    which: str,
+    k: int,
+    basis_device: torch.device,
+    check_every: int,
+    product: Callable[[Tensor, LanczosBasis], Tensor] | None = None,
+    stop: Callable[[np.ndarray, np.ndarray, bool], bool] | None = None,
+) -> LanczosResult:
+    """:func:`lanczos` on checked arguments (internal), with two hooks for the probe.
+
+    Args:
+        product: computes each product in place of ``op.matvec``
+            (:func:`~uba_auto._krylov.run_lanczos`).
+        stop: ``stop(alpha, beta, tol_met)`` decides, at each check, whether the run ends;
+            ``tol_met`` says whether every requested Ritz pair meets ``tol``. Default: stop when
+            it does.
+    """
+    needed = 2 * k if which == "both" else k
     max_steps = min(max_iters, op.size)
     min_steps = min(needed, max_steps)
 
     def should_stop(alpha_h: np.ndarray, beta_h: np.ndarray) -> bool:
-        if alpha_h.size < min_steps:
-            return False
-        theta, s = tridiagonal_eigh(alpha_h, beta_h)
-        idx = _wanted_indices(theta.size, which, k)
-        scale = np.abs(theta).max()
-        return bool((ritz_residuals(beta_h[-1], s[:, idx]) <= tol * scale).all())
+        tol_met = False
+        if alpha_h.size >= min_steps:
+            theta, s = tridiagonal_eigh(alpha_h, beta_h)
+            idx = _wanted_indices(theta.size, which, k)
+            scale = np.abs(theta).max()
+            tol_met = bool((ritz_residuals(beta_h[-1], s[:, idx]) <= tol * scale).all())
+        return tol_met if stop is None else stop(alpha_h, beta_h, tol_met)
 
     proc = run_lanczos(
         op,
         q0,
         max_steps=max_steps,
-        basis_device=basis_dev,
+        basis_device=basis_device,
         check_every=check_every,
         should_stop=should_stop,
+        product=product,
     )
     m = proc.num_steps
     theta, s = tridiagonal_eigh(proc.alpha, proc.beta)
@@ -241,7 +279,7 @@ def lanczos(
     residuals = all_residuals[idx]
     converged = residuals <= tol * np.abs(theta).max()
     s_wanted = torch.from_numpy(np.ascontiguousarray(s[:, idx])).to(
-        device=basis_dev, dtype=op.dtype
+        device=basis_device, dtype=op.dtype
     )
     eigenvectors = proc.basis.combine(s_wanted, m).to(op.device)
     return LanczosResult(

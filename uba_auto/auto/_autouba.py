@@ -39,16 +39,19 @@ from ._choice import (
     resolve_peak,
     suggested_lr,
 )
+from ._plan import (
+    HVP_COST_IN_GRADIENTS,
+    hvp_budget,
+    overspend_note,
+    planned_reestimations,
+    probe_cost,
+)
 from ._state import AutoSettings, AutoState, SettingAttribute, check_state_dict, continue_schedule
 from ._sync import agree_phi
 
 __all__ = ["HVP_COST_IN_GRADIENTS", "AutoUBA", "AutoUBAScheduler"]
 
 logger = logging.getLogger("uba_auto")
-
-HVP_COST_IN_GRADIENTS = 2.0
-"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget (rounded up
-from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
 
 
 class AutoUBAScheduler(UBAScheduler):
@@ -154,8 +157,17 @@ class AutoUBA:
 
     @property
     def probe_cost_fraction(self) -> float:
-        """Probing spent so far, in gradient-equivalents, as a fraction of the budget."""
-        return self.probe_hvps * HVP_COST_IN_GRADIENTS / self.budget
+        """Probing spent so far, in gradient-equivalents (graph setup and HVPs,
+        :func:`~uba_auto.auto._plan.probe_cost`), as a fraction of the budget."""
+        return probe_cost(self.probe_hvps, self._batches.drawn) / self.budget
+
+    @property
+    def probe_share(self) -> float:
+        """Each probe's share of ``probe_fraction * budget``, in gradient-equivalents: the
+        pre-training probe and every planned re-estimation get the same."""
+        settings = self._settings
+        count = 1 + planned_reestimations(settings.total_steps, settings.reestimate_every)
+        return settings.probe_fraction * settings.budget / count
 
     @property
     def _stability(self) -> tuple[float, float] | None:
@@ -165,7 +177,10 @@ class AutoUBA:
     def _probe(self, batches: list[Any], optimizer: Any, **overrides: Any) -> CurvatureEstimate:
         """The one place that runs the probe (every estimation of this object goes through it),
         on the curvature ``optimizer`` sees (``None``: the raw curvature)."""
-        settings = ProbeSettings(num_batches=self.num_batches, **{**self.probe_kwargs, **overrides})
+        kwargs = {**self.probe_kwargs, **overrides}
+        if "max_hvps" not in kwargs:  # the user's max_hvps turns the plan off
+            kwargs.setdefault("hvp_budget", hvp_budget(self.probe_share, len(batches)))
+        settings = ProbeSettings(num_batches=self.num_batches, **kwargs)
         return run_probe(
             self.model, batches, self.loss_fn, settings, self._comm, optimizer=optimizer
         )
@@ -193,6 +208,17 @@ class AutoUBA:
             self.loss_fn, loss_guess = default_loss(batches[0])
         t0 = time.perf_counter()
         est = self._probe(batches, optimizer)
+        cost = probe_cost(est.num_hvps, est.num_batches)
+        if cost > self.probe_share:
+            note = overspend_note(
+                "the pre-training probe",
+                cost,
+                self.probe_share,
+                settings.budget,
+                settings.probe_fraction,
+            )
+            notes.append(note)
+            warnings.warn(f"uba-auto: {note}", RuntimeWarning, stacklevel=4)
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
         suggested = suggested_lr(est, stability, settings.warmup_steps)
         peak = resolve_peak(peak_lr, suggested, est.lambda_max, optimizer)
@@ -225,7 +251,7 @@ class AutoUBA:
             edge=edge,
             seconds=time.perf_counter() - t0,
             notes=notes,
-            probe_share=est.num_hvps * HVP_COST_IN_GRADIENTS / settings.budget,
+            probe_share=cost / settings.budget,
             loss_guess=loss_guess,
         )
 
@@ -324,9 +350,10 @@ class AutoUBA:
 
     def _reestimate_at(self, step: int) -> ReestimationRecord:
         settings, state = self._settings, self._state
-        spent = state.probe_hvps * HVP_COST_IN_GRADIENTS
+        spent = probe_cost(state.probe_hvps, self._batches.drawn)
         allowed = settings.probe_fraction * settings.budget
-        if spent + self._expected_reestimation_hvps() * HVP_COST_IN_GRADIENTS > allowed:
+        expected = probe_cost(self._expected_reestimation_hvps(), settings.num_batches)
+        if spent + expected > allowed:
             message = f"probing budget: {spent:.0f} of {allowed:.0f} gradient-equivalents spent"
             record = ReestimationRecord(step, "skipped", None, self.phi, 0, 0.0, message)
             self._state = state.with_record(record)

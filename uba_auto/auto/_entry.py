@@ -44,7 +44,7 @@ def auto_uba(
     phi_min: float = PHI_MIN,
     phi_max: float = PHI_MAX,
     curvature: str = "hessian",
-    density: bool = True,
+    density: bool | None = None,
     seed: int = 0,
     progress: bool | None = None,
     process_group: Any = "auto",
@@ -90,7 +90,15 @@ def auto_uba(
             calibrated links is a standard deviation across batches, and needs several).
         reestimate_every: re-probe every this many steps (``None``: never).
         probe_fraction: the most probing may cost, as a fraction of the budget in
-            gradient-equivalents (re-estimations past it are skipped and recorded).
+            gradient-equivalents (one gradient: a forward and backward pass on one batch). The
+            pre-training probe and every planned re-estimation get equal shares, and each spends
+            its share on the φ decision first (λ_max and the curvature noise, to the precision
+            the decision needs: :class:`~uba_auto.probe.DecisionRule`), then on λ_min to full
+            precision, the trace and the density with what is left (:mod:`uba_auto.auto._plan`).
+            A probe whose decision alone costs more than its share runs anyway and says so (a
+            ``RuntimeWarning`` and the report's warnings, with the numbers); a re-estimation
+            that would take probing past the whole fraction is skipped and recorded. Passing
+            ``max_hvps`` turns the plan off.
         link: the κ→φ link: ``"gated"`` (default: cosine, φ = 2, unless the probe sees almost
             no minibatch noise, then down to 0.25; worse than cosine by more than 1 % in 1 of the
             18 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
@@ -101,7 +109,10 @@ def auto_uba(
             :mod:`uba_auto.phi` and BENCHMARKS.md.
         phi_min, phi_max: the range φ is clamped to.
         curvature: ``"hessian"`` or ``"ggn"``.
-        density: probe the spectral density for the report (pre-training probe only).
+        density: the spectral density for the report (pre-training probe only): ``None``
+            (default) if the probe's share of ``probe_fraction`` has room for it once φ is
+            decided, ``True`` always, ``False`` never. The trace follows the same rule (pass
+            ``trace=True`` to force it).
         seed: seed of the probe's random vectors.
         progress: progress bar during probes (``None``: when stderr is a terminal).
         process_group: ``"auto"`` (default): under ``torch.distributed`` (e.g. a DDP script run
@@ -184,6 +195,7 @@ def auto_uba(
         "seed": seed,
         "progress": progress,
         "density": density,
+        "trace": None,
         "per_batch": False,
         "trace_matvecs": 12,
         "density_probes": 2,

@@ -171,6 +171,12 @@ class AllReducedOperator(SymmetricOperator):
             )
         return self._gradient
 
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        r""":math:`c_b` of the global batches (by number of examples): this operator is
+        :math:`\sum_b c_b` ``batch_operator(b)``."""
+        return tuple(batch_weights(self._global.sizes))
+
     def batch_operator(self, i: int) -> AllReducedOperator:
         """The curvature of global batch ``i`` alone, sharing the cached graphs (no collective)."""
         local = self.local.batch_operator(i).reweighted([self._global.shares[i]])

@@ -20,13 +20,16 @@ PyHessian reference backend, ``method="pyhessian"``).
 
 from .api import probe_curvature
 from .estimate import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
+from .projected import DECISION_RULE, DecisionRule
 from .run import run_probe
 from .settings import METHODS, ProbeSettings
 
 __all__ = [
+    "DECISION_RULE",
     "METHODS",
     "NEGATIVE_MASS_THRESHOLD",
     "CurvatureEstimate",
+    "DecisionRule",
     "ProbeSettings",
     "probe_curvature",
     "run_probe",

@@ -31,9 +31,9 @@ def probe_curvature(
     mode: str = "train-deterministic",
     dtype: torch.dtype | None = None,
     per_batch: bool = True,
-    trace: bool = True,
+    trace: bool | None = True,
     trace_matvecs: int = 30,
-    density: bool = False,
+    density: bool | None = False,
     density_probes: int = 4,
     density_iters: int = 40,
     seed: int = 0,
@@ -42,6 +42,7 @@ def probe_curvature(
     process_group: Any = "auto",
     optimizer: torch.optim.Optimizer | None = None,
     grad_clip: float | None = None,
+    hvp_budget: int | None = None,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -89,10 +90,12 @@ def probe_curvature(
             untouched), ``"eval"`` or ``"as-is"``; see :class:`~uba_auto.curvature.HessianOperator`.
         dtype: probe in this dtype (e.g. ``torch.float64``); default the model's.
         per_batch: also probe each batch alone, for the spread across minibatches.
-        trace: estimate the trace with Hutch++ using ``trace_matvecs`` operator products.
+        trace: estimate the trace with Hutch++ using ``trace_matvecs`` operator products
+            (``None``: only if it fits ``hvp_budget``).
         trace_matvecs: operator products for the trace (each costs ``num_batches`` HVPs).
         density: estimate the spectral density by SLQ (``density_probes`` runs of
-            ``density_iters`` Lanczos steps) and the negative-eigenvalue mass.
+            ``density_iters`` Lanczos steps) and the negative-eigenvalue mass (``None``: only if
+            it fits ``hvp_budget``).
         density_probes, density_iters: SLQ settings.
         seed: seed of every random vector the probe draws (from private generators: the global
             RNG streams are neither used nor advanced).
@@ -127,6 +130,14 @@ def probe_curvature(
             an adaptive optimizer's preconditioner before its first step clips each probe batch's
             gradient the same way, as the optimizer will only ever see clipped gradients. Unused
             once the optimizer has state, and without an adaptive optimizer.
+        hvp_budget: the single-batch HVPs the probe should spend in all (``None``: no budget,
+            every part runs as set; ``auto_uba`` sets it from ``probe_fraction``). With
+            ``method="lanczos"`` the extremes first run until λ_max and the curvature noise have
+            settled to the precision the φ decision needs
+            (:class:`~uba_auto.probe.DecisionRule`; ``estimate.decision_steps``), even past the
+            budget (said in the warnings); then on, while both ends miss ``tol``, only as long as
+            the next step fits; then the trace and the density if set to ``None`` and their
+            products fit what is left (said in the warnings when they do not).
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -175,6 +186,7 @@ def probe_curvature(
         progress=progress,
         basis_device=basis_device,
         grad_clip=grad_clip,
+        hvp_budget=hvp_budget,
     )
     comm = resolve_process_group(process_group, device=device_of(model))
     return run_probe(model, loader, loss_fn, settings, comm, optimizer=optimizer)

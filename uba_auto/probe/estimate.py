@@ -89,7 +89,9 @@ class CurvatureEstimate:
             (``None`` without them).
         top_curvature_per_batch: :math:`v^\top H_b v` for each batch :math:`b`, with :math:`v`
             the top eigenvector of the mean operator: the curvature each minibatch shows along
-            the sharpest direction (their mean is ``lambda_max``). One HVP per batch.
+            the sharpest direction (their weighted mean is ``lambda_max``). With
+            ``method="lanczos"`` they come from the batches' projections on the Lanczos basis,
+            at no extra HVP (:mod:`uba_auto.probe.projected`); otherwise one HVP per batch.
         curvature_noise: their sample standard deviation divided by ``lambda_max``: how much the
             sharpness a single SGD step sees fluctuates from batch to batch (``None`` with one
             batch, or for ``method="pyhessian"``). 0 means full-batch-like curvature.
@@ -115,6 +117,11 @@ class CurvatureEstimate:
         preconditioner: ``None`` when the spectrum is that of the curvature itself; for an
             adaptive optimizer, the preconditioner :math:`P` of the measured
             :math:`P^{-1/2} A P^{-1/2}` and where it came from (its state, or an estimate).
+        decision_steps: the Lanczos step at which λ_max and the curvature noise had settled to
+            the precision the φ decision needs (:class:`~uba_auto.probe.projected.DecisionRule`);
+            ``None`` when it was not met (or for another method).
+        hvp_budget: the HVP budget the probe was run under (``None``: none, every part ran as
+            set; see :class:`~uba_auto.probe.ProbeSettings`).
     """
 
     lambda_max: float
@@ -152,6 +159,8 @@ class CurvatureEstimate:
     world_size: int = 1
     optimizer: str | None = None
     preconditioner: str | None = None
+    decision_steps: int | None = None
+    hvp_budget: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the density as its nodes and weights; inf and NaN as None)."""

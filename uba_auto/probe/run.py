@@ -37,9 +37,17 @@ from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
 from .bookkeeping import Ledger, Tracked, progress_bar
 from .estimate import CurvatureEstimate, condition_number, negative_mass
+from .projected import DECISION_RULE
 from .pyhessian import pyhessian_estimate
 from .settings import ProbeSettings, check_model
-from .steps import Extremes, PerBatchCurvature, extremes, per_batch_curvature, spread
+from .steps import (
+    Extremes,
+    PerBatchCurvature,
+    extremes,
+    per_batch_curvature,
+    projected_extremes,
+    spread,
+)
 
 __all__ = ["run_probe"]
 
@@ -140,12 +148,40 @@ def run_probe(
         )
         total = settings.planned_hvps(num_found)
         rank = comm.rank if comm else 0
+        budgeted = settings.hvp_budget is not None
         with progress_bar(settings.progress, total, f"probing {settings.curvature}", rank) as bar:
-            ext = ledger.spend("extremes", Tracked(op, bar, num_found), solve)
-            notes += _convergence_notes(ext, settings.budget(num_found), tol)
+            top_curvature, decision = None, None
+            if settings.method == "lanczos":
+                batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
+                budget_steps = settings.hvp_budget // num_found if budgeted else None
+                steps = max_iters
+                if budgeted:  # the decision first, whatever the budget, then what it allows
+                    steps = min(max_iters, max(budget_steps, DECISION_RULE.max_steps))
+                with ledger.part("extremes"):
+                    found = projected_extremes(
+                        batch_ops,
+                        op.coefficients,
+                        max_iters=steps,
+                        tol=tol,
+                        generator=gen,
+                        basis_device=settings.basis_device,
+                        budget_steps=budget_steps,
+                    )
+                ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
+                ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision
+            else:
+                ext = ledger.spend("extremes", Tracked(op, bar, num_found), solve)
+            notes += _convergence_notes(ext, settings, num_found, tol)
+            if budgeted and decision is not None and not decision.reached:
+                notes.append(
+                    f"lambda_max and the curvature noise had not settled to the phi decision's "
+                    f"precision after {decision.steps} Lanczos steps (top residual "
+                    f"{decision.residual:.2g} relative; see uba_auto.probe.DecisionRule): phi "
+                    "rests on an unsettled estimate"
+                )
 
             per_batch = None
-            if num_found > 1:
+            if num_found > 1 and (top_curvature is None or settings.per_batch):
                 with ledger.part("per_batch"):
                     per_batch = per_batch_curvature(
                         lambda i: Tracked(op.batch_operator(i), bar, 1),
@@ -158,16 +194,22 @@ def run_probe(
                     f"the per-batch estimate of batch {i} did not converge"
                     for i in per_batch.unconverged
                 ]
+            elif num_found > 1:  # from the Lanczos projections, no product
+                per_batch = PerBatchCurvature(top_curvature, (), (), (), 0)
 
             trace_est = None
-            if settings.trace:
+            skipped = []
+            if settings.fits("trace", settings.trace_matvecs * num_found, ledger.num_hvps):
                 trace = functools.partial(
                     hutchpp_trace, num_matvecs=settings.trace_matvecs, generator=gen
                 )
                 trace_est = ledger.spend("trace", Tracked(op, bar, num_found), trace)
+            elif settings.trace is None:
+                skipped.append("trace")
 
             dens = None
-            if settings.density:
+            cost = settings.density_probes * settings.density_iters * num_found
+            if settings.fits("density", cost, ledger.num_hvps):
                 density = functools.partial(
                     slq_density,
                     num_probes=settings.density_probes,
@@ -176,6 +218,14 @@ def run_probe(
                     basis_device=settings.basis_device,
                 )
                 dens = ledger.spend("density", Tracked(op, bar, num_found), density)
+            elif settings.density is None:
+                skipped.append("density")
+            if skipped:
+                notes.append(
+                    f"the probe's HVP budget ({settings.hvp_budget}) left no room for the "
+                    f"{' and the '.join(skipped)}: not computed (pass "
+                    f"{'=True, '.join(skipped)}=True to compute them anyway)"
+                )
         batch_losses = tuple(float(v) for v in op.batch_losses)
         batch_sizes = tuple(op.global_batch_sizes)
         num_params, device, dtype = op.size, op.device, op.dtype
@@ -209,6 +259,8 @@ def run_probe(
         world_size=1 if comm is None else comm.world_size,
         optimizer=None if optimizer is None else type(optimizer).__name__,
         preconditioner=None if preconditioner is None else preconditioner.description,
+        decision_steps=decision.steps if decision is not None and decision.reached else None,
+        hvp_budget=settings.hvp_budget,
     )
     if comm is not None and check_enabled():
         _check_identical_across_ranks(comm, estimate)
@@ -312,10 +364,17 @@ def _optimizer_tag(optimizer: torch.optim.Optimizer | None) -> int:
     return zlib.crc32(f"{type(optimizer).__name__}/{len(optimizer.state)}".encode())
 
 
-def _convergence_notes(ext: Extremes, budget: int, tol: float) -> list[str]:
+def _convergence_notes(
+    ext: Extremes, settings: ProbeSettings, num_found: int, tol: float
+) -> list[str]:
+    if settings.hvp_budget is not None:
+        within = f"within the probe's HVP budget ({settings.hvp_budget})"
+        fix = "raise the budget (auto_uba: probe_fraction)"
+    else:
+        within, fix = f"within max_hvps={settings.budget(num_found)}", "raise max_hvps"
     return [
-        f"{key} did not converge within max_hvps={budget} (residual "
-        f"{ext.residuals[key]:.3g}, tol {tol:g} relative): raise max_hvps"
+        f"{key} did not converge {within} (residual {ext.residuals[key]:.3g}, tol {tol:g} "
+        f"relative): {fix}"
         for key, ok in ext.converged.items()
         if not ok and key != "lambda_min_positive"
     ]

@@ -50,15 +50,16 @@ class ProbeSettings:
     mode: str = "train-deterministic"
     dtype: torch.dtype | None = None
     per_batch: bool = True
-    trace: bool = True
+    trace: bool | None = True
     trace_matvecs: int = 30
-    density: bool = False
+    density: bool | None = False
     density_probes: int = 4
     density_iters: int = 40
     seed: int = 0
     progress: bool | None = None
     basis_device: torch.device | str | None = None
     grad_clip: float | None = None
+    hvp_budget: int | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -84,6 +85,13 @@ class ProbeSettings:
             store("tol", check_positive_finite("tol", self.tol))
         if self.grad_clip is not None:
             store("grad_clip", check_positive_finite("grad_clip", self.grad_clip))
+        if self.hvp_budget is not None:
+            store("hvp_budget", check_int("hvp_budget", self.hvp_budget, minimum=0))
+        for name in ("trace", "density", "per_batch"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name != "per_batch")):
+                allowed = "a bool" if name == "per_batch" else "True, False or None (if it fits)"
+                raise TypeError(f"{name} must be {allowed}, got {value!r}")
         if self.method == "pyhessian" and self.curvature != "hessian":
             raise ValueError(
                 "method='pyhessian' computes the Hessian only; use curvature='hessian'"
@@ -112,8 +120,19 @@ class ProbeSettings:
         # Residuals cannot fall much below the rounding of one product: ~1e-7 relative in float32.
         return 1e-6 if dtype == torch.float64 else 1e-4
 
+    def fits(self, part: str, cost: int, spent: int) -> bool:
+        """Whether ``part`` (``"trace"`` or ``"density"``, costing ``cost`` HVPs) runs after
+        ``spent`` HVPs: ``True`` always, ``None`` if it fits :attr:`hvp_budget` (always without
+        one), ``False`` never."""
+        asked = getattr(self, part)
+        if asked is None:
+            return self.hvp_budget is None or spent + cost <= self.hvp_budget
+        return bool(asked)
+
     def planned_hvps(self, num_found: int) -> int:
         """The most single-batch HVPs the main path can spend (the progress bar's total)."""
+        if self.hvp_budget is not None:
+            return max(self.hvp_budget, 3 * num_found)
         budget = self.budget(num_found)
         per_batch_runs = self.per_batch and num_found > 1
         total = budget * (2 if per_batch_runs else 1) + (num_found if num_found > 1 else 0)
@@ -126,5 +145,5 @@ class ProbeSettings:
         settings = (self.num_batches, self.max_hvps, self.tol, self.method, self.curvature)
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
-        settings += (self.grad_clip,)
+        settings += (self.grad_clip, self.hvp_budget)
         return repr(settings)

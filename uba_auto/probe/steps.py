@@ -15,15 +15,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..lanczos import lanczos
+from .._krylov import gaussian_unit_vector, tridiagonal_eigh
+from ..lanczos import LanczosResult, lanczos, solve_lanczos
 from ..linear_operator import SymmetricOperator
 from ..power_iteration import power_iteration
+from .projected import DECISION_RULE, BatchProjections, DecisionMonitor, DecisionPoint, DecisionRule
 
 __all__ = [
     "Extremes",
     "PerBatchCurvature",
+    "ProjectedExtremes",
     "extremes",
     "per_batch_curvature",
+    "projected_extremes",
     "smallest_positive",
     "spread",
 ]
@@ -78,21 +82,7 @@ def smallest_positive(ritz_values: Tensor, ritz_residuals: Tensor) -> tuple[floa
     return float(theta[i]), float(ritz_residuals[i])
 
 
-def _lanczos_extremes(
-    op: SymmetricOperator,
-    max_iters: int,
-    tol: float,
-    generator: torch.Generator,
-    basis_device: torch.device | str | None,
-) -> Extremes:
-    res = lanczos(
-        op,
-        max_iters=max_iters,
-        tol=tol,
-        generator=generator,
-        which="both",
-        basis_device=basis_device,
-    )
+def _extremes_of(res: LanczosResult, tol: float) -> Extremes:
     residuals = {"lambda_max": float(res.residuals[-1]), "lambda_min": float(res.residuals[0])}
     converged = {"lambda_max": bool(res.converged[-1]), "lambda_min": bool(res.converged[0])}
     positive = smallest_positive(res.ritz_values, res.ritz_residuals)
@@ -109,6 +99,103 @@ def _lanczos_extremes(
         top_vector=res.eigenvectors[:, -1],
         num_matvecs=res.num_matvecs,
     )
+
+
+def _lanczos_extremes(
+    op: SymmetricOperator,
+    max_iters: int,
+    tol: float,
+    generator: torch.Generator,
+    basis_device: torch.device | str | None,
+) -> Extremes:
+    res = lanczos(
+        op,
+        max_iters=max_iters,
+        tol=tol,
+        generator=generator,
+        which="both",
+        basis_device=basis_device,
+    )
+    return _extremes_of(res, tol)
+
+
+@dataclass(frozen=True)
+class ProjectedExtremes:
+    """What :func:`projected_extremes` finds.
+
+    Attributes:
+        extremes: both ends of the mean operator, as :func:`extremes` gives them.
+        top_curvature: the curvature each batch shows along the final top Ritz vector.
+        decision: where the decision rule was met
+            (:class:`~uba_auto.probe.projected.DecisionPoint`).
+    """
+
+    extremes: Extremes
+    top_curvature: tuple[float, ...]
+    decision: DecisionPoint | None
+
+
+def projected_extremes(
+    batch_ops: Sequence[SymmetricOperator],
+    weights: Sequence[float],
+    *,
+    max_iters: int,
+    tol: float,
+    generator: torch.Generator,
+    basis_device: torch.device | str | None = None,
+    budget_steps: int | None = None,
+    rule: DecisionRule = DECISION_RULE,
+) -> ProjectedExtremes:
+    r"""Both ends of :math:`\sum_b c_b A_b` by Lanczos, with each batch's curvature along the top
+    Ritz vector at no extra product (:mod:`uba_auto.probe.projected`).
+
+    Args:
+        batch_ops, weights: the batches' operators :math:`A_b` and coefficients :math:`c_b`.
+        max_iters, tol, generator, basis_device: as for :func:`extremes` (the start vector is
+            drawn as there, so the run is that of :func:`extremes` on the mean, up to the
+            rounding of the sum).
+        budget_steps: ``None``: stop when both ends meet ``tol`` (or at ``max_iters``). Else the
+            budgeted stop: first the decision ``rule``, whatever it costs (up to its
+            ``max_steps``), then on only while both ends miss ``tol`` and fewer than
+            ``budget_steps`` steps were taken.
+        rule: the decision rule.
+
+    Example:
+        >>> from uba_auto.linear_operator import DenseOperator
+        >>> mats = [torch.diag(torch.tensor([d, 1.0, 0.5], dtype=torch.float64)) for d in (3, 5)]
+        >>> pe = projected_extremes([DenseOperator(m) for m in mats], [0.5, 0.5], max_iters=3,
+        ...                         tol=1e-10, generator=torch.Generator().manual_seed(0))
+        >>> round(pe.extremes.lambda_max, 8), [round(c, 8) for c in pe.top_curvature]
+        (4.0, [3.0, 5.0])
+    """
+    first = batch_ops[0]
+    basis_dev = torch.device(basis_device) if basis_device is not None else first.device
+    steps = min(max_iters, first.size)
+    projections = BatchProjections(batch_ops, weights, steps, first.dtype, basis_dev)
+    monitor = DecisionMonitor(projections, rule)
+
+    def stop(alpha: np.ndarray, beta: np.ndarray, tol_met: bool) -> bool:
+        decided = monitor.update(alpha, beta)
+        if budget_steps is None:
+            return tol_met
+        return decided and (tol_met or alpha.size >= budget_steps)
+
+    res = solve_lanczos(
+        first,
+        gaussian_unit_vector(first, generator),
+        max_iters=steps,
+        tol=tol,
+        which="both",
+        k=1,
+        basis_device=basis_dev,
+        check_every=1,
+        product=projections.product,
+        stop=stop,
+    )
+    _, s = tridiagonal_eigh(res.alpha.numpy(), res.beta.numpy())
+    top = tuple(float(c) for c in projections.curvatures(s[:, -1]))
+    ext = _extremes_of(res, tol)
+    return ProjectedExtremes(extremes=ext, top_curvature=top, decision=monitor.final())
 
 
 class _Shifted(SymmetricOperator):

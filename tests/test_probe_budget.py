@@ -1,0 +1,87 @@
+"""The probe sized by a budget: the decision first, extras with what is left, loud overspend."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests._models import make_problem
+from uba_auto import auto_uba, probe_curvature
+from uba_auto.auto._plan import hvp_budget, planned_reestimations, probe_cost
+from uba_auto.phi import GATE_NOISE, choose_phi
+from uba_auto.probe import DECISION_RULE
+
+F64 = torch.float64
+
+
+def test_the_rules_floor_is_the_gate_it_protects():
+    assert DECISION_RULE.noise_floor == GATE_NOISE
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
+def test_the_decision_at_its_precision_is_the_decision_at_full_precision(name):
+    problem = make_problem(name, num_batches=6)
+    common = dict(num_batches=6, per_batch=False, trace=False, progress=False)
+    full = probe_curvature(problem.model, problem.batches, problem.loss, tol=1e-10, **common)
+    quick = probe_curvature(problem.model, problem.batches, problem.loss, hvp_budget=0, **common)
+    assert quick.decision_steps is not None and quick.decision_steps >= DECISION_RULE.min_steps
+    assert quick.num_hvps == 6 * quick.decision_steps < full.num_hvps
+    assert quick.lambda_max == pytest.approx(full.lambda_max, rel=0.05)
+    assert quick.curvature_noise == pytest.approx(full.curvature_noise, rel=0.15)
+    for link in ("gated", "gated-edge"):
+        a = choose_phi(quick, peak_lr=0.1, budget=100, link=link, edge_fraction=0.5)
+        b = choose_phi(full, peak_lr=0.1, budget=100, link=link, edge_fraction=0.5)
+        assert a.phi == pytest.approx(b.phi, abs=0.1)
+
+
+def test_extras_run_only_when_they_fit_or_are_asked_for():
+    problem = make_problem("tanh_mlp", num_batches=2)
+    args = (problem.model, problem.batches, problem.loss)
+    common = dict(num_batches=2, per_batch=False, trace_matvecs=3, progress=False)
+    tight = probe_curvature(*args, hvp_budget=0, trace=None, density=None, **common)
+    assert tight.trace is None and tight.density is None
+    assert any("left no room for the trace and the density" in w for w in tight.warnings)
+    assert any("within the probe's HVP budget" in w for w in tight.warnings)  # lambda_min
+    forced = probe_curvature(*args, hvp_budget=0, trace=True, density=None, **common)
+    assert forced.trace is not None and forced.density is None
+    roomy = probe_curvature(*args, hvp_budget=10_000, trace=None, density=None, **common)
+    assert roomy.trace is not None and roomy.density is not None
+    assert all(roomy.converged[k] for k in ("lambda_max", "lambda_min"))
+    assert roomy.num_hvps <= 10_000
+
+
+def test_a_budget_between_the_decision_and_convergence_is_respected():
+    problem = make_problem("tanh_mlp", num_batches=3)
+    common = dict(num_batches=3, per_batch=False, trace=None, progress=False, tol=1e-12)
+    est = probe_curvature(problem.model, problem.batches, problem.loss, hvp_budget=33, **common)
+    assert est.decision_steps is not None and 3 * est.decision_steps <= 33
+    assert est.num_hvps <= 33 and est.hvps["extremes"] % 3 == 0
+
+
+def test_plan_arithmetic():
+    assert planned_reestimations(4999, 500) == 9 and planned_reestimations(100, None) == 0
+    assert probe_cost(10, 4) == 10 * 2.0 + 4 * 1.5
+    assert hvp_budget(100.0, 8) == 44 and hvp_budget(5.0, 8) == 0
+
+
+def test_auto_uba_says_loudly_when_the_smallest_useful_probe_overspends():
+    problem = make_problem("tanh_mlp", num_batches=4)
+    with pytest.warns(RuntimeWarning, match=r"probing budget exceeded: the pre-training probe"):
+        auto = auto_uba(problem.model, problem.batches, 200, loss_fn=problem.loss, num_batches=4)
+    assert any(w.startswith("probing budget exceeded") for w in auto.report.warnings)
+    est = auto.report.estimate
+    assert est.hvp_budget == 0 and est.trace is None and est.density is None
+    assert est.decision_steps is not None  # phi was still decided at its precision
+
+
+def test_auto_uba_within_a_roomy_budget_stays_inside_its_share_and_is_silent():
+    problem = make_problem("tanh_mlp", num_batches=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        auto = auto_uba(
+            problem.model, problem.batches, 200_000, loss_fn=problem.loss, num_batches=4
+        )
+    est = auto.report.estimate
+    assert probe_cost(est.num_hvps, 4) <= auto.probe_share == 0.02 * 200_000
+    assert est.trace is not None and est.density is not None  # the extras fit
+    assert not any("budget" in w for w in auto.report.warnings)

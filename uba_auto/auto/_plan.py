@@ -1,0 +1,81 @@
+r"""The probing plan: how many gradient-equivalents each probe of an ``auto_uba`` run may spend.
+
+``probe_fraction`` of the budget (in gradient-equivalents: one gradient = one forward and backward
+pass on one batch) is shared equally by the pre-training probe and every re-estimation the plan
+will run (:func:`planned_reestimations`). A probe of :math:`B` batches costs
+
+.. math::
+
+    \text{cost} = B \cdot \text{SETUP} + \text{HVPs} \cdot \text{HVP}, \qquad
+    \text{SETUP} = 1.5, \quad \text{HVP} = 2
+
+gradient-equivalents (building each batch's double-backward graph is a forward and a backward
+pass that keeps its graph; a product with the cached graph measured 1.3-2.2 gradients in
+``benchmarks/probe_benchmark.py``, and more on some architectures, which this fixed count does not
+see: it is a plan, and the same on every rank). What is left of a probe's share after its setup is
+its HVP budget (:class:`~uba_auto.probe.ProbeSettings` ``hvp_budget``): the φ decision first, the
+report's extras only with what remains.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "HVP_COST_IN_GRADIENTS",
+    "SETUP_COST_IN_GRADIENTS",
+    "hvp_budget",
+    "overspend_note",
+    "planned_reestimations",
+    "probe_cost",
+]
+
+HVP_COST_IN_GRADIENTS = 2.0
+"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget (rounded up
+from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
+
+SETUP_COST_IN_GRADIENTS = 1.5
+"""Cost of building one batch's double-backward graph (a forward and a backward pass that keeps
+its graph), in gradient evaluations."""
+
+
+def planned_reestimations(total_steps: int, every: int | None) -> int:
+    """How many re-estimations the plan runs: at every multiple of ``every`` in
+    ``(0, total_steps - 1)`` (see :meth:`~uba_auto.auto.AutoUBA.maybe_reestimate`).
+
+    Example:
+        >>> planned_reestimations(999, 100), planned_reestimations(999, None)
+        (9, 0)
+    """
+    if not every:
+        return 0
+    return max(0, (total_steps - 2) // every)
+
+
+def probe_cost(hvps: int, batches: int) -> float:
+    """Gradient-equivalents of a probe of ``batches`` batches that spent ``hvps`` HVPs."""
+    return batches * SETUP_COST_IN_GRADIENTS + hvps * HVP_COST_IN_GRADIENTS
+
+
+def hvp_budget(share: float, batches: int) -> int:
+    """The HVPs a probe of ``batches`` batches may spend within ``share`` gradient-equivalents
+    (0 when the setup alone uses it up).
+
+    Example:
+        >>> hvp_budget(100.0, 8)  # 5000 steps at 2 %: (100 - 8 * 1.5) / 2
+        44
+    """
+    return max(0, math.floor((share - batches * SETUP_COST_IN_GRADIENTS) / HVP_COST_IN_GRADIENTS))
+
+
+def overspend_note(what: str, cost: float, share: float, budget: int, fraction: float) -> str:
+    """The loud note of a probe that cost more than its share."""
+    return (
+        f"probing budget exceeded: {what} cost {cost:.0f} gradient-equivalents "
+        f"({100 * cost / budget:.1f}% of the {budget}-step budget), over its share of "
+        f"{share:.0f} (probe_fraction {100 * fraction:g}%). It ran anyway, with no report "
+        "extras: phi needs lambda_max and the curvature noise at the decision's precision, and "
+        "that is the smallest useful probe. To stay within it: raise probe_fraction, lower "
+        "num_batches (a noisier curvature noise), reestimate less often, or give phi yourself "
+        "(UBAScheduler) and skip the probe"
+    )

@@ -1,0 +1,185 @@
+r"""Lanczos on a mean of batch curvatures that keeps each batch's projection, and the decision stop.
+
+For :math:`A = \sum_b c_b A_b` every Lanczos product :math:`A q_j` is computed as the weighted sum
+of the batches' products :math:`p_b = A_b q_j`, and each :math:`p_b` is projected on the basis
+before it is dropped: column :math:`j` of :math:`T_b = Q^\top A_b Q`. For a Ritz vector
+:math:`y = Q s` of the mean (:math:`T s = \theta s`) the curvature batch :math:`b` shows along it is
+
+.. math::
+
+    y^\top A_b y = s^\top T_b s \qquad \text{(exactly: } y \text{ lies in the span of } Q),
+
+so the per-batch curvature along the current top Ritz vector, and its relative spread (the
+curvature noise σ the φ links read), are known at every step for no product beyond those Lanczos
+takes anyway (the probe used to spend one more product per batch on them afterwards). The memory
+is one product vector at a time and :math:`B m^2` numbers.
+
+That is what lets the probe stop at the precision the φ decision needs (:class:`DecisionRule`):
+σ and λ_max settle long before λ_max meets the report's tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._krylov import LanczosBasis, tridiagonal_eigh
+from ..linear_operator import SymmetricOperator
+
+__all__ = [
+    "DECISION_RULE",
+    "BatchProjections",
+    "DecisionMonitor",
+    "DecisionPoint",
+    "DecisionRule",
+]
+
+
+class BatchProjections:
+    """The product hook of :func:`~uba_auto._krylov.run_lanczos` that records :math:`T_b`.
+
+    Args:
+        batch_ops: the operator of each batch (``op.batch_operator(b)``), weight 1 each.
+        weights: :math:`c_b`, so that the mean is :math:`\\sum_b c_b A_b`.
+        max_steps: the most Lanczos steps the run can take.
+        dtype, device: of the projections (those of the basis).
+    """
+
+    def __init__(
+        self,
+        batch_ops: Sequence[SymmetricOperator],
+        weights: Sequence[float],
+        max_steps: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if len(batch_ops) != len(weights) or not batch_ops:
+            raise ValueError("batch_ops and weights must be non-empty and of the same length")
+        self.batch_ops, self.weights = list(batch_ops), [float(c) for c in weights]
+        self.T = torch.zeros((len(batch_ops), max_steps, max_steps), dtype=dtype, device=device)
+
+    def product(self, q: Tensor, basis: LanczosBasis) -> Tensor:
+        """:math:`\\sum_b c_b A_b q` for ``q`` = the basis' last row, filling column ``j``."""
+        j = basis.rows - 1
+        total = None
+        for b, (op_b, c) in enumerate(zip(self.batch_ops, self.weights, strict=True)):
+            p = op_b.matvec(q).detach()
+            col = basis.coefficients(p.to(basis.device)).to(self.T.dtype)
+            self.T[b, : j + 1, j] = col
+            self.T[b, j, : j + 1] = col
+            total = p * c if total is None else total.add_(p, alpha=c)
+            del p
+        return total
+
+    def curvatures(self, s: np.ndarray) -> np.ndarray:
+        """:math:`s^\\top T_b s` for every batch, for coefficients ``s`` of length ``m``."""
+        m = s.shape[0]
+        t = self.T[:, :m, :m].to("cpu", torch.float64).numpy()
+        return np.einsum("i,bij,j->b", s, t, s)
+
+
+def noise(curvatures: np.ndarray, lambda_max: float) -> float | None:
+    """The curvature noise: sample std of the per-batch curvatures over ``lambda_max``."""
+    if curvatures.size < 2 or not lambda_max > 0:
+        return None
+    return float(np.std(curvatures, ddof=1) / lambda_max)
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    r"""When the Lanczos run knows enough for the φ decision (the constants are fixed, see below).
+
+    At step :math:`m \ge` ``min_steps``, with :math:`\theta_m` the top Ritz value, :math:`r_m` its
+    residual and :math:`\sigma_m` the curvature noise along its Ritz vector:
+
+    .. math::
+
+        r_m \le \text{rtol}\,\max_i |\theta_i| \quad\text{and}\quad
+        |\sigma_m - \sigma_{m-1}| \le \text{noise\_change}\cdot\max(\sigma_m, \text{noise\_floor}).
+
+    With one batch only the residual test applies. ``max_steps``: the decision is taken there at
+    the latest (with a note), so a run whose σ keeps moving cannot spend the whole budget on it.
+
+    The constants were fixed on the Lanczos trajectories of the 24 cells of the φ study (every
+    task and seed of ``benchmarks/results/phi_validation.json``, 8 batches each) and of the MLP,
+    CNN and transformer of the probe benchmark (``python benchmarks/phi_decision_check.py`` reruns
+    the check): σ moves by less than its own sampling error across 8 batches (about 27 %) once the
+    top residual is 0.1, and λ_max is then within a few percent (its error falls as
+    :math:`r^2/\text{gap}`). ``noise_floor`` is the gated link's gate (0.05): below it σ moves φ,
+    above it φ is cosine whatever σ is.
+    """
+
+    rtol: float = 0.1
+    noise_change: float = 0.1
+    noise_floor: float = 0.05
+    min_steps: int = 3
+    max_steps: int = 20
+
+
+DECISION_RULE = DecisionRule()
+"""The rule the probe uses (:class:`DecisionRule`'s defaults)."""
+
+
+@dataclass(frozen=True)
+class DecisionPoint:
+    """Where the decision rule was met (or given up on).
+
+    Attributes:
+        steps: Lanczos steps taken then.
+        lambda_max: the top Ritz value then.
+        curvature_noise: σ along its Ritz vector then (``None`` with one batch).
+        residual: the top Ritz pair's residual relative to the spectral scale.
+        reached: whether the rule was met (``False``: taken at ``max_steps`` or at the run's end).
+    """
+
+    steps: int
+    lambda_max: float
+    curvature_noise: float | None
+    residual: float
+    reached: bool
+
+
+@dataclass
+class DecisionMonitor:
+    """Follows a projected Lanczos run step by step and records when :attr:`rule` is met.
+
+    Call :meth:`update` with the run's coefficients after every step (``check_every=1``).
+    """
+
+    projections: BatchProjections
+    rule: DecisionRule = DECISION_RULE
+    point: DecisionPoint | None = None
+    _last_noise: float | None = field(default=None, repr=False)
+    _last: DecisionPoint | None = field(default=None, repr=False)
+
+    def update(self, alpha: np.ndarray, beta: np.ndarray) -> bool:
+        """Take step ``len(alpha)`` into account; return whether the decision is taken."""
+        if self.point is not None:
+            return True
+        m = alpha.size
+        theta, s = tridiagonal_eigh(alpha, beta)
+        top = s[:, -1]
+        scale = float(np.abs(theta).max())
+        residual = float(abs(beta[-1] * top[-1]) / scale) if scale > 0 else float("inf")
+        sigma = noise(self.projections.curvatures(top), float(theta[-1]))
+        previous, self._last_noise = self._last_noise, sigma
+        self._last = DecisionPoint(m, float(theta[-1]), sigma, residual, False)
+        if m < self.rule.min_steps or not theta[-1] > 0:
+            return False
+        settled = sigma is None or (
+            previous is not None
+            and abs(sigma - previous) <= self.rule.noise_change * max(sigma, self.rule.noise_floor)
+        )
+        if residual <= self.rule.rtol and settled:
+            self.point = DecisionPoint(m, float(theta[-1]), sigma, residual, True)
+        elif m >= self.rule.max_steps:
+            self.point = self._last
+        return self.point is not None
+
+    def final(self) -> DecisionPoint | None:
+        """The decision point, or the last step seen when the run ended before the rule."""
+        return self.point if self.point is not None else self._last
