@@ -70,16 +70,17 @@ after.
 
 Recurrent layers
 ----------------
-The fused recurrent kernels, cuDNN's (every ``nn.RNN``/``LSTM``/``GRU`` on a GPU) and oneDNN's
-(``nn.LSTM`` in float32 on the CPU), have no forward-mode derivative, and cuDNN's no double
-backward; oneDNN's LSTM is differentiated twice through a backward pass unrolled into a dozen small
-operations per time step, which made a Hessian-vector product cost 4-6 training steps on a
-byte-level LSTM (``benchmarks/probe_models.py``, model ``lstm``, CPU). :func:`evaluation_mode`
-therefore runs the forward pass of every ``nn.RNNBase`` module on PyTorch's own kernels, the same
-function up to rounding, with cuDNN and oneDNN switched off for that module's forward pass only
-(:func:`unfused_recurrent_kernels`: hooks installed for the block and removed after it), so that
-the other layers keep their kernels. On that LSTM the cached-graph product then costs about 25 %
-less and ``engine="forward-over-reverse"`` works.
+Two fused recurrent kernels lack derivatives the operators need: cuDNN's (every
+``nn.RNN``/``LSTM``/``GRU`` on a GPU) has no double backward ("Double backwards is not supported
+for CuDNN RNNs"), oneDNN's (``nn.LSTM`` in float32 on the CPU) no forward-mode derivative, and is
+differentiated twice through a backward pass that autograd unrolls into a dozen small operations
+per time step, around the fused backward it still runs: a product on a byte-level LSTM
+(``benchmarks/lstm_hvp_cost.py``) cost 4.9 training steps with the cached graph.
+:func:`evaluation_mode` therefore runs the forward pass of every ``nn.RNNBase`` module on
+PyTorch's own kernels, the same function up to rounding, with cuDNN and oneDNN switched off for
+that module's forward pass only (:func:`unfused_recurrent_kernels`: hooks installed for the block
+and removed after it), so that the other layers keep their kernels. That product then costs 3.4
+training steps, and ``engine="forward-over-reverse"`` works.
 """
 
 from __future__ import annotations
