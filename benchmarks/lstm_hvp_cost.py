@@ -8,9 +8,10 @@ A training step is forward + backward + SGD step on one batch (``probe_models.tr
 copy of the model, with the kernels training uses (oneDNN's fused LSTM on the CPU). Times are the
 process's CPU time (``time.process_time``: other processes on a shared machine count less). Each
 engine's product is timed twice in the same process, interleaved with the training step (the mean
-of 3 per repeat), and every ratio is taken within one repeat: "fused" builds and runs the operator with the recurrent layer on the
-fused kernels (what the probe did before ``modes.unfused_recurrent_kernels``), "unfused" as the
-probe does now. Prints the median ratio over the repeats, and every ratio.
+of 3 per repeat), and every ratio is taken within one repeat: "fused" builds and runs the operator
+with the recurrent layer on the fused kernels (what the probe did before
+``modes.unfused_recurrent_kernels``), "unfused" as the probe does now. Prints the median ratio
+over the repeats, and every ratio.
 """
 
 from __future__ import annotations
