@@ -14,6 +14,10 @@ name           params    model, batch
 ``transformer`` 0.87 M   4-layer GPT decoder, d 128, 4 heads, context 64, on bytes, batch 32
 =============  ========  ===========================================================================
 
+An extra model, not one of the four (:data:`EXTRA_MODELS`): ``lstm`` (149 k params), a byte-level
+LM (Embedding(256, 64), ``nn.LSTM(64, 128)``, Linear(128, 256)), context 64, batch 32, for the
+cost of a Hessian-vector product through a fused recurrent kernel (issue 13).
+
 ``python -c "import benchmarks.probe_models as m; m.summary()"`` prints the parameter counts.
 """
 
@@ -31,10 +35,20 @@ try:
 except ImportError:  # run from inside benchmarks/
     from transformer import TinyGPT  # type: ignore[no-redef]
 
-__all__ = ["BATCH_SIZES", "MODELS", "batches", "loss_fn", "make_model", "summary", "train_step"]
+__all__ = [
+    "BATCH_SIZES",
+    "EXTRA_MODELS",
+    "MODELS",
+    "batches",
+    "loss_fn",
+    "make_model",
+    "summary",
+    "train_step",
+]
 
 MODELS = ("mlp", "cnn", "resnet", "transformer")
-BATCH_SIZES = {"mlp": 256, "cnn": 256, "resnet": 64, "transformer": 32}
+EXTRA_MODELS = ("lstm",)
+BATCH_SIZES = {"mlp": 256, "cnn": 256, "resnet": 64, "transformer": 32, "lstm": 32}
 CONTEXT = 64
 
 
@@ -77,8 +91,22 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class ByteLSTM(nn.Module):
+    """A byte-level language model: embedding, one ``nn.LSTM`` layer, a linear read-out."""
+
+    def __init__(self, vocab_size: int = 256, embed: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0])
+
+
 def make_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The model ``name`` (one of :data:`MODELS`) at its seeded initialisation, in train mode."""
+    """The model ``name`` (of :data:`MODELS` or :data:`EXTRA_MODELS`) at its seeded
+    initialisation, in train mode."""
     torch.manual_seed(0)
     if name == "mlp":
         model = nn.Sequential(
@@ -99,8 +127,10 @@ def make_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
         model = ResNet18(width=32)
     elif name == "transformer":
         model = TinyGPT(vocab_size=256, context=CONTEXT, d_model=128, num_layers=4, num_heads=4)
+    elif name == "lstm":
+        model = ByteLSTM()
     else:
-        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+        raise ValueError(f"model must be one of {MODELS + EXTRA_MODELS}, got {name!r}")
     return model.to(device)
 
 
@@ -131,7 +161,7 @@ def batches(name: str, count: int, device: torch.device | str = "cpu") -> list[t
     """``count`` distinct training batches of model ``name`` (fixed: the same on every call)."""
     size = BATCH_SIZES[name]
     out = []
-    if name == "transformer":
+    if name in ("transformer", "lstm"):
         codes = _text_codes()
         gen = torch.Generator().manual_seed(1)
         starts = torch.randint(0, codes.numel() - CONTEXT - 1, (count, size), generator=gen)
@@ -158,7 +188,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -
 
 
 def summary() -> None:
-    for name in MODELS:
+    for name in MODELS + EXTRA_MODELS:
         model = make_model(name)
         n = sum(p.numel() for p in model.parameters())
         print(f"{name}: {n} parameters, batch {BATCH_SIZES[name]}")

@@ -27,6 +27,7 @@ __all__ = [
     "logistic_regression",
     "make_problem",
     "tanh_mlp",
+    "tiny_lstm",
     "tiny_transformer",
 ]
 
@@ -170,6 +171,34 @@ def tiny_transformer(num_batches: int = 3, batch_size: int = 4, seed: int = 4) -
     return Problem("tiny_transformer", model, F.mse_loss, batches)
 
 
+class _TinyLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(2, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(x)[0].mean(dim=1))
+
+
+def tiny_lstm(num_batches: int = 3, batch_size: int = 4, seed: int = 6) -> Problem:
+    """``nn.LSTM(2, 3)`` over 5 time steps, mean over time, linear head, cross-entropy.
+
+    In float32 on the CPU its forward pass would run oneDNN's fused LSTM kernel (no forward-mode
+    derivative), on a GPU cuDNN's (no double backward): the probe runs it on PyTorch's own.
+    """
+    gen = _generator(seed)
+    model = _init_(_TinyLSTM(), gen)
+    batches = [
+        (
+            torch.randn(batch_size, 5, 2, generator=gen),
+            torch.randint(0, 2, (batch_size,), generator=gen),
+        )
+        for _ in range(num_batches)
+    ]
+    return Problem("tiny_lstm", model, nn.CrossEntropyLoss(), batches)
+
+
 class HFStyleModel(nn.Module):
     """Hugging Face style: ``forward(**batch)`` returns an object with ``.loss`` (and ``.logits``).
 
@@ -220,6 +249,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "tanh_mlp": tanh_mlp,
     "cnn_batchnorm": cnn_batchnorm,
     "tiny_transformer": tiny_transformer,
+    "tiny_lstm": tiny_lstm,
     "hf_style": hf_style,
 }
 """Every factory by name."""

@@ -71,6 +71,32 @@ class _FormulaLayerNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
 
+class _FormulaLSTM(nn.Module):
+    """A one-layer, one-direction, batch-first ``nn.LSTM`` in elementary ops (same parameter
+    names; gates in PyTorch's order i, f, g, o): a reference that runs no recurrent kernel."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        assert lstm.num_layers == 1 and not lstm.bidirectional and lstm.batch_first
+        assert lstm.bias and lstm.proj_size == 0
+        self.hidden_size = lstm.hidden_size
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            setattr(self, name, getattr(lstm, name))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h = x.new_zeros(x.shape[0], self.hidden_size)
+        c = h
+        outputs = []
+        for t in range(x.shape[1]):
+            gates = x[:, t] @ self.weight_ih_l0.T + self.bias_ih_l0
+            gates = gates + h @ self.weight_hh_l0.T + self.bias_hh_l0
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h[None], c[None])
+
+
 def _reference_model(model: nn.Module, mode: str) -> nn.Module:
     """A float64 copy of ``model`` whose modules implement ``mode`` permanently."""
     assert mode in ("train-deterministic", "eval")
@@ -81,6 +107,8 @@ def _reference_model(model: nn.Module, mode: str) -> nn.Module:
             replacement: nn.Module = _FormulaBatchNorm2d(m, batch_statistics=mode != "eval")
         elif isinstance(m, nn.LayerNorm):
             replacement = _FormulaLayerNorm(m)
+        elif isinstance(m, nn.LSTM):
+            replacement = _FormulaLSTM(m)
         else:
             continue
         setattr(ref.get_submodule(parent_name), attr, replacement)

@@ -34,7 +34,8 @@ class StateSnapshot:
         cpu_rng_state: ``torch.get_rng_state()``.
         cuda_rng_states: ``torch.cuda.get_rng_state_all()`` if CUDA was initialised, else ``None``.
         optimizer_state: deep copy of ``optimizer.state_dict()``, or ``None`` without optimizer.
-        global_flags: grad mode, MHA fast path and scaled-dot-product-attention backend switches.
+        global_flags: grad mode, MHA fast path, scaled-dot-product-attention backend and
+            cuDNN/oneDNN switches.
     """
 
     parameters: dict[str, Tensor]

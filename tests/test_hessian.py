@@ -59,6 +59,30 @@ def test_hessian_equals_dense_reference(
     assert_state_unchanged(problem.model, snapshot)
 
 
+@pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
+def test_float32_lstm_runs_on_kernels_with_every_derivative(engine: str, cache_graph: bool) -> None:
+    # In float32 on the CPU, nn.LSTM would run oneDNN's fused kernel, which has no forward-mode
+    # derivative (forward-over-reverse raised) and a slow double backward: the operators run it
+    # on PyTorch's own kernels, the same function up to float32 rounding.
+    problem = _problem("tiny_lstm", 2)
+    seen: list[bool] = []
+    handle = problem.model.lstm.register_forward_hook(
+        lambda *_: seen.append(torch.backends.mkldnn.enabled)
+    )
+    try:
+        op = HessianOperator(
+            problem.model, problem.batches, problem.loss, engine=engine, cache_graph=cache_graph
+        )
+        dense = op.to_dense()
+    finally:
+        handle.remove()
+    assert op.dtype == torch.float32 and seen and not any(seen)
+    assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled
+    assert not problem.model.lstm._forward_pre_hooks and not problem.model.lstm._forward_hooks
+    ref = _Reference(problem, problem.batches, "train-deterministic")
+    assert_close(dense.double(), ref.hessian(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_batches", [1, 3])
 @pytest.mark.parametrize(("engine", "cache_graph"), CONFIGS)
 @pytest.mark.parametrize("name", SEPARABLE)

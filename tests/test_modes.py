@@ -85,8 +85,8 @@ def test_default_mode_is_eval_but_normalisation_layers(initial: str) -> None:
         inside = _flags(model)
     assert _flags(model) == before
     in_training = {n for n, flag in inside.items() if flag}
-    # RNNs without dropout: the same function in both modes, and cuDNN differentiates them only
-    # in training mode.
+    # RNNs without dropout: the same function in both modes (and the only one in which cuDNN,
+    # which the probe does not use for them, differentiates them).
     assert in_training == {*_NORMS, "rnn_plain"}
 
 
@@ -112,6 +112,51 @@ def test_flags_restored_exactly_after_an_exception() -> None:
         raise KeyError("boom")
     assert _flags(model) == before
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------------------------------- recurrent kernels
+class _Failing(nn.LSTM):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise KeyError("boom")
+
+
+class _ConvThenLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 1)
+        self.lstm = nn.LSTM(2, 3, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lstm(self.conv(x).transpose(1, 2))[0]
+
+
+@pytest.mark.parametrize("mode", ["train-deterministic", "eval", "as-is"])
+def test_recurrent_layers_alone_run_without_fused_kernels(mode: str) -> None:
+    model = _ConvThenLSTM()
+    seen: dict[str, tuple[bool, bool]] = {}
+
+    def record(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            seen[name] = (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled)
+
+        return hook
+
+    handles = [getattr(model, n).register_forward_hook(record(n)) for n in ("conv", "lstm")]
+    with evaluation_mode(model, mode):
+        model(torch.randn(2, 2, 4))
+    for handle in handles:
+        handle.remove()
+    assert seen == {"conv": (True, True), "lstm": (False, False)}
+    assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled
+    assert _no_hooks_left(model)
+
+
+def test_kernel_switches_restored_when_a_recurrent_forward_raises() -> None:
+    model = nn.Sequential(_Failing(2, 3))
+    with pytest.raises(KeyError), evaluation_mode(model):
+        model(torch.randn(4, 1, 2))
+    assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled
+    assert _no_hooks_left(model)
 
 
 # ----------------------------------------------------------------------- (a) Hugging Face GPT-2

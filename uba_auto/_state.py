@@ -3,7 +3,7 @@
 The probe promises to leave the caller's training exactly as it found it: parameters, buffers
 (BatchNorm running statistics and ``num_batches_tracked``), ``.grad`` tensors, every submodule's
 ``training`` flag, ``requires_grad`` flags, the random number generators, the optimizer's state, and
-the global switches it flips (attention backend, MHA fast path, grad mode).
+the global switches it flips (attention backend, MHA fast path, cuDNN and oneDNN, grad mode).
 
 :func:`preserve_state` is the cheap guard the probe wraps itself in: it restores flags, ``.grad``
 references, RNG states and global switches on exit, and clones no parameter or buffer, because the
@@ -24,7 +24,7 @@ __all__ = ["cuda_rng_states", "global_flags", "preserve_state", "set_global_flag
 
 
 def global_flags() -> dict[str, Any]:
-    """Grad mode, the MHA fast path and the attention-backend switches, by name."""
+    """Grad mode, the MHA fast path, the attention-backend and cuDNN/oneDNN switches, by name."""
     flags: dict[str, Any] = {"grad_enabled": torch.is_grad_enabled()}
     mha = getattr(torch.backends, "mha", None)
     if mha is not None:
@@ -36,6 +36,9 @@ def global_flags() -> dict[str, Any]:
     getter = getattr(torch.backends.cuda, "cudnn_sdp_enabled", None)
     if getter is not None:
         flags["cudnn_sdp_enabled"] = getter()
+    # Switched off around the forward pass of recurrent layers (modes.unfused_recurrent_kernels).
+    flags["cudnn_enabled"] = torch.backends.cudnn.enabled
+    flags["mkldnn_enabled"] = torch.backends.mkldnn.enabled
     return flags
 
 
@@ -44,6 +47,9 @@ def set_global_flags(flags: dict[str, Any]) -> None:
     torch.set_grad_enabled(flags["grad_enabled"])
     if "mha_fastpath" in flags:
         torch.backends.mha.set_fastpath_enabled(flags["mha_fastpath"])
+    if "cudnn_enabled" in flags:
+        torch.backends.cudnn.enabled = flags["cudnn_enabled"]
+        torch.backends.mkldnn.enabled = flags["mkldnn_enabled"]
     for name, value in flags.items():
         if name.endswith("_sdp_enabled"):
             setter = getattr(torch.backends.cuda, "enable_" + name.removesuffix("_enabled"), None)
@@ -67,9 +73,9 @@ def preserve_state(
 
     Restores, also when the block raises: every submodule's ``training`` flag, every parameter's
     ``requires_grad`` and ``.grad`` (the very tensor object, or ``None``), the CPU and (if
-    initialised) CUDA random number generators, grad mode, the MHA fast-path switch and the
-    attention-backend switches, and the optimizer's per-group hyper-parameters. It clones no
-    parameter, buffer or optimizer state tensor: the probe never writes them.
+    initialised) CUDA random number generators, grad mode, the MHA fast-path switch, the
+    attention-backend and cuDNN/oneDNN switches, and the optimizer's per-group hyper-parameters.
+    It clones no parameter, buffer or optimizer state tensor: the probe never writes them.
 
     Args:
         model: the user's model.

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from uba_auto._batches import floating_leaves, with_floating_leaves
 from uba_auto.curvature.batch_loss import ModelLoss, loss_at
+from uba_auto.curvature.errors import derivative_errors
 from uba_auto.curvature.evaluation import BatchCurvature, Engine, Evaluation, Terms
 
 __all__ = ["HESSIAN_ENGINES"]
@@ -43,12 +44,16 @@ def _cached(ev: Evaluation) -> BatchCurvature:
         live = [(i, c) for i, c in terms if grads[i].requires_grad]
         if not live:
             return torch.zeros_like(v)
-        with ev.computing(derivatives=True):
+        # A backward pass only: no forward runs, so there is no mode policy to apply (training
+        # flags and kernel choices act on forward passes, and were applied when the graphs were
+        # built). Entering it cost 0.05-0.2 ms per product, 0.1-0.4 gradients on the benchmark
+        # MLP's one-batch product (benchmarks/product_overhead.py).
+        with derivative_errors(ev.operator, ev.engine):
             # One backward through the selected cached gradient graphs: Σ_b ∇(g_bᵀ c_b v).
             hv = torch.autograd.grad(
                 [grads[i] for i, _ in live],
                 leaves,
-                [v * c for _, c in live],
+                [v if c == 1.0 else v * c for _, c in live],
                 retain_graph=True,
                 allow_unused=True,
             )

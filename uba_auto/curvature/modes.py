@@ -26,7 +26,7 @@ Kept in training mode, because their eval mode computes another function:
   training sees its running statistics. In a model in eval mode every one of them is switched to
   training mode;
 * ``nn.RNN``/``LSTM``/``GRU`` without dropout: the same function in both modes, and the only mode in
-  which cuDNN differentiates them.
+  which cuDNN differentiates them (the probe itself runs them without cuDNN, see Recurrent layers).
 
 Other differences between the modes, and why eval mode is right for them: Hugging Face gradient
 checkpointing runs only in training mode and recomputes the same function (and its reentrant
@@ -67,12 +67,26 @@ kernel) have no double backward, and the fast path of ``nn.TransformerEncoderLay
 :func:`torch.nn.functional.scaled_dot_product_attention` and disables the fast path
 (``torch.backends.mha.set_fastpath_enabled(False)``) while the operators compute, restoring both
 after.
+
+Recurrent layers
+----------------
+Two fused recurrent kernels lack derivatives the operators need: cuDNN's (every
+``nn.RNN``/``LSTM``/``GRU`` on a GPU) has no double backward ("Double backwards is not supported
+for CuDNN RNNs"), oneDNN's (``nn.LSTM`` in float32 on the CPU) no forward-mode derivative, and is
+differentiated twice through a backward pass that autograd unrolls into a dozen small operations
+per time step, around the fused backward it still runs: a product on a byte-level LSTM
+(``benchmarks/lstm_hvp_cost.py``) cost 4.9 training steps with the cached graph.
+:func:`evaluation_mode` therefore runs the forward pass of every ``nn.RNNBase`` module on
+PyTorch's own kernels, the same function up to rounding, with cuDNN and oneDNN switched off for
+that module's forward pass only (:func:`unfused_recurrent_kernels`: hooks installed for the block
+and removed after it), so that the other layers keep their kernels. That product then costs 3.4
+training steps, and ``engine="forward-over-reverse"`` works.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +99,9 @@ __all__ = [
     "evaluation_mode",
     "math_attention",
     "mode_overrides",
+    "recurrent_modules",
     "refuse_synced_batchnorm",
+    "unfused_recurrent_kernels",
 ]
 
 MODES = ("train-deterministic", "eval", "as-is")
@@ -161,20 +177,73 @@ def math_attention() -> Iterator[None]:
                 mha.set_fastpath_enabled(fastpath)
 
 
+def recurrent_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The ``nn.RNNBase`` modules of ``model`` (``nn.RNN``, ``LSTM``, ``GRU`` and subclasses)."""
+    return tuple(m for m in model.modules() if isinstance(m, nn.RNNBase))
+
+
+@contextlib.contextmanager
+def unfused_recurrent_kernels(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run the forward pass of each of ``modules`` with cuDNN and oneDNN off (PyTorch's kernels).
+
+    A forward pre-hook switches ``torch.backends.cudnn.enabled`` and
+    ``torch.backends.mkldnn.enabled`` off and a forward hook (also called when the forward
+    raises) restores them, so the other layers of the model keep their kernels; the hooks are
+    removed on exit. See the module docstring, Recurrent layers.
+
+    Example:
+        >>> import torch
+        >>> lstm = torch.nn.LSTM(2, 3)
+        >>> seen = []
+        >>> _ = lstm.register_forward_hook(lambda *a: seen.append(torch.backends.mkldnn.enabled))
+        >>> with unfused_recurrent_kernels([lstm]):
+        ...     _ = lstm(torch.zeros(4, 1, 2))
+        >>> seen, torch.backends.mkldnn.enabled, len(lstm._forward_pre_hooks)
+        ([False], True, 0)
+    """
+    if not modules:
+        yield
+        return
+    saved: list[tuple[bool, bool]] = []
+
+    def switch_off(module: nn.Module, args: Any) -> None:
+        saved.append((torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled))
+        torch.backends.cudnn.enabled = False
+        torch.backends.mkldnn.enabled = False
+
+    def restore(module: nn.Module, args: Any, output: Any) -> None:
+        if saved:  # empty when a pre-hook before ours raised
+            torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = saved.pop()
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(switch_off))
+            handles.append(m.register_forward_hook(restore, always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def evaluation_mode(
-    model: nn.Module, mode: str | list[tuple[nn.Module, bool]] = "train-deterministic"
+    model: nn.Module,
+    mode: str | list[tuple[nn.Module, bool]] = "train-deterministic",
+    recurrent: Sequence[nn.Module] | None = None,
 ) -> Iterator[None]:
     """Evaluate ``model`` under the probe's mode policy for the duration of the block.
 
     Sets the ``training`` flag of the modules the policy names (see the module docstring), selects
-    the math attention backend, disables the MHA fast path and enables grad mode; on exit, also
+    the math attention backend, disables the MHA fast path, runs the recurrent layers on
+    PyTorch's own kernels (:func:`unfused_recurrent_kernels`) and enables grad mode; on exit, also
     after an exception, every flag is restored to exactly its previous value.
 
     Args:
         model: the user's model.
         mode: one of :data:`MODES`, or a precomputed :func:`mode_overrides` list (cheaper when the
             same model is evaluated many times).
+        recurrent: the model's :func:`recurrent_modules`, if precomputed.
 
     Example:
         >>> import torch
@@ -186,12 +255,14 @@ def evaluation_mode(
         [False, False]
     """
     overrides = mode_overrides(model, mode) if isinstance(mode, str) else mode
+    if recurrent is None:
+        recurrent = recurrent_modules(model)
     previous = [(m, m.training) for m, _ in overrides]
     try:
         for m, flag in overrides:
             # Set the attribute directly: Module.train() would recurse into children.
             m.training = flag
-        with math_attention(), torch.enable_grad():
+        with math_attention(), unfused_recurrent_kernels(recurrent), torch.enable_grad():
             yield
     finally:
         for m, flag in reversed(previous):
@@ -344,6 +415,7 @@ class ModePolicy:
         overrides: the ``(module, training flag)`` pairs that ``mode`` sets.
         device: the model's device (its CUDA generator is checked too).
         operator: the operator's class name, for the messages.
+        recurrent: the model's :func:`recurrent_modules`.
     """
 
     model: nn.Module
@@ -351,13 +423,14 @@ class ModePolicy:
     overrides: list[tuple[nn.Module, bool]]
     device: torch.device
     operator: str
+    recurrent: tuple[nn.Module, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module, mode: str, *, device: torch.device, operator: str) -> ModePolicy:
         """The policy of ``mode``; raises for an unknown mode or a synced BatchNorm."""
         overrides = mode_overrides(model, mode)
         refuse_synced_batchnorm(model, overrides)
-        return cls(model, mode, overrides, device, operator)
+        return cls(model, mode, overrides, device, operator, recurrent_modules(model))
 
     def _rng_states(self) -> list[Tensor]:
         states = [torch.get_rng_state()]
@@ -373,7 +446,7 @@ class ModePolicy:
     def _diagnose(self, replay: Callable[[], object], before: list[Tensor]) -> _DrawLog | None:
         """Replay under the policy with hooks; ``None`` if the replay fails."""
         try:
-            with evaluation_mode(self.model, self.overrides):
+            with evaluation_mode(self.model, self.overrides, self.recurrent):
                 return _DrawLog.of(self.model, replay, self._rng_states)
         except Exception:  # the diagnosis only improves the message; never mask the error
             return None
@@ -395,7 +468,7 @@ class ModePolicy:
         """
         before = self._rng_states() if check_rng else None
         try:
-            with evaluation_mode(self.model, self.overrides):
+            with evaluation_mode(self.model, self.overrides, self.recurrent):
                 yield
         except BaseException:
             if before is not None:  # a failed block leaves the generators as it found them too
