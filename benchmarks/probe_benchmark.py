@@ -48,9 +48,9 @@ repeat and the median over the repeats is reported:
    The *oracle count* is the first product after which the estimate stays within 1e-3; the run
    goes on past it to check (3 products for Lanczos, whose Ritz values are monotone; as many
    again for power iteration), to at most ``PLANS[model].max_products``. With timing
-   ``capped`` (the default but for the resnet) the time is that of a second run capped at the
-   oracle count, from the call to its return (setup included); with ``trajectory`` (the
-   resnet's default: half the products) it is read off the recording run, from the call to the
+   ``capped`` (the default; on a CPU not for the resnet) the time is that of a second run capped
+   at the oracle count, from the call to its return (setup included); with ``trajectory`` (the
+   resnet's on a CPU: half the products) it is read off the recording run, from the call to the
    end of the oracle product, the recorder's own time subtracted. ``eigsh`` has no estimate
    per product: for it the loosest ``tol`` (1e-1 ... 0) that reaches 1e-3 is searched for a
    few ``ncv`` (its default, and the oracle count of our Lanczos +1 and +3), and the setting
@@ -73,7 +73,13 @@ repeat and the median over the repeats is reported:
    5000, loss_fn=loss_fn, progress=False)`` over 5000 times the median wall time of one
    training step (SGD with momentum), and its HVPs by part.
 
-Truth, ratios and raw values go to ``--out`` (JSON); the tables are printed as markdown.
+Truth, ratios and raw values go to ``--out`` (JSON); the tables are printed as markdown, with
+the minutes each model and part took.
+
+Cost: on a 2-core CPU the MLP and the CNN take minutes a repeat, the transformer tens of minutes
+(power iteration there runs its default 100 products for nothing: |λ_min| > λ_max), and the
+resnet hours (a product costs 2.6-4.3 gradients of ~1.5-3 s each, and ``auto_uba``'s default
+probe runs twice: for its memory and for its share); ``--models`` picks a subset.
 """
 
 from __future__ import annotations
@@ -120,10 +126,11 @@ BUDGET = 5000
 # The longest recording run (products) per model; resnet's products cost seconds on a CPU.
 
 
-# What each model's run does by default. The resnet's products cost seconds on a CPU (tens in
-# float64), so there: time read off the recording runs, default-stop runs in the first repeat
-# only, fewer float64 steps for the truth (the residual reached is reported: it bounds the
-# truth's error). --timing, --default-repeats, --max-products, --truth-max-iters override.
+# What each model's run does by default on a CPU. The resnet's products cost seconds there (tens
+# in float64), so for it: time read off the recording runs, default-stop runs in the first
+# repeat only, fewer float64 steps for the truth (the residual reached is reported: it bounds
+# the truth's error). On a GPU every model gets the full plan (capped timing, every repeat).
+# --timing, --default-repeats, --max-products, --truth-max-iters override.
 @dataclass(frozen=True)
 class Plan:
     max_products: int  # longest recording run, products
@@ -1024,7 +1031,7 @@ def print_tables(results: dict[str, Any]) -> None:
     rows = []
     for name, res in models.items():
         t = res["truth"]
-        bd = t["relative_error_bound"]
+        bd = t.get("relative_error_bound", {"?": math.nan})
         for m in METHODS:
             row = res["tolerance"]["summary"].get(m, {})
             for key in ("default", "default_both"):
@@ -1168,23 +1175,33 @@ def main() -> None:
             "num_params": sum(p.numel() for p in model.parameters()),
             "plan": asdict(plan),
         }
-        res["truth"] = truth(name, model, batch, plan, fresh=args.fresh_truth)
+        clock = _Clock()
+        with clock("truth"):
+            res["truth"] = truth(name, model, batch, plan, fresh=args.fresh_truth)
         log(f"{name}: truth {res['truth']}")
         contenders = {m: CONTENDERS[m](model, batch, device) for m in METHODS}
-        res["tolerance"] = to_tolerance(name, contenders, res["truth"], args.repeats, plan, log)
-        res["product"] = product_cost(model, batch, contenders, device)
+        with clock("tolerance"):
+            res["tolerance"] = to_tolerance(name, contenders, res["truth"], args.repeats, plan, log)
+        with clock("product"):
+            res["product"] = product_cost(model, batch, contenders, device)
         log(f"{name}: product {res['product']}")
         del contenders
         if not args.skip_memory:
-            res["memory"] = memory(name, device, args.memory_repeats)
+            with clock("memory"):
+                res["memory"] = memory(name, device, args.memory_repeats)
             log(f"{name}: memory {res['memory']['ratio']}")
         if not args.skip_budget:
-            res["budget"] = budget_share(name, model, device)
+            with clock("budget"):
+                res["budget"] = budget_share(name, model, device)
             log(f"{name}: budget {res['budget']}")
         res["seconds"] = time.perf_counter() - t_model
+        res["part_seconds"] = clock.parts
         results["models"][name] = res
     results["seconds"] = time.perf_counter() - started
     print_tables(results)
+    for name, res in results["models"].items():
+        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in res["part_seconds"].items())
+        print(f"\n{name}: {res['seconds'] / 60:.1f} min ({parts})", end="")
     print(f"\n{len(names)} model(s) in {results['seconds'] / 60:.1f} min")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1192,8 +1209,25 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+class _Clock:
+    """``with clock("part"):`` adds the part's wall time to ``clock.parts``."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] = time.perf_counter() - t
+
+
 def _plan(name: str, args: argparse.Namespace) -> Plan:
     plan = PLANS[name]
+    if args.device != "cpu":  # the economies are for a CPU's seconds-long products
+        plan = Plan(plan.max_products, max(plan.truth_max_iters, 300))
     changes = {
         "timing": args.timing,
         "default_repeats": args.default_repeats,
