@@ -210,12 +210,14 @@ class AutoUBA:
         est = self._probe(batches, optimizer)
         cost = probe_cost(est.num_hvps, est.num_batches)
         if cost > self.probe_share:
+            extras = tuple(k for k in ("trace", "density") if k in est.hvps)
             note = overspend_note(
                 "the pre-training probe",
                 cost,
                 self.probe_share,
                 settings.budget,
                 settings.probe_fraction,
+                extras,
             )
             notes.append(note)
             warnings.warn(f"uba-auto: {note}", RuntimeWarning, stacklevel=4)

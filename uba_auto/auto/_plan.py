@@ -68,14 +68,22 @@ def hvp_budget(share: float, batches: int) -> int:
     return max(0, math.floor((share - batches * SETUP_COST_IN_GRADIENTS) / HVP_COST_IN_GRADIENTS))
 
 
-def overspend_note(what: str, cost: float, share: float, budget: int, fraction: float) -> str:
-    """The loud note of a probe that cost more than its share."""
+def overspend_note(
+    what: str, cost: float, share: float, budget: int, fraction: float, extras: tuple = ()
+) -> str:
+    """The loud note of a probe that cost more than its share (``extras``: the report extras
+    it computed because they were asked for)."""
+    asked = (
+        f" (plus the {' and the '.join(extras)} you asked for)"
+        if extras
+        else ", with no report extras"
+    )
     return (
         f"probing budget exceeded: {what} cost {cost:.0f} gradient-equivalents "
         f"({100 * cost / budget:.1f}% of the {budget}-step budget), over its share of "
-        f"{share:.0f} (probe_fraction {100 * fraction:g}%). It ran anyway, with no report "
-        "extras: phi needs lambda_max and the curvature noise at the decision's precision, and "
-        "that is the smallest useful probe. To stay within it: raise probe_fraction, lower "
+        f"{share:.0f} (probe_fraction {100 * fraction:g}%). It ran anyway{asked}: phi needs "
+        "lambda_max and the curvature noise at the decision's precision, and that is the "
+        "smallest useful probe. To stay within it: raise probe_fraction, lower "
         "num_batches (a noisier curvature noise), reestimate less often, or give phi yourself "
         "(UBAScheduler) and skip the probe"
     )
