@@ -239,29 +239,32 @@ def solve_lanczos(
     basis_device: torch.device,
     check_every: int,
     product: Callable[[Tensor, LanczosBasis], Tensor] | None = None,
-    stop: Callable[[np.ndarray, np.ndarray, bool], bool] | None = None,
+    stop: Callable[[np.ndarray, np.ndarray, float, bool], bool] | None = None,
 ) -> LanczosResult:
     """:func:`lanczos` on checked arguments (internal), with two hooks for the probe.
 
     Args:
         product: computes each product in place of ``op.matvec``
             (:func:`~uba_auto._krylov.run_lanczos`).
-        stop: ``stop(alpha, beta, tol_met)`` decides, at each check, whether the run ends;
-            ``tol_met`` says whether every requested Ritz pair meets ``tol``. Default: stop when
-            it does.
+        stop: ``stop(theta, s, beta_m, tol_met)`` decides, at each check, whether the run ends,
+            from the eigenpairs of the current tridiagonal (solved once per check, for both
+            tests), the norm of the last residual vector and ``tol_met``, whether every requested
+            Ritz pair meets ``tol``. Default: stop when it does.
     """
     needed = 2 * k if which == "both" else k
     max_steps = min(max_iters, op.size)
     min_steps = min(needed, max_steps)
 
     def should_stop(alpha_h: np.ndarray, beta_h: np.ndarray) -> bool:
+        if stop is None and alpha_h.size < min_steps:
+            return False
+        theta, s = tridiagonal_eigh(alpha_h, beta_h)
         tol_met = False
         if alpha_h.size >= min_steps:
-            theta, s = tridiagonal_eigh(alpha_h, beta_h)
             idx = _wanted_indices(theta.size, which, k)
             scale = np.abs(theta).max()
             tol_met = bool((ritz_residuals(beta_h[-1], s[:, idx]) <= tol * scale).all())
-        return tol_met if stop is None else stop(alpha_h, beta_h, tol_met)
+        return tol_met if stop is None else stop(theta, s, float(beta_h[-1]), tol_met)
 
     proc = run_lanczos(
         op,

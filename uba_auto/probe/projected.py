@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import LanczosBasis, tridiagonal_eigh
+from .._krylov import LanczosBasis
 from ..linear_operator import SymmetricOperator
 
 __all__ = [
@@ -147,7 +147,8 @@ class DecisionPoint:
 class DecisionMonitor:
     """Follows a projected Lanczos run step by step and records when :attr:`rule` is met.
 
-    Call :meth:`update` with the run's coefficients after every step (``check_every=1``).
+    Call :meth:`update` with the run's tridiagonal eigenpairs after every step
+    (``check_every=1``).
     """
 
     projections: BatchProjections
@@ -156,15 +157,15 @@ class DecisionMonitor:
     _last_noise: float | None = field(default=None, repr=False)
     _last: DecisionPoint | None = field(default=None, repr=False)
 
-    def update(self, alpha: np.ndarray, beta: np.ndarray) -> bool:
-        """Take step ``len(alpha)`` into account; return whether the decision is taken."""
+    def update(self, theta: np.ndarray, s: np.ndarray, beta_m: float) -> bool:
+        """Take the step whose tridiagonal has eigenpairs ``(theta, s)`` (ascending) and last
+        residual norm ``beta_m`` into account; return whether the decision is taken."""
         if self.point is not None:
             return True
-        m = alpha.size
-        theta, s = tridiagonal_eigh(alpha, beta)
+        m = theta.size
         top = s[:, -1]
         scale = float(np.abs(theta).max())
-        residual = float(abs(beta[-1] * top[-1]) / scale) if scale > 0 else float("inf")
+        residual = float(abs(beta_m * top[-1]) / scale) if scale > 0 else float("inf")
         sigma = noise(self.projections.curvatures(top), float(theta[-1]))
         previous, self._last_noise = self._last_noise, sigma
         self._last = DecisionPoint(m, float(theta[-1]), sigma, residual, False)

@@ -174,11 +174,11 @@ def projected_extremes(
     projections = BatchProjections(batch_ops, weights, steps, first.dtype, basis_dev)
     monitor = DecisionMonitor(projections, rule)
 
-    def stop(alpha: np.ndarray, beta: np.ndarray, tol_met: bool) -> bool:
-        decided = monitor.update(alpha, beta)
+    def stop(theta: np.ndarray, s: np.ndarray, beta_m: float, tol_met: bool) -> bool:
+        decided = monitor.update(theta, s, beta_m)
         if budget_steps is None:
             return tol_met
-        return decided and (tol_met or alpha.size >= budget_steps)
+        return decided and (tol_met or theta.size >= budget_steps)
 
     res = solve_lanczos(
         first,
