@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmarks.probe_models import digits_cnn
 from benchmarks.transformer import TinyGPT, adamw_param_groups, lm_cross_entropy
 
 __all__ = ["HOLDOUT_TASK_NAMES", "REPRESENTATIVE_TASK_NAMES", "TASK_NAMES", "Task", "get_task"]
@@ -282,23 +283,11 @@ def _digits_mlp() -> Task:
 def _digits_cnn() -> Task:
     x_train, y_train, x_held, y_held = _digits(num_train=1200)
 
-    def model() -> nn.Module:
-        return nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 10),
-        )
-
     return Task(
         name="digits_cnn",
         description="CNN conv16-conv32-pool-fc on 1200 digits (1x8x8), SGD momentum 0.9, batch 32",
         kind="classification",
-        model_factory=model,
+        model_factory=digits_cnn,
         loss_fn=F.cross_entropy,
         x_train=x_train,
         y_train=y_train,
