@@ -57,12 +57,27 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import uba_auto  # noqa: E402
-from benchmarks.tasks import HOLDOUT_TASK_NAMES, TASK_NAMES, get_task  # noqa: E402
+from benchmarks.tasks import (  # noqa: E402
+    HOLDOUT_TASK_NAMES,
+    REPRESENTATIVE_TASK_NAMES,
+    TASK_NAMES,
+    get_task,
+)
 from benchmarks.train import ScheduleSpec, probe_at_init, train  # noqa: E402
 
 LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
-PHIS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-BASELINES = ("cosine", "linear", "step", "wsd")
+PHIS = (1 / 32, 1 / 16, 1 / 8, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""The φ grid (``--phis`` overrides it): powers of two from 1/32, UBA's "hold, then drop" end,
+to 16. Sweeps stored before 2026-12-02 used 0.25 ... 16."""
+BASELINES = ("cosine", "linear", "step", "wsd", "wsd10")
+"""``wsd``: a 20 % linear cool-down (the schedule's default); ``wsd10``: 10 %."""
+_BASELINE_SPECS = {
+    "cosine": ScheduleSpec("cosine"),
+    "linear": ScheduleSpec("linear"),
+    "step": ScheduleSpec("step"),
+    "wsd": ScheduleSpec("wsd"),
+    "wsd10": ScheduleSpec("wsd", decay_fraction=0.1),
+}
 QUANTILES = (0.5, 0.9, 0.99)
 # A cell counts as over-fitting when its held-out loss (cosine at the tuned peak, mean curve over
 # seeds) ends this much above its minimum along the run.
@@ -330,7 +345,7 @@ def _analyse(
         task = get_task(name)
         probe_list = [probes[("probe", name, s)] for s in seeds]
         curv = _mean_probe(probe_list)
-        for budget in task.budgets:
+        for budget in _budgets(task):
             sweep = {}
             for m in LR_MULTIPLIERS:
                 lr = task.base_lr[budget] * m
@@ -399,6 +414,57 @@ def _analyse(
                 }
             )
     return cells
+
+
+def _extend(old: dict, task_names: list[str] | None, seeds: list[int], workers: int) -> list[dict]:
+    """The cells of a stored sweep ``old`` with every schedule of the current grid it lacks run at
+    the cell's stored tuned peak, for ``seeds`` (those of the stored runs), and the cell's best φ,
+    ranking and cosine gap recomputed over the whole grid. Stored runs are kept as they are; the
+    peak is not re-tuned (the cosine runs it was tuned on are unchanged)."""
+    cells = [c for c in old["cells"] if task_names is None or c["task"] in task_names]
+    jobs = [
+        ("train", c["task"], c["budget"], s, c["peak_lr"], spec)
+        for c in cells
+        for spec in _phase2_specs()
+        if spec.label not in c["runs"]
+        for s in seeds
+    ]
+    new = _run_all(jobs, workers, "extension")
+    out = []
+    for c in cells:
+        c = dict(c, schedules=dict(c["schedules"]), runs=dict(c["runs"]))
+        cos_runs = c["runs"]["cosine"]
+        for spec in _phase2_specs():
+            if spec.label in c["runs"]:
+                continue
+            runs = [new[("train", c["task"], c["budget"], s, c["peak_lr"], spec)] for s in seeds]
+            summary = _summarise_runs(runs)
+            mean, se = _paired_vs_cosine(runs, cos_runs)
+            summary["rel_diff_vs_cosine_paired_mean"] = mean
+            summary["rel_diff_vs_cosine_paired_se"] = se
+            c["schedules"][spec.label] = summary
+            c["runs"][spec.label] = runs
+        phi_means = [c["schedules"][f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS]
+        best_phi = PHIS[int(np.argmin(phi_means))]
+        best_loss = min(phi_means)
+        cos = c["schedules"]["cosine"]["heldout_loss_mean"]
+        best = c["schedules"][f"phi={best_phi:g}"]
+        ranked = sorted(c["schedules"], key=lambda k: c["schedules"][k]["heldout_loss_mean"])
+        c.update(
+            best_phi=best_phi,
+            best_phi_interpolated=_interpolated_best_phi(phi_means),
+            best_phi_margin_over_runner_up=(sorted(phi_means)[1] - best_loss) / best_loss,
+            best_phi_std_over_loss=best["heldout_loss_std"] / best_loss,
+            best_schedule=ranked[0],
+            schedule_ranking=ranked,
+            cosine_gap_to_best_phi_pct=100.0 * (cos - best_loss) / best_loss,
+            best_phi_beats_cosine_significantly=bool(
+                -best["rel_diff_vs_cosine_paired_mean"] > 2 * best["rel_diff_vs_cosine_paired_se"]
+            ),
+            extended_with=sorted({j[5].label for j in jobs if j[1] == c["task"]}),
+        )
+        out.append(c)
+    return out
 
 
 def _lr_grid_offset(means: list[float]) -> float:
@@ -479,13 +545,21 @@ _FINAL_KEYS = (
 )
 
 
+_ONLY_BUDGETS: tuple[int, ...] | None = None
+"""``--budgets``: only these of each task's budgets (``None``: both)."""
+
+
+def _budgets(task) -> tuple[int, ...]:
+    return tuple(b for b in task.budgets if _ONLY_BUDGETS is None or b in _ONLY_BUDGETS)
+
+
 def _uba(phi: float) -> ScheduleSpec:
     return ScheduleSpec("uba", phi)
 
 
 def _phase2_specs() -> list[ScheduleSpec]:
     return [ScheduleSpec("uba", p) for p in PHIS] + [
-        ScheduleSpec(b) for b in BASELINES if b != "cosine"
+        _BASELINE_SPECS[b] for b in BASELINES if b != "cosine"
     ]
 
 
@@ -607,7 +681,7 @@ def _print_cell(c: dict) -> None:
         )
         print("  " + f"{'lr':>7}" + "".join(f"{'phi=' + f'{p:g}':>10}" for p in PHIS) + "  best")
         for m, row in j["heldout_loss_mean"].items():
-            cells_txt = "".join(f"{_fmt(row[f'{p:g}'], 4):>10}" for p in PHIS)
+            cells_txt = "".join(f"{_fmt(row.get(f'{p:g}'), 4):>10}" for p in PHIS)
             print(f"  {'x' + m:>7}{cells_txt}  {j['best_phi_per_lr_multiplier'][m]:g}")
     k = c["curvature"]
     print(
@@ -720,15 +794,30 @@ def _json_safe(obj):
     return obj
 
 
+def argv_tasks(argv: list[str] | None, args: argparse.Namespace) -> list[str] | None:
+    """``--tasks`` when given on the command line, else ``None`` (every task of the file)."""
+    given = sys.argv[1:] if argv is None else argv
+    return args.tasks if "--tasks" in given else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--tasks",
         nargs="+",
         default=list(TASK_NAMES),
-        choices=TASK_NAMES + HOLDOUT_TASK_NAMES,
+        choices=TASK_NAMES + HOLDOUT_TASK_NAMES + REPRESENTATIVE_TASK_NAMES,
         help="default: the five calibration tasks; the out-of-sample ones are "
-        + " ".join(HOLDOUT_TASK_NAMES),
+        + " ".join(HOLDOUT_TASK_NAMES)
+        + "; the representative ones "
+        + " ".join(REPRESENTATIVE_TASK_NAMES),
+    )
+    parser.add_argument(
+        "--phis",
+        nargs="+",
+        type=float,
+        default=None,
+        help="the φ grid, ascending, containing 2 (default: powers of two from 1/32 to 16)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
@@ -740,14 +829,61 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the (peak rate x phi) grid; run the phi grid at the cosine-tuned peak only",
     )
+    parser.add_argument(
+        "--lr-multipliers",
+        nargs="+",
+        type=float,
+        default=None,
+        help="the cosine peak-rate grid around task.base_lr (default 0.25 0.5 1 2 4); '1' alone "
+        "takes base_lr as the tuned peak (for a task whose base_lr is a stored sweep's result)",
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", type=int, default=None, help="only these budgets of each task"
+    )
+    parser.add_argument(
+        "--extend",
+        type=Path,
+        default=None,
+        help="a stored sweep: run only the schedules of the current grid it lacks, at its tuned "
+        "peaks, and write its cells with those added (no peak-rate sweep, no probes)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.phis is not None:
+        if 2.0 not in args.phis or sorted(args.phis) != args.phis:
+            parser.error(f"--phis must be ascending and contain 2 (cosine), got {args.phis}")
+        global PHIS
+        PHIS = tuple(args.phis)
+    global LR_MULTIPLIERS, _ONLY_BUDGETS
+    if args.lr_multipliers is not None:
+        LR_MULTIPLIERS = tuple(sorted(args.lr_multipliers))
+    if args.budgets is not None:
+        _ONLY_BUDGETS = tuple(args.budgets)
     seeds = args.seeds[:1] if args.quick else args.seeds
     out = args.out or ROOT / "benchmarks" / "results" / (
         "phi_sweep_quick.json" if args.quick else "phi_sweep.json"
     )
     started = time.perf_counter()
+    if args.extend is not None:
+        old = json.loads(args.extend.read_text())
+        cells = _extend(old, argv_tasks(argv, args), old["settings"]["seeds"], args.workers)
+        result = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "environment": _environment(),
+            "extends": str(args.extend),
+            "settings": {**old["settings"], "phis": PHIS, "baselines": BASELINES},
+            "wall_time_s": {"total": time.perf_counter() - started},
+            "tasks": old.get("tasks", {}),
+            "cells": cells,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_json_safe(result)))
+        for c in cells:
+            _print_cell(c)
+        print(f"wall time {result['wall_time_s']['total']:.0f} s; results in {out}")
+        return 0
     tasks = [get_task(n) for n in args.tasks]
 
     # Phase 1: probes and the cosine peak-rate sweep (independent of each other).
@@ -755,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [
         ("train", t.name, b, s, t.base_lr[b] * m, ScheduleSpec("cosine"))
         for t in tasks
-        for b in t.budgets
+        for b in _budgets(t)
         for s in seeds
         for m in LR_MULTIPLIERS
     ]
@@ -765,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     # Phase 2: every schedule at each cell's tuned peak.
     jobs = []
     for t in tasks:
-        for b in t.budgets:
+        for b in _budgets(t):
             means = {}
             for m in LR_MULTIPLIERS:
                 held = [

@@ -49,10 +49,24 @@ class ScheduleSpec:
 
     name: str
     phi: float | None = None
+    decay_fraction: float | None = None
+    """``wsd`` only: the cool-down's share of the decay phase (``None``: the schedule's default,
+    20 %); labelled ``wsd10`` for 0.1 and so on."""
+
+    def __post_init__(self) -> None:
+        if self.decay_fraction is not None and self.name != "wsd":
+            raise ValueError(
+                f"decay_fraction is a parameter of the 'wsd' schedule, not of {self.name!r}; "
+                "leave it None"
+            )
 
     @property
     def label(self) -> str:
-        return f"phi={self.phi:g}" if self.name == "uba" else self.name
+        if self.name == "uba":
+            return f"phi={self.phi:g}"
+        if self.decay_fraction is not None:
+            return f"wsd{round(100 * self.decay_fraction)}"
+        return self.name
 
     def factory(self, budget: int, warmup_steps: int = 0) -> SchedulerFactory:
         """The scheduler factory of a ``budget``-step run with a linear warm-up of
@@ -68,8 +82,9 @@ class ScheduleSpec:
         name = self.name
         # None, not 0, without a warm-up: the schedule's own default (OneCycle keeps its rise).
         warmup = warmup_steps or None
+        extra = {} if self.decay_fraction is None else {"decay_fraction": self.decay_fraction}
         return lambda opt: uba_auto.BudgetScheduler(
-            opt, total_steps, schedule=name, warmup_steps=warmup
+            opt, total_steps, schedule=name, warmup_steps=warmup, **extra
         )
 
 
@@ -99,10 +114,11 @@ class RunResult:
     curve_heldout_loss: list[float] = field(default_factory=list)
     curve_lr: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+    decay_fraction: float | None = None
 
     @property
     def label(self) -> str:
-        return ScheduleSpec(self.schedule, self.phi).label
+        return ScheduleSpec(self.schedule, self.phi, self.decay_fraction).label
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become ``None`` (JSON has no inf/NaN)."""
@@ -193,6 +209,7 @@ def train(
         task=task.name,
         schedule=spec.name if spec is not None else type(sched).__name__,
         phi=spec.phi if spec is not None else getattr(sched, "phi", None),
+        decay_fraction=spec.decay_fraction if spec is not None else None,
         budget=budget,
         seed=seed,
         peak_lr=peak_lr,

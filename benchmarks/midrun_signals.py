@@ -1,0 +1,206 @@
+r"""What a run shows early on, next to the φ it wants: the signals a mid-run φ decision could read.
+
+For every cell (task × budget) of the given sweeps, at the cell's cosine-tuned peak, each seed
+trains with cosine and stops at fractions ``f`` of its decay phase (after the task's warm-up).
+At each stop, on 8 minibatches drawn from the train set by a generator of this script's own (the
+run's stream is not touched, and nothing of the run is changed: the probe restores it):
+
+* ``share``: the stability share :math:`e_t = \eta_t(\lambda_{\max} + w)/\ell`, with
+  :math:`\lambda_{\max}` the sharpness the optimizer sees (the Hessian for SGD, the
+  preconditioned one for Adam/AdamW, ``probe_curvature(optimizer=opt)``) and :math:`\ell` its
+  stability limit (``uba_auto.optimizer_stability``): 1 is the edge of stability (Cohen et al.
+  2021, 2022);
+* ``sigma``: the curvature noise along the top direction;
+* ``noise_ratio``: :math:`\operatorname{tr}\Sigma_B / \lVert\bar g\rVert^2`, minibatch gradient
+  noise over the squared mean gradient on those batches (McCandlish et al. 2018's simple noise
+  scale over the batch size);
+* ``loss_ratio``: the loss on those batches (eval mode) at the stop over after the first update
+  (how much of the loss the run has already removed).
+
+The cells' best φ come from the sweep files; this script only trains cosine up to the stops.
+
+Usage::
+
+    python benchmarks/midrun_signals.py --sweeps benchmarks/results/phi_sweep_wide.json \
+        --out benchmarks/results/midrun_signals.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import uba_auto  # noqa: E402
+from benchmarks.tasks import get_task  # noqa: E402
+from benchmarks.train import ScheduleSpec, gradient_stats, train  # noqa: E402
+
+FRACTIONS = (0.1, 0.25)
+PROBE_BATCHES = 8
+
+
+class _Stop(Exception):
+    """Raised by the callback after the last stop: the rest of the run is not needed."""
+
+
+def _probe_batches(task, seed: int, num: int) -> list:
+    if task.batch_size is None:
+        return [(task.x_train, task.y_train)]
+    gen = torch.Generator().manual_seed(7_919 * seed + 101)
+    idx = torch.randperm(task.num_train, generator=gen)
+    b = task.batch_size
+    out = []
+    for i in range(num):
+        sel = idx[(i * b) % task.num_train :][:b]
+        xb = task.x_train[sel]
+        augment = getattr(task, "augment", None)
+        if augment is not None:
+            xb = augment(xb, gen)
+        out.append((xb, task.y_train[sel]))
+    return out
+
+
+@torch.no_grad()
+def _batch_loss(task, model, batches: list) -> float:
+    was = model.training
+    model.eval()
+    try:
+        return sum(float(task.loss_fn(model(x), y)) for x, y in batches) / len(batches)
+    finally:
+        model.train(was)
+
+
+def _signals(task, seed: int, step: int, model, opt, first_loss: float) -> dict:
+    batches = _probe_batches(task, seed, PROBE_BATCHES)
+    lr = opt.param_groups[0]["lr"]
+    est = uba_auto.probe_curvature(
+        model,
+        batches,
+        task.loss_fn,
+        num_batches=len(batches),
+        optimizer=opt,
+        grad_clip=task.grad_clip,
+        trace=False,
+        density=False,
+        dtype=torch.float64,
+        seed=seed,
+        progress=False,
+        max_hvps=20 * len(batches),
+    )
+    stab = uba_auto.optimizer_stability(opt)
+    lam = est.lambda_max
+    share = uba_auto.phi.stability_fraction(lam, lr, stab.limit_at(lr), stab.weight_decay)
+    was_training = model.training
+    grads = gradient_stats(task, model, batches) if len(batches) > 1 else None
+    model.train(was_training)
+    return {
+        "step": step,
+        "lr": lr,
+        "sharpness": lam,
+        "limit": stab.limit_at(lr),
+        "share": share,
+        "sigma": est.curvature_noise,
+        "noise_ratio": (grads["trS"] / grads["g2"]) if grads and grads["g2"] > 0 else None,
+        "loss_ratio": _batch_loss(task, model, batches) / first_loss,
+        "hvps": est.num_hvps,
+    }
+
+
+def _run(job: tuple) -> tuple[tuple, list[dict]]:
+    name, budget, seed, peak = job
+    task = get_task(name)
+    warm = task.warmup_steps(budget)
+    stops = {warm + max(1, round(f * (budget - warm))): f for f in FRACTIONS}
+    out: list[dict] = []
+    first_loss: list[float] = []
+    last = max(stops)
+
+    def callback(step, model, opt):
+        if step == 1:
+            first_loss.append(_batch_loss(task, model, _probe_batches(task, seed, PROBE_BATCHES)))
+        if step in stops:
+            rec = _signals(task, seed, step, model, opt, first_loss[0])
+            rec["fraction"] = stops[step]
+            out.append(rec)
+            if step == last:
+                raise _Stop
+
+    try:
+        train(task, ScheduleSpec("cosine"), budget, seed, peak, callback=callback)
+    except _Stop:
+        pass
+    return job, out
+
+
+def _init() -> None:
+    torch.set_num_threads(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweeps", nargs="+", type=Path, required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    cells = [c for f in args.sweeps for c in json.loads(f.read_text())["cells"]]
+    jobs = [(c["task"], c["budget"], s, c["peak_lr"]) for c in cells for s in args.seeds]
+    started = time.perf_counter()
+    results: dict[tuple, list[dict]] = {}
+    with mp.get_context("spawn").Pool(args.workers, initializer=_init) as pool:
+        for job, out in pool.imap_unordered(_run, sorted(jobs, key=lambda j: -j[1])):
+            results[job] = out
+            print(f"  {job}: " + ", ".join(f"e={r['share']:.3g}" for r in out), file=sys.stderr)
+    rows = []
+    for c in cells:
+        per_seed = [results[(c["task"], c["budget"], s, c["peak_lr"])] for s in args.seeds]
+        row = {
+            "task": c["task"],
+            "budget": c["budget"],
+            "peak_lr": c["peak_lr"],
+            "best_phi": c["best_phi"],
+            "best_schedule": c["best_schedule"],
+            "cosine_gap_to_best_phi_pct": c["cosine_gap_to_best_phi_pct"],
+            "heldout_loss_by_schedule": {
+                k: v["heldout_loss_mean"] for k, v in c["schedules"].items()
+            },
+            "signals_per_seed": per_seed,
+        }
+        rows.append(row)
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "fractions": FRACTIONS,
+                "probe_batches": PROBE_BATCHES,
+                "wall_time_s": time.perf_counter() - started,
+                "cells": rows,
+            },
+            default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else x,
+        )
+    )
+    head = f"{'task':22s}{'budget':>7s} {'best φ':>7s} {'cos gap':>8s}"
+    print(head + "  share e (f=0.1 / 0.25, per seed)")
+    for r in rows:
+        shares = " ".join(
+            "/".join(f"{x['share']:.2f}" for x in seed) for seed in r["signals_per_seed"]
+        )
+        print(
+            f"{r['task']:22s}{r['budget']:7d} {r['best_phi']:7.3g} "
+            f"{r['cosine_gap_to_best_phi_pct']:7.2f}%  {shares}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
