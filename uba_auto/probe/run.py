@@ -22,6 +22,7 @@ from torch import nn
 
 from .._batches import BatchSet, collect_batches
 from .._distributed import Communicator, check_enabled
+from .._krylov import compact_dtype
 from .._loaders import check_reiterable
 from .._state import preserve_state
 from ..curvature import (
@@ -107,6 +108,7 @@ def run_probe(
             engine=settings.engine,
             dtype=settings.dtype,
             params=None if optimizer is None else optimizer_param_names(model, optimizer),
+            graph_memory=settings.graph_memory,
             comm=comm,
         )
         preconditioner = None
@@ -166,6 +168,7 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         budget_steps=budget_steps,
+                        basis_dtype=compact_dtype(op.dtype) if settings.compact_basis else None,
                     )
                 ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
                 ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision

@@ -145,6 +145,7 @@ def projected_extremes(
     basis_device: torch.device | str | None = None,
     budget_steps: int | None = None,
     rule: DecisionRule = DECISION_RULE,
+    basis_dtype: torch.dtype | None = None,
 ) -> ProjectedExtremes:
     r"""Both ends of :math:`\sum_b c_b A_b` by Lanczos, with each batch's curvature along the top
     Ritz vector at no extra product (:mod:`uba_auto.probe.projected`).
@@ -159,6 +160,8 @@ def projected_extremes(
             ``max_steps``), then on only while both ends miss ``tol`` and fewer than
             ``budget_steps`` steps were taken.
         rule: the decision rule.
+        basis_dtype: the basis' storage (``None``: the operators' dtype; see
+            :class:`~uba_auto._krylov.LanczosBasis`).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -191,6 +194,7 @@ def projected_extremes(
         check_every=1,
         product=projections.product,
         stop=stop,
+        basis_dtype=basis_dtype,
     )
     _, s = tridiagonal_eigh(res.alpha.numpy(), res.beta.numpy())
     top = tuple(float(c) for c in projections.curvatures(s[:, -1]))
