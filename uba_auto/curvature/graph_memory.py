@@ -139,18 +139,6 @@ class GraphCache:
         self._open = False
         return False
 
-    def describe(self) -> str:
-        """One line for reports: how many graphs are kept, and why."""
-        if self.graph_memory is None:
-            return f"every batch's graph kept ({self.num_batches})"
-        sizes = list(self.graph_bytes.values())
-        mean = sum(sizes) / len(sizes) if sizes else math.nan
-        return (
-            f"{len(self.kept)} of {self.num_batches} batch graphs kept (graph ~{mean / 2**20:.3g}"
-            f" MiB each, cap {self.graph_memory:g} x {(self.step_bytes or 0) / 2**20:.3g} MiB "
-            "estimated training step)"
-        )
-
 
 def check_graph_memory(graph_memory: Any) -> float | None:
     """``graph_memory`` checked: ``None`` or a positive finite number (returned as a float)."""
