@@ -67,17 +67,10 @@ def test_the_probe_caps_the_graphs_by_default_and_leaves_the_model_alone():
     problem = make_problem("cnn_batchnorm", num_batches=8)
     snap = snapshot_state(problem.model)
     rng = torch.get_rng_state()
+    args = (problem.model, problem.batches, problem.loss)
     common = dict(num_batches=8, dtype=F64, per_batch=False, trace=False, progress=False)
-    capped = probe_curvature(problem.model, problem.batches, problem.loss, hvp_budget=0, **common)
-    full = probe_curvature(
-        problem.model,
-        problem.batches,
-        problem.loss,
-        hvp_budget=0,
-        graph_memory=None,
-        compact_basis=False,
-        **common,
-    )
+    capped = probe_curvature(*args, hvp_budget=0, **common)
+    full = probe_curvature(*args, hvp_budget=0, graph_memory=None, compact_basis=False, **common)
     assert_state_unchanged(problem.model, snap)
     assert torch.equal(torch.get_rng_state(), rng)
     # The decision path takes the same steps and lands on the same numbers.
