@@ -91,15 +91,18 @@ def _recomputed(ev: Evaluation) -> Callable[[Tensor, Terms], Tensor]:
 
     def product(v: Tensor, terms: Terms) -> Tensor:
         point.check_unchanged(ev.operator)
-        total = torch.zeros_like(v)
+        # The sum is allocated after the first graph is freed, not beside it (where the peak is).
+        total: Tensor | None = None
         with ev.computing(derivatives=True):
             for i, c in terms:
                 g = ev.differentiable_grad(ev.batch_loss(i, point.leaves), i)
                 if g.requires_grad:
                     hv = torch.autograd.grad(g, leaves, v, allow_unused=True)
-                    total += c * point.flatten(hv)
-                del g  # the next batch's graph is built only after this one is freed
-        return total
+                    del g  # the graph is freed before the sum grows
+                    part = point.flatten(hv)
+                    del hv
+                    total = part.mul_(c) if total is None else total.add_(part, alpha=c)
+        return torch.zeros_like(v) if total is None else total
 
     return product
 
