@@ -150,7 +150,8 @@ def probe_curvature(
             Default 2.5: on the benchmark models (MLP, CNN, small transformer, ResNet-18, 8
             batches) no graph fits and every product is recomputed. ``None``: keep every
             graph (the fastest products, memory growing with ``num_batches``).
-        compact_basis: store the Lanczos basis of the extremes (``method="lanczos"``) in half
+        compact_basis: store the Lanczos bases of the extremes and of the per-batch runs
+            (``method="lanczos"``; the density's short runs keep theirs) in half
             the working precision (float16 for float32, float32 for float64), with the two
             newest vectors also at full precision: the tridiagonal, so the Ritz values, keep the
             working precision, the re-orthogonalisation against older vectors and the per-batch

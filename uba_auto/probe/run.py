@@ -139,6 +139,7 @@ def run_probe(
                 )
         ledger.end_setup()
         tol = settings.tol_for(op.dtype)
+        basis_dtype = compact_dtype(op.dtype) if settings.compact_basis else None
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
         solve = functools.partial(
             extremes,
@@ -147,6 +148,7 @@ def run_probe(
             tol=tol,
             generator=gen,
             basis_device=settings.basis_device,
+            basis_dtype=basis_dtype,
         )
         total = settings.planned_hvps(num_found)
         rank = comm.rank if comm else 0
@@ -168,7 +170,7 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         budget_steps=budget_steps,
-                        basis_dtype=compact_dtype(op.dtype) if settings.compact_basis else None,
+                        basis_dtype=basis_dtype,
                     )
                 ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
                 ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision

@@ -107,6 +107,7 @@ def _lanczos_extremes(
     tol: float,
     generator: torch.Generator,
     basis_device: torch.device | str | None,
+    basis_dtype: torch.dtype | None = None,
 ) -> Extremes:
     res = lanczos(
         op,
@@ -115,6 +116,7 @@ def _lanczos_extremes(
         generator=generator,
         which="both",
         basis_device=basis_device,
+        basis_dtype=basis_dtype,
     )
     return _extremes_of(res, tol)
 
@@ -244,6 +246,7 @@ def extremes(
     tol: float,
     generator: torch.Generator,
     basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> Extremes:
     """Both ends of the spectrum of ``op``.
 
@@ -256,6 +259,8 @@ def extremes(
         tol: relative residual tolerance.
         generator: draws the start vectors.
         basis_device: where Lanczos keeps its basis.
+        basis_dtype: its storage (``None``: the operator's dtype; see
+            :class:`~uba_auto._krylov.LanczosBasis`).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -266,7 +271,7 @@ def extremes(
         [2.0, -1.0, 0.5]
     """
     if method == "lanczos":
-        return _lanczos_extremes(op, max_iters, tol, generator, basis_device)
+        return _lanczos_extremes(op, max_iters, tol, generator, basis_device, basis_dtype)
     if method == "power":
         return _power_extremes(op, max_iters, tol, generator)
     raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
