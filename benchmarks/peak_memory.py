@@ -11,6 +11,11 @@
 * ``auto``: ``auto_uba(model, batches, 5000, loss_fn=loss_fn, **kwargs)`` on 8 batches;
 * ``peer:NAME``: a peer library's top-eigenvalue solver on one batch (see ``probe_benchmark.py``).
 
+``python benchmarks/peak_memory.py MODEL hvp_rate [--repeats 5]`` instead times, in this one
+process, the products of the probe's operator on 8 batches under its default graph cap
+(``graph_memory=2.5``) against every graph cached (``graph_memory=None``): single-batch products
+per second, interleaved round by round, median of ``repeats`` rounds and the ratio per round.
+
 Every measurement runs in a new interpreter, after the model and its batches exist and after one
 warm-up run of the same operation (which loads the libraries it imports and whatever they
 initialise on first use; the training step is a first step again after it, with ``.grad`` and the
@@ -120,6 +125,42 @@ def measure(
     return statistics.median(values)
 
 
+def hvp_rate(model_name: str, *, repeats: int = 5, products: int = 8) -> dict:
+    """Single-batch products per second, capped graphs vs every graph cached, side by side."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.probe_models import batches, loss_fn, make_model
+    from uba_auto import HessianOperator
+    from uba_auto.probe.settings import DEFAULT_GRAPH_MEMORY
+
+    torch.set_num_threads(1)
+    model = make_model(model_name)
+    data = batches(model_name, 8)
+    ops = {
+        cap: HessianOperator(model, data, loss_fn, graph_memory=cap)
+        for cap in (None, DEFAULT_GRAPH_MEMORY)
+    }
+    v = torch.randn(ops[None].size, generator=torch.Generator().manual_seed(0))
+    rates: dict = {cap: [] for cap in ops}
+    for _ in range(repeats + 1):  # the first round warms up
+        for cap, op in ops.items():
+            start = time.perf_counter()
+            for i in range(products):
+                op.batch_operator(i % op.num_batches).matvec(v)
+            rates[cap].append(products / (time.perf_counter() - start))
+    ratios = [c / f for c, f in zip(rates[DEFAULT_GRAPH_MEMORY][1:], rates[None][1:], strict=True)]
+    return {
+        "cached_batches": {str(cap): len(op.cached_batches) for cap, op in ops.items()},
+        "hvps_per_s_all_cached": statistics.median(rates[None][1:]),
+        "hvps_per_s_capped": statistics.median(rates[DEFAULT_GRAPH_MEMORY][1:]),
+        "ratio_capped_over_cached": ratios,
+        "median_ratio": statistics.median(ratios),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -128,6 +169,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kwargs", default="{}")
     args = parser.parse_args()
+    if args.what == "hvp_rate":
+        print(json.dumps(hvp_rate(args.model, repeats=args.repeats)))
+        return
     value = measure(
         args.model,
         args.what,

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_CHECK_EVERY",
     "LanczosBasis",
     "LanczosProcess",
+    "compact_dtype",
     "gaussian_unit_vector",
     "ritz_residuals",
     "run_lanczos",
@@ -57,20 +58,66 @@ def _breakdown_rtol(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps
 
 
-class LanczosBasis:
-    """The Lanczos vectors as rows of blocks allocated on demand.
+def compact_dtype(dtype: torch.dtype) -> torch.dtype:
+    r"""The storage dtype of a compact basis for vectors of ``dtype``: about half its digits.
 
-    Growing block by block (rather than allocating ``max_steps`` rows up front) keeps the memory at
-    what the run actually used, which is usually far below ``max_steps`` rows when it converges.
+    float64 -> float32, float32 -> float16, anything else unchanged. The unit roundoff of the
+    storage, :math:`2^{-24}` and :math:`2^{-11}`, is near the square root of the working one,
+    :math:`\sqrt{2^{-53}}` and :math:`\sqrt{2^{-24}}`: the level of semi-orthogonality that keeps
+    the Ritz values of Lanczos as accurate as with a fully orthogonal basis (Simon, 1984).
+
+    Example:
+        >>> compact_dtype(torch.float32), compact_dtype(torch.float64)
+        (torch.float16, torch.float32)
+    """
+    return {torch.float64: torch.float32, torch.float32: torch.float16}.get(dtype, dtype)
+
+
+class LanczosBasis:
+    """The Lanczos vectors as rows, allocated on demand.
+
+    Growing as the run proceeds (rather than allocating ``max_steps`` rows up front) keeps the
+    memory at what the run actually used, which is usually far below ``max_steps`` rows when it
+    converges.
+
+    With a ``storage`` dtype narrower than ``dtype`` (a compact basis, :func:`compact_dtype`), each
+    row is stored in it, scaled by its largest entry (so float16 neither overflows nor flushes to
+    zero), and the two newest rows are also kept in ``dtype``: the three-term recurrence (the
+    tridiagonal's coefficients, the next vector) is computed at full precision, and only the
+    re-orthogonalisation against the older rows, whose coefficients are at rounding level, and
+    the Ritz vectors (:meth:`combine`) see the storage's rounding (relative :math:`2^{-11}` per
+    entry in float16). Memory: ``rows * itemsize(storage) + 2 * itemsize(dtype)`` per entry
+    instead of ``rows * itemsize(dtype)``.
     """
 
-    def __init__(self, n: int, max_rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        n: int,
+        max_rows: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        storage: torch.dtype | None = None,
+    ) -> None:
         self.n, self.max_rows, self.dtype, self.device = n, max_rows, dtype, device
+        self.storage = dtype if storage is None else storage
+        self.compact = self.storage != dtype
         self.block = min(max_rows, _BASIS_BLOCK)
         self.blocks: list[Tensor] = []
         self.rows = 0  # rows written so far
+        # Compact: stored rows, their scales and the full-precision newest rows (index -> row).
+        self._stored: list[Tensor] = []
+        self._scales: list[Tensor] = []
+        self._recent: dict[int, Tensor] = {}
 
     def append(self, v: Tensor) -> None:
+        if self.compact:
+            scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+            self._stored.append((v / scale).to(self.storage))
+            self._scales.append(scale)
+            self._recent[self.rows] = v.clone()
+            self._recent.pop(self.rows - 2, None)
+            self.rows += 1
+            return
         if self.rows == len(self.blocks) * self.block:
             size = min(self.block, self.max_rows - self.rows)
             self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
@@ -78,6 +125,11 @@ class LanczosBasis:
         self.rows += 1
 
     def row(self, j: int) -> Tensor:
+        if self.compact:
+            recent = self._recent.get(j)
+            if recent is not None:
+                return recent
+            return self._stored[j].to(self.dtype) * self._scales[j]
         return self.blocks[j // self.block][j % self.block]
 
     def _filled(self) -> Iterator[Tensor]:
@@ -86,10 +138,17 @@ class LanczosBasis:
 
     def coefficients(self, w: Tensor) -> Tensor:
         """``Q w`` for the rows ``Q`` written so far."""
+        if self.compact:  # one row in working precision at a time
+            return torch.stack([torch.dot(self.row(j), w) for j in range(self.rows)])
         return torch.cat([blk @ w for blk in self._filled()])
 
     def subtract(self, w: Tensor, h: Tensor) -> Tensor:
         """``w - Q^T h``."""
+        if self.compact:
+            w = w.clone()
+            for j in range(self.rows):
+                w.sub_(self.row(j) * h[j])
+            return w
         start = 0
         for blk in self._filled():
             w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
@@ -99,6 +158,10 @@ class LanczosBasis:
     def combine(self, coeffs: Tensor, m: int) -> Tensor:
         """``Q[:m]^T coeffs`` for a ``(m, k)`` matrix of coefficients: Ritz vectors as columns."""
         out = torch.zeros((self.n, coeffs.shape[1]), dtype=self.dtype, device=self.device)
+        if self.compact:
+            for j in range(min(m, self.rows)):
+                out.addr_(self.row(j), coeffs[j])
+            return out
         start = 0
         for blk in self._filled():
             rows = min(blk.shape[0], m - start)
@@ -130,6 +193,7 @@ def run_lanczos(
     check_every: int,
     should_stop: Callable[[np.ndarray, np.ndarray], bool] | None,
     product: Callable[[Tensor, LanczosBasis], Tensor] | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> LanczosProcess:
     r"""Run up to ``max_steps`` (<= n) Lanczos steps from the unit vector ``q0``.
 
@@ -140,11 +204,12 @@ def run_lanczos(
     ``product(q_j, basis)``, if given, computes :math:`A q_j` instead of ``op.matvec`` (on the
     operator's device), with ``basis`` holding rows :math:`q_0 \dots q_j`: a caller can project
     parts of the product on the basis as they are computed (see
-    :class:`uba_auto.probe.projected.BatchProjections`).
+    :class:`uba_auto.probe.projected.BatchProjections`). ``basis_dtype``: the storage of the
+    basis (:class:`LanczosBasis`; ``None``: the operator's dtype).
     """
     n = op.size
     dtype = op.dtype
-    basis = LanczosBasis(n, max_steps, dtype, basis_device)
+    basis = LanczosBasis(n, max_steps, dtype, basis_device, basis_dtype)
     # Coefficients stay on the device between checks so that no step waits for the host.
     alpha = torch.empty(max_steps, dtype=dtype, device=basis_device)
     beta = torch.empty(max_steps, dtype=dtype, device=basis_device)

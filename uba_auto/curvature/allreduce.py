@@ -136,6 +136,7 @@ class AllReducedOperator(SymmetricOperator):
         self.param_names, self.param_shapes = local_op.param_names, local_op.param_shapes
         self.model, self.loss, self.mode = local_op.model, local_op.loss, local_op.mode
         self.engine, self.cache_graph = local_op.engine, local_op.cache_graph
+        self.cached_batches = local_op.cached_batches
         self.batch_set: BatchSet = local_op.batch_set
         self.batches, self.num_batches = local_op.batches, local_op.num_batches
         self.batch_sizes = local_op.batch_sizes

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from uba_auto._batches import BatchSet
 from uba_auto.curvature.batch_loss import check_finite_losses, loss_at
 from uba_auto.curvature.errors import check_twice_differentiable, derivative_errors
+from uba_auto.curvature.graph_memory import GraphCache
 from uba_auto.curvature.modes import ModePolicy
 from uba_auto.curvature.params import ParameterPoint
 
@@ -59,6 +60,8 @@ class Evaluation:
         loss: ``None``, ``loss(outputs, targets)`` or a ``ModelLoss``.
         point: the parameters at which the operator is built.
         policy: the mode policy.
+        graph_memory: the cap on cached gradient graphs, in estimated training steps
+            (:mod:`~uba_auto.curvature.graph_memory`); ``None``: every batch's graph is kept.
     """
 
     operator: str
@@ -68,6 +71,7 @@ class Evaluation:
     loss: Any
     point: ParameterPoint
     policy: ModePolicy
+    graph_memory: float | None = None
     # Batches whose gradient graph was checked for @once_differentiable Functions: the graph's
     # structure does not change between products, so once per batch is enough.
     _checked: set[int] = field(default_factory=set, init=False, repr=False)
@@ -75,6 +79,13 @@ class Evaluation:
     @property
     def batches(self) -> list[Any]:
         return self.batch_set.batches
+
+    def graph_cache(self) -> GraphCache:
+        """A fresh keep-or-recompute decision for this evaluation's batch graphs."""
+        point = self.point
+        resident = [*point.with_buffers(point.leaves).values(), *self.batches]
+        param_bytes = point.size * point.dtype.itemsize
+        return GraphCache(self.graph_memory, len(self.batches), resident, param_bytes)
 
     def batch_loss(self, index: int, trainable: Mapping[str, Tensor]) -> Tensor:
         """Batch ``index``'s scalar loss with the probed parameters set to ``trainable``."""
@@ -160,11 +171,14 @@ class BatchCurvature:
         batch_losses: every batch's loss at the point, a detached 1-D tensor.
         product: ``(v, terms) -> Σ c A_b v``.
         gradient: ``terms -> Σ c ∇ℓ_b`` (no graph attached).
+        cached: the batches whose graphs the engine keeps (the others are recomputed in every
+            product, or need no graph).
     """
 
     batch_losses: Tensor
     product: Callable[[Tensor, Terms], Tensor]
     gradient: Callable[[Terms], Tensor]
+    cached: tuple[int, ...] = ()
 
 
 Engine = Callable[[Evaluation], BatchCurvature]

@@ -11,7 +11,9 @@ Engines (:data:`GGN_ENGINES`; an operator picks one, once):
 * ``double-backward`` with a cached graph: per batch, the graphs of :math:`z(\theta)`, of
   :math:`\nabla_z \ell` and of :math:`J^\top u` (linear in a dummy :math:`u`) are kept, and
   :math:`J v` is the derivative of :math:`J^\top u` with respect to :math:`u` along :math:`v` (the
-  double-vjp trick): no forward pass per product.
+  double-vjp trick): no forward pass per product. Under a ``graph_memory`` cap only the graphs
+  that fit are kept (:mod:`~uba_auto.curvature.graph_memory`); the others are rebuilt in every
+  product, as without a cache.
 * ``double-backward`` without a cache: the same graphs rebuilt for every product.
 * ``forward-over-reverse``: :math:`Jv` by ``torch.func.jvp``, :math:`J^\top u` by
   ``torch.func.vjp``; only first-order derivatives of the model.
@@ -133,10 +135,32 @@ def _losses_without_graph(ev: Evaluation) -> Tensor:
 
 def _cached(ev: Evaluation) -> BatchCurvature:
     _refuse_dict_batches(ev)
+    graphs = ev.graph_cache()
+    cache: list[_Linearisation | None] = []  # None: rebuilt in every product
+    losses = []
     with ev.computing(derivatives=True, check_rng=True):
-        cache = [_linearise(ev, i) for i in range(len(ev.batches))]
-    product = _summed(ev, lambda i, v: _apply(ev, cache[i], v, retain=True))
-    return BatchCurvature(ev.stacked_losses([e.loss for e in cache]), product, ev.gradient)
+        for i, batch in enumerate(ev.batches):
+            if not graphs.open:
+                inputs, targets = split_supervised(batch)
+                with torch.no_grad():
+                    z = _outputs(ev, i, ev.point.primals, inputs)
+                    losses.append(_output_loss(ev, i, z, targets))
+                cache.append(None)
+                continue
+            entry = _linearise(ev, i)
+            losses.append(entry.loss.detach())
+            kept = graphs.admit(i, [entry.z], [entry.grad_z, entry.jt_dummy])
+            cache.append(entry if kept else None)
+            del entry  # a refused graph goes with its last reference, here
+
+    def part(i: int, v: Tensor) -> Tensor | None:
+        entry = cache[i]
+        if entry is None:
+            return _apply(ev, _linearise(ev, i), v, retain=False)
+        return _apply(ev, entry, v, retain=True)
+
+    product = _summed(ev, part)
+    return BatchCurvature(ev.stacked_losses(losses), product, ev.gradient, tuple(graphs.kept))
 
 
 def _uncached(ev: Evaluation) -> BatchCurvature:

@@ -8,7 +8,9 @@ Engines (:data:`HESSIAN_ENGINES`; an operator picks one, once):
 
 * ``double-backward`` with a cached graph: per batch, the gradient is computed once with
   ``create_graph=True`` and its graph kept, so a product is one backward pass through every
-  batch's graph at once, with no forward pass.
+  batch's graph at once, with no forward pass. Under a ``graph_memory`` cap only the graphs that
+  fit are kept (:mod:`~uba_auto.curvature.graph_memory`); the other batches are recomputed in
+  every product, as without a cache.
 * ``double-backward`` without a cache: the forward and the gradient are recomputed for every
   product (memory for one batch at a time).
 * ``forward-over-reverse``: ``torch.func.jvp(torch.func.grad(loss), (θ,), (v,))`` per batch.
@@ -16,6 +18,7 @@ Engines (:data:`HESSIAN_ENGINES`; an operator picks one, once):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,18 +35,30 @@ __all__ = ["HESSIAN_ENGINES"]
 def _cached(ev: Evaluation) -> BatchCurvature:
     point = ev.point
     leaves = list(point.leaves.values())
-    losses, grads = [], []
+    cache = ev.graph_cache()
+    losses: list[Tensor] = []
+    grads: list[Tensor | None] = []  # None: recomputed in every product
     with ev.computing(derivatives=True, check_rng=True):
         for i in range(len(ev.batches)):
+            if not cache.open:
+                with torch.no_grad():
+                    losses.append(ev.batch_loss(i, point.primals))
+                grads.append(None)
+                continue
             loss = ev.batch_loss(i, point.leaves)
-            grads.append(ev.differentiable_grad(loss, i))
-            losses.append(loss)
+            grad = ev.differentiable_grad(loss, i)
+            losses.append(loss.detach())
+            # A refused graph goes with its last reference, here.
+            grads.append(grad if cache.admit(i, [loss], [grad]) else None)
+            del loss, grad
+    recompute = _recomputed(ev)
 
     def product(v: Tensor, terms: Terms) -> Tensor:
         point.check_unchanged(ev.operator)
-        live = [(i, c) for i, c in terms if grads[i].requires_grad]
+        live = [(i, c) for i, c in terms if grads[i] is not None and grads[i].requires_grad]
+        others = [(i, c) for i, c in terms if grads[i] is None]
         if not live:
-            return torch.zeros_like(v)
+            return recompute(v, others) if others else torch.zeros_like(v)
         # A backward pass only: no forward runs, so there is no mode policy to apply (training
         # flags and kernel choices act on forward passes, and were applied when the graphs were
         # built). Entering it cost 0.05-0.2 ms per product, 0.1-0.4 gradients on the benchmark
@@ -57,30 +72,43 @@ def _cached(ev: Evaluation) -> BatchCurvature:
                 retain_graph=True,
                 allow_unused=True,
             )
-        return point.flatten(hv)
+        total = point.flatten(hv)
+        return total + recompute(v, others) if others else total
 
     def gradient(terms: Terms) -> Tensor:
-        return sum((grads[i].detach() * c for i, c in terms), point.zeros())
+        kept = [(i, c) for i, c in terms if grads[i] is not None]
+        others = [(i, c) for i, c in terms if grads[i] is None]
+        total = sum((grads[i].detach() * c for i, c in kept), point.zeros())
+        return total + ev.gradient(others) if others else total
 
-    return BatchCurvature(ev.stacked_losses(losses), product, gradient)
+    return BatchCurvature(ev.stacked_losses(losses), product, gradient, tuple(cache.kept))
 
 
-def _uncached(ev: Evaluation) -> BatchCurvature:
+def _recomputed(ev: Evaluation) -> Callable[[Tensor, Terms], Tensor]:
+    """The product of batches without a cached graph: forward and gradient rebuilt every time."""
     point = ev.point
     leaves = list(point.leaves.values())
 
     def product(v: Tensor, terms: Terms) -> Tensor:
         point.check_unchanged(ev.operator)
-        total = torch.zeros_like(v)
+        # The sum is allocated after the first graph is freed, not beside it (where the peak is).
+        total: Tensor | None = None
         with ev.computing(derivatives=True):
             for i, c in terms:
                 g = ev.differentiable_grad(ev.batch_loss(i, point.leaves), i)
                 if g.requires_grad:
                     hv = torch.autograd.grad(g, leaves, v, allow_unused=True)
-                    total += c * point.flatten(hv)
-        return total
+                    del g  # the graph is freed before the sum grows
+                    part = point.flatten(hv)
+                    del hv
+                    total = part.mul_(c) if total is None else total.add_(part, alpha=c)
+        return torch.zeros_like(v) if total is None else total
 
-    return BatchCurvature(ev.losses_without_graph(), product, ev.gradient)
+    return product
+
+
+def _uncached(ev: Evaluation) -> BatchCurvature:
+    return BatchCurvature(ev.losses_without_graph(), _recomputed(ev), ev.gradient)
 
 
 def _forward_over_reverse(ev: Evaluation) -> BatchCurvature:

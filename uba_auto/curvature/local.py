@@ -57,6 +57,8 @@ class LocalOperator(SymmetricOperator):
         size, dtype, device: of the flat vectors.
         param_names, param_shapes: the probed parameters.
         model, loss, mode, engine, cache_graph: as built.
+        cached_batches: the batches (indices into this operator's batches) whose gradient graphs
+            the engine keeps; the others are recomputed in every product.
         batch_set, batches, num_batches, batch_sizes: the batches this operator sums.
         global_batch_sizes: ``batch_sizes`` (no process group here).
         batch_losses: each batch's loss at the point, a 1-D tensor.
@@ -102,6 +104,7 @@ class LocalOperator(SymmetricOperator):
         self.batch_sizes = list(self.batch_set.batch_sizes)
         self.global_batch_sizes = list(self.batch_sizes)
         self._indices = indices
+        self.cached_batches = tuple(k for k, i in enumerate(indices) if i in set(curvature.cached))
         self._gradient: Tensor | None = None
 
     def _matvec(self, v: Tensor) -> Tensor:

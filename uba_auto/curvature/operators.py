@@ -20,6 +20,7 @@ from uba_auto.curvature.allreduce import AllReducedOperator, all_reduced
 from uba_auto.curvature.batch_loss import ModelLoss, check_batch_form
 from uba_auto.curvature.evaluation import ENGINES, Evaluation
 from uba_auto.curvature.ggn import GGN_ENGINES
+from uba_auto.curvature.graph_memory import check_graph_memory
 from uba_auto.curvature.hessian import HESSIAN_ENGINES
 from uba_auto.curvature.local import LocalOperator
 from uba_auto.curvature.modes import ModePolicy
@@ -46,6 +47,7 @@ def build_operator(
     dtype: torch.dtype | None,
     params: Iterable[Any] | None = None,
     cache_graph: bool = True,
+    graph_memory: float | None = None,
     comm: Communicator | None,
 ) -> LocalOperator | AllReducedOperator:
     """The curvature operator of ``model``'s mean loss, for an already resolved process group.
@@ -82,12 +84,13 @@ def build_operator(
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be a bool, got {type(cache_graph).__name__}")
+        cap = check_graph_memory(graph_memory)
         point = ParameterPoint(inner, params, dtype)
         policy = ModePolicy.of(inner, mode, device=point.device, operator=name)
         batch_set = as_batch_set(batches, device=point.device, dtype=point.cast)
         for i, batch in enumerate(batch_set.batches):
             check_batch_form(batch, loss, i)
-        evaluation = Evaluation(name, engine, inner, batch_set, loss, point, policy)
+        evaluation = Evaluation(name, engine, inner, batch_set, loss, point, policy, cap)
         curvature_of_batches = _ENGINES[curvature][engine, cache_graph](evaluation)
         return LocalOperator(evaluation, curvature_of_batches, cache_graph=cache_graph)
 
@@ -115,6 +118,7 @@ class _PublicOperator(SymmetricOperator):
         dtype: torch.dtype | None = None,
         params: Iterable[Any] | None = None,
         cache_graph: bool = True,
+        graph_memory: float | None = None,
         process_group: Any = "auto",
     ) -> None:
         super().__init__()
@@ -128,6 +132,7 @@ class _PublicOperator(SymmetricOperator):
             dtype=dtype,
             params=params,
             cache_graph=cache_graph,
+            graph_memory=graph_memory,
             comm=resolve_process_group(process_group),
         )
 
@@ -212,6 +217,13 @@ class HessianOperator(_PublicOperator):
             parameters, buffers and floating batch tensors; ``None`` keeps the model's dtype.
         params: parameter names or parameters to probe; ``None`` for all with ``requires_grad``.
         cache_graph: keep each batch's gradient graph (``engine="double-backward"`` only).
+        graph_memory: with ``cache_graph=True``, a cap on the graphs held at once, in estimated
+            training steps: batches are taken in order and a graph is kept while the kept graphs,
+            plus room for the one a recomputed product builds, stay within ``graph_memory``
+            times the bytes the first batch's forward saves for backward plus twice the
+            parameters' bytes; the other batches are recomputed in every product (see
+            :mod:`uba_auto.curvature.graph_memory`, and :attr:`cached_batches`). ``None``
+            (default): every graph is kept. :func:`~uba_auto.probe_curvature` caps at 2.5.
         process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
             than one rank, the operator is the curvature of the loss on the global batch: global
             batch :math:`b` is the union of every rank's batch :math:`b`, each rank's part
@@ -231,6 +243,8 @@ class HessianOperator(_PublicOperator):
             unknown); ``batch_sizes`` in a single process.
         batch_losses: the loss of each (global) batch at the probe's point, a 1-D tensor.
         batch_set: the batches, as a :class:`~uba_auto._batches.BatchSet`.
+        cached_batches: the batches whose gradient graphs are kept (this rank's); the others
+            are recomputed in every product.
         num_matvecs: products computed so far.
 
     Methods: :meth:`matvec`, ``gradient()`` and ``loss_value()`` (of :math:`\sum_b c_b \ell_b`, no

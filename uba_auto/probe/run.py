@@ -22,6 +22,7 @@ from torch import nn
 
 from .._batches import BatchSet, collect_batches
 from .._distributed import Communicator, check_enabled
+from .._krylov import compact_dtype
 from .._loaders import check_reiterable
 from .._state import preserve_state
 from ..curvature import (
@@ -107,6 +108,7 @@ def run_probe(
             engine=settings.engine,
             dtype=settings.dtype,
             params=None if optimizer is None else optimizer_param_names(model, optimizer),
+            graph_memory=settings.graph_memory,
             comm=comm,
         )
         preconditioner = None
@@ -137,6 +139,7 @@ def run_probe(
                 )
         ledger.end_setup()
         tol = settings.tol_for(op.dtype)
+        basis_dtype = compact_dtype(op.dtype) if settings.compact_basis else None
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
         solve = functools.partial(
             extremes,
@@ -145,6 +148,7 @@ def run_probe(
             tol=tol,
             generator=gen,
             basis_device=settings.basis_device,
+            basis_dtype=basis_dtype,
         )
         total = settings.planned_hvps(num_found)
         rank = comm.rank if comm else 0
@@ -166,6 +170,7 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         budget_steps=budget_steps,
+                        basis_dtype=basis_dtype,
                     )
                 ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
                 ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision

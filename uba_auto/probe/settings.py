@@ -10,11 +10,15 @@ from torch import nn
 
 from .._validation import check_int, check_positive_finite
 from ..curvature import ENGINES, MODES
+from ..curvature.graph_memory import check_graph_memory
 
-__all__ = ["CURVATURES", "METHODS", "ProbeSettings", "check_model"]
+__all__ = ["CURVATURES", "DEFAULT_GRAPH_MEMORY", "METHODS", "ProbeSettings", "check_model"]
 
 METHODS = ("lanczos", "power", "pyhessian")
 CURVATURES = ("hessian", "ggn")
+DEFAULT_GRAPH_MEMORY = 2.5
+"""The probe's default cap on cached gradient graphs, in estimated training steps
+(:mod:`uba_auto.curvature.graph_memory`): the probe's peak memory target, 2.5 training steps."""
 
 
 def check_model(model: Any) -> None:
@@ -60,6 +64,8 @@ class ProbeSettings:
     basis_device: torch.device | str | None = None
     grad_clip: float | None = None
     hvp_budget: int | None = None
+    graph_memory: float | None = DEFAULT_GRAPH_MEMORY
+    compact_basis: bool = True
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -87,6 +93,9 @@ class ProbeSettings:
             store("grad_clip", check_positive_finite("grad_clip", self.grad_clip))
         if self.hvp_budget is not None:
             store("hvp_budget", check_int("hvp_budget", self.hvp_budget, minimum=0))
+        store("graph_memory", check_graph_memory(self.graph_memory))
+        if not isinstance(self.compact_basis, bool):
+            raise TypeError(f"compact_basis must be a bool, got {self.compact_basis!r}")
         for name in ("trace", "density", "per_batch"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or (value is None and name != "per_batch")):
@@ -145,5 +154,6 @@ class ProbeSettings:
         settings = (self.num_batches, self.max_hvps, self.tol, self.method, self.curvature)
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
-        settings += (self.grad_clip, self.hvp_budget)
+        settings += (self.grad_clip, self.hvp_budget, self.graph_memory)
+        settings += (self.compact_basis,)
         return repr(settings)

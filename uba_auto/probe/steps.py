@@ -107,6 +107,7 @@ def _lanczos_extremes(
     tol: float,
     generator: torch.Generator,
     basis_device: torch.device | str | None,
+    basis_dtype: torch.dtype | None = None,
 ) -> Extremes:
     res = lanczos(
         op,
@@ -115,6 +116,7 @@ def _lanczos_extremes(
         generator=generator,
         which="both",
         basis_device=basis_device,
+        basis_dtype=basis_dtype,
     )
     return _extremes_of(res, tol)
 
@@ -145,6 +147,7 @@ def projected_extremes(
     basis_device: torch.device | str | None = None,
     budget_steps: int | None = None,
     rule: DecisionRule = DECISION_RULE,
+    basis_dtype: torch.dtype | None = None,
 ) -> ProjectedExtremes:
     r"""Both ends of :math:`\sum_b c_b A_b` by Lanczos, with each batch's curvature along the top
     Ritz vector at no extra product (:mod:`uba_auto.probe.projected`).
@@ -159,6 +162,8 @@ def projected_extremes(
             ``max_steps``), then on only while both ends miss ``tol`` and fewer than
             ``budget_steps`` steps were taken.
         rule: the decision rule.
+        basis_dtype: the basis' storage (``None``: the operators' dtype; see
+            :class:`~uba_auto._krylov.LanczosBasis`).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -191,6 +196,7 @@ def projected_extremes(
         check_every=1,
         product=projections.product,
         stop=stop,
+        basis_dtype=basis_dtype,
     )
     _, s = tridiagonal_eigh(res.alpha.numpy(), res.beta.numpy())
     top = tuple(float(c) for c in projections.curvatures(s[:, -1]))
@@ -240,6 +246,7 @@ def extremes(
     tol: float,
     generator: torch.Generator,
     basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> Extremes:
     """Both ends of the spectrum of ``op``.
 
@@ -252,6 +259,8 @@ def extremes(
         tol: relative residual tolerance.
         generator: draws the start vectors.
         basis_device: where Lanczos keeps its basis.
+        basis_dtype: its storage (``None``: the operator's dtype; see
+            :class:`~uba_auto._krylov.LanczosBasis`).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -262,7 +271,7 @@ def extremes(
         [2.0, -1.0, 0.5]
     """
     if method == "lanczos":
-        return _lanczos_extremes(op, max_iters, tol, generator, basis_device)
+        return _lanczos_extremes(op, max_iters, tol, generator, basis_device, basis_dtype)
     if method == "power":
         return _power_extremes(op, max_iters, tol, generator)
     raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")

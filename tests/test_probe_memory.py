@@ -1,0 +1,157 @@
+"""The probe's memory bounds: the capped graph cache and the compact Lanczos basis, against dense
+float64 ground truth, the uncapped operator and the full-precision basis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _models import make_problem
+from _reference import F64, _Reference, assert_close
+from _spectra import spectrum_operator, well_separated
+from _state_checks import assert_state_unchanged, snapshot_state
+
+from uba_auto import probe_curvature
+from uba_auto._krylov import LanczosBasis, compact_dtype
+from uba_auto.curvature import GGNOperator, HessianOperator
+from uba_auto.lanczos import lanczos
+from uba_auto.linear_operator import DenseOperator
+
+
+def _partial_cap(op_class, problem, **kw):
+    """A cap (in training steps) under which some but not all batch graphs are kept."""
+    for cap in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
+        op = op_class(problem.model, problem.batches, problem.loss, graph_memory=cap, **kw)
+        if 0 < len(op.cached_batches) < op.num_batches:
+            return cap, op
+    raise AssertionError("no cap keeps part of the graphs")
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm", "tiny_transformer"])
+def test_a_partly_cached_hessian_is_the_dense_hessian(name):
+    problem = make_problem(name, num_batches=6)
+    _, op = _partial_cap(HessianOperator, problem, dtype=F64)
+    # The kept graphs are a prefix: after the first refusal every batch is recomputed.
+    assert op.cached_batches == tuple(range(len(op.cached_batches)))
+    ref = _Reference(problem, problem.batches, "train-deterministic")
+    assert_close(op.to_dense(), ref.hessian())
+    assert_close(op.gradient(), ref.gradient())
+    for i in (0, op.num_batches - 1):  # one kept, one recomputed
+        alone = _Reference(problem, [problem.batches[i]], "train-deterministic")
+        assert_close(op.batch_operator(i).to_dense(), alone.hessian())
+
+
+def test_a_partly_cached_ggn_is_the_dense_ggn():
+    problem = make_problem("tanh_mlp", num_batches=6)
+    _, op = _partial_cap(GGNOperator, problem, dtype=F64)
+    assert_close(op.to_dense(), _Reference(problem, problem.batches, "train-deterministic").ggn())
+
+
+@pytest.mark.parametrize("op_class", [HessianOperator, GGNOperator])
+def test_caps_from_none_to_everything(op_class):
+    problem = make_problem("tanh_mlp", num_batches=4)
+    args = (problem.model, problem.batches, problem.loss)
+    every = op_class(*args, dtype=F64)
+    none = op_class(*args, dtype=F64, graph_memory=1e-6)
+    assert every.cached_batches == (0, 1, 2, 3) and none.cached_batches == ()
+    assert op_class(*args, dtype=F64, graph_memory=1e6).cached_batches == (0, 1, 2, 3)
+    v = torch.randn(every.size, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert_close(none.matvec(v), every.matvec(v), rtol=1e-12)
+    assert torch.equal(none.batch_losses, every.batch_losses)
+    assert_close(none.gradient(), every.gradient(), rtol=1e-12)
+    # Without a cache there is nothing to hold: cache_graph=False ignores the cap.
+    assert op_class(*args, cache_graph=False, graph_memory=2.5).cached_batches == ()
+
+
+def test_the_probe_caps_the_graphs_by_default_and_leaves_the_model_alone():
+    problem = make_problem("cnn_batchnorm", num_batches=8)
+    snap = snapshot_state(problem.model)
+    rng = torch.get_rng_state()
+    args = (problem.model, problem.batches, problem.loss)
+    common = dict(num_batches=8, dtype=F64, per_batch=False, trace=False, progress=False)
+    capped = probe_curvature(*args, hvp_budget=0, **common)
+    full = probe_curvature(*args, hvp_budget=0, graph_memory=None, compact_basis=False, **common)
+    assert_state_unchanged(problem.model, snap)
+    assert torch.equal(torch.get_rng_state(), rng)
+    # The decision path takes the same steps and lands on the same numbers.
+    assert capped.decision_steps == full.decision_steps
+    assert capped.num_hvps == full.num_hvps
+    assert capped.lambda_max == pytest.approx(full.lambda_max, rel=1e-9)
+    assert capped.lambda_min == pytest.approx(full.lambda_min, rel=1e-9, abs=1e-9)
+    assert capped.curvature_noise == pytest.approx(full.curvature_noise, rel=1e-6)
+
+
+def test_the_float32_decision_path_with_a_compact_basis_matches_dense_truth():
+    problem = make_problem("tanh_mlp", num_batches=6)
+    common = dict(num_batches=6, per_batch=False, trace=False, progress=False)
+    est = {
+        compact: probe_curvature(
+            problem.model, problem.batches, problem.loss, compact_basis=compact, **common
+        )
+        for compact in (True, False)
+    }
+    truth = torch.linalg.eigvalsh(
+        _Reference(problem, problem.batches, "train-deterministic").hessian()
+    )
+    for e in est.values():
+        assert e.lambda_max == pytest.approx(float(truth[-1]), rel=1e-4)
+        assert e.lambda_min == pytest.approx(float(truth[0]), rel=1e-3, abs=1e-4 * float(truth[-1]))
+    assert est[True].curvature_noise == pytest.approx(est[False].curvature_noise, rel=1e-3)
+
+
+def test_compact_dtype_halves_the_digits():
+    assert compact_dtype(torch.float64) == torch.float32
+    assert compact_dtype(torch.float32) == torch.float16
+    assert compact_dtype(torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "dtype, storage, tol, vector_tol",
+    [(torch.float64, torch.float32, 1e-10, 1e-6), (torch.float32, torch.float16, 1e-5, 2e-3)],
+)
+def test_a_compact_basis_keeps_the_ritz_values_at_working_precision(
+    dtype, storage, tol, vector_tol
+):
+    eigenvalues = well_separated(300)
+    op = spectrum_operator(eigenvalues, seed=3, dtype=dtype)
+    kw = dict(max_iters=150, tol=tol, generator=torch.Generator().manual_seed(0))
+    full = lanczos(op, **kw)
+    compact = lanczos(op, basis_dtype=storage, **kw)
+    lam = eigenvalues.to(F64)
+    scale = float(lam.abs().max())
+    for res in (full, compact):
+        assert abs(res.lambda_max - float(lam.max())) <= 10 * tol * scale
+        assert abs(res.lambda_min - float(lam.min())) <= 10 * tol * scale
+    assert compact.num_iters == pytest.approx(full.num_iters, abs=5)
+    # The Ritz vectors carry the storage's rounding, no more.
+    a = op.to_dense().to(F64)
+    y = compact.eigenvectors[:, -1].to(F64)
+    residual = torch.linalg.vector_norm(a @ y - compact.lambda_max * y) / scale
+    assert float(residual) <= vector_tol
+
+
+def test_a_compact_basis_stores_half_the_bytes_and_two_full_rows():
+    n = 1000
+    basis = LanczosBasis(n, 10, torch.float32, torch.device("cpu"), torch.float16)
+    rows = torch.linalg.qr(torch.randn(n, 6, generator=torch.Generator().manual_seed(0)))[0].T
+    for r in rows:
+        basis.append(r.contiguous())
+    assert all(t.dtype == torch.float16 for t in basis._stored)
+    assert sorted(basis._recent) == [4, 5]
+    assert torch.equal(basis.row(5), rows[5])  # the newest rows exactly
+    h = basis.coefficients(rows[2])
+    assert np.allclose(h.numpy(), np.eye(6)[2], atol=2e-3)
+
+
+def test_memory_arguments_are_checked():
+    problem = make_problem("tanh_mlp")
+    args = (problem.model, problem.batches, problem.loss)
+    with pytest.raises(ValueError, match="graph_memory must be a positive finite number"):
+        HessianOperator(*args, graph_memory=-1.0)
+    with pytest.raises(TypeError, match="graph_memory must be None"):
+        probe_curvature(*args, graph_memory="2.5", progress=False)
+    with pytest.raises(TypeError, match="compact_basis must be a bool"):
+        probe_curvature(*args, compact_basis="yes", progress=False)
+    op = DenseOperator(torch.eye(4))
+    with pytest.raises(TypeError, match="basis_dtype must be None"):
+        lanczos(op, basis_dtype=torch.int32)
