@@ -42,6 +42,7 @@ __all__ = [
     "batches",
     "loss_fn",
     "make_model",
+    "resnet_stages",
     "summary",
     "train_step",
 ]
@@ -70,6 +71,19 @@ class _BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+def resnet_stages(
+    in_channels: int, widths: tuple[int, ...], blocks_per_stage: int
+) -> nn.Sequential:
+    """The residual body of a ResNet: ``len(widths)`` stages of ``blocks_per_stage`` basic blocks,
+    stride 2 at the start of every stage but the first, as one flat ``nn.Sequential``."""
+    layers, cin = [], in_channels
+    for i, cout in enumerate(widths):
+        for j in range(blocks_per_stage):
+            layers.append(_BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+            cin = cout
+    return nn.Sequential(*layers)
+
+
 class ResNet18(nn.Module):
     """ResNet-18 for small images (3x3 stem, no max-pool), ``width`` channels in the first stage."""
 
@@ -78,13 +92,9 @@ class ResNet18(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
-        layers, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            for j in range(2):
-                layers.append(_BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        self.layers = resnet_stages(width, widths, blocks_per_stage=2)
+        self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(self.stem(x))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["TinyGPT", "adamw_param_groups", "lm_cross_entropy"]
+__all__ = ["TinyGPT", "adamw_param_groups", "gpt2_init", "lm_cross_entropy"]
 
 
 class _Block(nn.Module):
@@ -83,14 +83,7 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(_Block(d_model, num_heads, context) for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for proj in (block.attn_proj, block.mlp_proj):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * num_layers))
+        gpt2_init(self, self.blocks)
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
@@ -104,6 +97,20 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def gpt2_init(model: nn.Module, blocks: nn.ModuleList) -> None:
+    r"""Initialise ``model`` as GPT-2: every linear and embedding weight normal with std 0.02,
+    linear biases 0, and the two residual projections of each of the ``L = len(blocks)`` blocks
+    with std :math:`0.02/\sqrt{2L}`. LayerNorm keeps its (1, 0)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for block in blocks:
+        for proj in (block.attn_proj, block.mlp_proj):
+            nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(blocks)))
 
 
 def lm_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

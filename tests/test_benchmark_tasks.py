@@ -184,3 +184,180 @@ def test_sgd_tasks_keep_their_optimizer_and_summary():
     assert "warmup_fraction" not in summary and "grad_clip" not in summary
     gpt = get_task("gpt_adamw").summary()
     assert gpt["optimizer"].startswith("AdamW") and gpt["warmup_fraction"] == 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# The held-out representative tasks (resnet_bn, vit_adamw) and Task.augment
+
+
+def _old_stream(task, seed: int, num: int):
+    """Task.batches as it was before the augment field: the reference for tasks without one."""
+    if task.batch_size is None:
+        return [(task.x_train, task.y_train)] * num
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    out, n, b = [], task.num_train, task.batch_size
+    while len(out) < num:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - b + 1, b):
+            idx = order[start : start + b]
+            out.append((task.x_train[idx], task.y_train[idx]))
+    return out[:num]
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "char_lm", "lstsq_illcond"])
+def test_tasks_without_augmentation_keep_their_stream_and_summary(name):
+    task = get_task(name)
+    assert task.augment is None
+    num = 2 * task.num_train // task.batch_size + 3 if task.batch_size and name != "char_lm" else 3
+    got = list(itertools.islice(task.batches(4), num))
+    for (x, y), (x_ref, y_ref) in zip(got, _old_stream(task, 4, num), strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    # The summary keys stored in the JSON of the existing sweeps, exactly (no "augment").
+    assert set(task.summary()) == {
+        "name", "description", "kind", "num_train", "num_heldout", "num_params", "batch_size",
+        "momentum", "optimizer", "budgets", "expected_regime", "base_lr", "curve_eval_size",
+        "train_eval_size", "probe_batches", "meta",
+    }  # fmt: skip
+
+
+def test_heldout_representative_tasks_are_in_no_other_registry():
+    from benchmarks.tasks import HELDOUT_REPRESENTATIVE_TASK_NAMES, HOLDOUT_TASK_NAMES, TASK_NAMES
+
+    assert HELDOUT_REPRESENTATIVE_TASK_NAMES == ("resnet_bn", "vit_adamw")
+    assert REPRESENTATIVE_TASK_NAMES == ("gpt_adamw",)
+    others = set(TASK_NAMES) | set(HOLDOUT_TASK_NAMES) | set(REPRESENTATIVE_TASK_NAMES)
+    assert not others & set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "vit_adamw"])
+def test_image_tasks_split_all_1797_digits_into_images(name):
+    from sklearn.datasets import load_digits
+
+    task = get_task(name)
+    assert task.x_train.shape == (1200, 1, 8, 8) and task.x_heldout.shape == (597, 1, 8, 8)
+    assert float(task.x_train.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(task.x_train.std()) == pytest.approx(1.0, abs=1e-3)
+    # Undo the standardisation: the raw digits, every one of the 1797 exactly once.
+    raw = load_digits()
+    x = torch.cat([task.x_train, task.x_heldout]).double().flatten(1)
+    background = float(task.x_train.min())  # raw 0 is the smallest pixel value
+    scale = (x.max() - background) / 1.0  # raw 16/16 is the largest
+    restored = ((x - background) / scale * 16).round().long()
+    labels = torch.cat([task.y_train, task.y_heldout])
+    pairs = sorted(zip(map(tuple, restored.tolist()), labels.tolist(), strict=True))
+    reference = sorted(
+        zip(map(tuple, raw.data.astype(int).tolist()), raw.target.tolist(), strict=True)
+    )
+    assert pairs == reference
+    summary = task.summary()
+    assert summary["augment"].startswith("random translation by up to 1 pixel")
+    assert summary["budgets"][1] == 1200 and summary["probe_batches"] == 4
+
+
+def _naive_translations(image, fill: float):
+    """Every shift of ``image`` (C, H, W) by -1..1 pixels per axis, written out by hand."""
+    c, h, w = image.shape
+    padded = torch.full((c, h + 2, w + 2), fill)
+    padded[:, 1:-1, 1:-1] = image
+    return [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "vit_adamw"])
+def test_augmented_stream_is_seeded_and_changes_the_images_not_the_labels(name):
+    task = get_task(name)
+    first = list(itertools.islice(task.batches(3), 25))  # past the first epoch (18 batches)
+    again = list(itertools.islice(task.batches(3), 25))
+    other = next(task.batches(4))
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(first[0][1], other[1])
+    # The first epoch's order is drawn before any augmentation: the same examples as without it.
+    plain = list(itertools.islice(replace(task, augment=None).batches(3), 18))
+    background = float(task.x_train.min())
+    shifted = 0
+    for (x, y), (x_plain, y_plain) in zip(first[:18], plain, strict=True):
+        assert torch.equal(y, y_plain) and x.shape == x_plain.shape
+        for image, original in zip(x, x_plain, strict=True):
+            candidates = _naive_translations(original, background)
+            assert any(torch.equal(image, c) for c in candidates)
+            shifted += not torch.equal(image, original)
+    # 8 of the 9 offsets move the image (a digit never equals its own shift).
+    assert 0.8 < shifted / (18 * 64) < 0.95
+
+
+def test_random_translate_covers_every_offset_and_checks_its_input():
+    from benchmarks.vision_models import random_translate
+
+    images = torch.randn(500, 2, 5, 6)
+    out = random_translate(images, torch.Generator().manual_seed(0), fill=-3.0)
+    seen = set()
+    for image, original in zip(out, images, strict=True):
+        matches = [
+            k for k, c in enumerate(_naive_translations(original, -3.0)) if torch.equal(image, c)
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(9))
+    assert torch.equal(random_translate(images, torch.Generator(), max_shift=0), images)
+    with pytest.raises(ValueError, match="channels, height, width"):
+        random_translate(images.flatten(1), torch.Generator())
+
+
+def test_resnet_bn_optimizer_is_nesterov_sgd_decaying_every_parameter():
+    task = get_task("resnet_bn")
+    model = task.make_model(0)
+    opt = task.make_optimizer(model, 0.1)
+    assert type(opt) is torch.optim.SGD and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 5e-4)
+    assert len(group["params"]) == len(list(model.parameters()))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) >= 7
+    assert task.warmup_steps(1200) == 0 and task.grad_clip is None
+
+
+def test_vit_adamw_optimizer_decays_the_linear_weights_only():
+    task = get_task("vit_adamw")
+    model = task.make_model(0)
+    opt = task.make_optimizer(model, 1e-3)
+    no_decay, decay = opt.param_groups
+    assert type(opt) is torch.optim.AdamW
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert id(model.pos_emb.weight) in {id(p) for p in no_decay["params"]}
+    assert task.warmup_steps(300) == 15 and task.grad_clip == 1.0
+
+
+def test_vit_attends_both_ways_and_is_twice_differentiable():
+    from benchmarks.vision_models import DigitsViT
+
+    torch.manual_seed(0)
+    model = DigitsViT(d_model=16, num_layers=1, num_heads=2, pooling="cls").double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.double)
+    x2 = x.clone()
+    x2[:, :, 7, 7] += 1.0  # the last patch: a causal model's class token could not see it
+    assert not torch.allclose(model(x), model(x2))
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2]))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), params)
+    assert all(torch.isfinite(h).all() for h in hvp)
+    with pytest.raises(ValueError, match="patch must divide"):
+        DigitsViT(patch=3)
+    with pytest.raises(ValueError, match="pooling must be"):
+        DigitsViT(pooling="max")
+
+
+# The ViT starts on a plateau (it must learn where its patches are), the ResNet drops at once.
+@pytest.mark.parametrize(("name", "factor"), [("resnet_bn", 0.5), ("vit_adamw", 0.97)])
+def test_a_short_cosine_run_reduces_the_loss(name, factor):
+    task = get_task(name)
+    model = task.make_model(0)
+    x_tr, y_tr = task.train_eval()
+    before, _ = evaluate(task, model, x_tr, y_tr)
+    peak = task.base_lr[task.budgets[0]]
+    result = train(task, ScheduleSpec("cosine"), 60, seed=0, peak_lr=peak)
+    assert not result.diverged
+    assert result.final_train_loss < factor * before
+    assert result.final_heldout_loss < factor * before
