@@ -146,14 +146,90 @@ def _init() -> None:
     torch.set_num_threads(1)
 
 
+SIGNALS = ("share", "sigma", "noise_ratio", "loss_ratio")
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else math.nan
+
+
+def table(result: dict, best_from: list[dict]) -> str:
+    """A markdown table of the stored signals (median over seeds) next to each cell's best φ
+    (from ``best_from``, sweep cells, when they hold the cell; else the stored best φ), and the
+    Spearman correlation of log best φ with each signal over the cells that have it."""
+    best = {(c["task"], c["budget"]): c for c in best_from}
+    lines = [
+        "| task | budget | best φ | cosine vs best φ | "
+        + " | ".join(f"{k} at {f:g}" for f in result["fractions"] for k in SIGNALS)
+        + " |",
+        "|---" * (4 + len(SIGNALS) * len(result["fractions"])) + "|",
+    ]
+    cols: dict[tuple, list] = {}
+    ys: list[float] = []
+    for c in result["cells"]:
+        ref = best.get((c["task"], c["budget"]), c)
+        row = [
+            c["task"],
+            str(c["budget"]),
+            f"{ref['best_phi']:g}",
+            f"{ref['cosine_gap_to_best_phi_pct']:+.2f} %",
+        ]
+        ys.append(math.log2(ref["best_phi"]))
+        for i, f in enumerate(result["fractions"]):
+            for k in SIGNALS:
+                vals = sorted(s[i][k] for s in c["signals_per_seed"] if s[i][k] is not None)
+                med = vals[len(vals) // 2] if vals else None
+                cols.setdefault((f, k), []).append(med)
+                row.append("n/a" if med is None else f"{med:.3g}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for (f, k), vals in cols.items():
+        pairs = [(v, y) for v, y in zip(vals, ys, strict=True) if v is not None]
+        rho = _spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        lines.append(f"Spearman(log best φ, {k} at {f:g}) = {rho:+.2f} over {len(pairs)} cells")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweeps", nargs="+", type=Path, required=True)
+    parser.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="print the markdown table of this stored result (best φ from --sweeps) and exit",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.table is not None:
+        best = [c for f in args.sweeps for c in json.loads(f.read_text())["cells"]]
+        print(table(json.loads(args.table.read_text()), best))
+        return 0
     cells = [c for f in args.sweeps for c in json.loads(f.read_text())["cells"]]
+    if args.out is None:
+        parser.error("--out is required unless --table is given")
     jobs = [(c["task"], c["budget"], s, c["peak_lr"]) for c in cells for s in args.seeds]
     started = time.perf_counter()
     results: dict[tuple, list[dict]] = {}

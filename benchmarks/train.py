@@ -140,6 +140,17 @@ def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float,
     The loss is the mean over rows of ``x`` (each row's loss a mean over its targets); the accuracy
     is over every target of ``y`` (a row of a sequence task has one target per position).
     """
+    # Eval mode: BatchNorm on its running statistics (the held-out set never enters them) and no
+    # dropout; the models of the SGD and GPT tasks have neither, so their losses are unchanged.
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(task, model, x, y)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float | None]:
     total, correct, n = 0.0, 0, x.shape[0]
     for start in range(0, n, 8192):
         xb, yb = x[start : start + 8192], y[start : start + 8192]

@@ -11,9 +11,9 @@ from torch import nn
 __all__ = ["CHEAP_PROBE", "ForwardCounter", "assert_resumed_exactly"]
 
 CHEAP_PROBE = dict(link="chebyshev", num_batches=1, max_hvps=3, trace=False, density=False)
-"""auto_uba keywords for probes of 3 HVPs (7.5 gradient-equivalents with the graph's setup: with
-probe_fraction=1, a budget of B steps pays for B // 7.5 of them), whose chebyshev link moves φ
-with the curvature."""
+"""auto_uba keywords for probes of 3 HVPs (12 gradient-equivalents in the plan's count, 1.5 for
+the graph's setup + 3 x 3.5: with probe_fraction=1, a budget of B steps pays for B // 12 of
+them), whose chebyshev link moves φ with the curvature (2 HVPs are too few for that)."""
 
 
 class ForwardCounter:

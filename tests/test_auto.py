@@ -273,7 +273,7 @@ def test_no_positive_curvature_falls_back_loudly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto = auto_uba(
-            model, batches, 20, optimizer=opt, loss_fn=concave, density=False, probe_fraction=1.0
+            model, batches, 40, optimizer=opt, loss_fn=concave, density=False, probe_fraction=1.0
         )
     assert auto.phi == FALLBACK_PHI
     assert any("fell back" in w for w in auto.report.warnings)
@@ -775,7 +775,7 @@ def test_reestimation_before_make_scheduler_is_the_phi_the_scheduler_starts_from
     problem, model, _ = mlp_setup(num_batches=8)
     # Chebyshev's phi = 2 kappa moves with the batches probed, so a re-estimate changes it.
     kw = dict(num_batches=2, probe_fraction=1.0, density=False, link="chebyshev", phi_max=1e9)
-    auto = auto_uba(model, problem.batches, 400, loss_fn=problem.loss, peak_lr=0.01, **kw)
+    auto = auto_uba(model, problem.batches, 1000, loss_fn=problem.loss, peak_lr=0.01, **kw)
     record = auto.reestimate()
     assert record.status == "ok" and record.phi != auto.report.phi and auto.phi == record.phi
     sched = auto.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.01))
@@ -784,7 +784,7 @@ def test_reestimation_before_make_scheduler_is_the_phi_the_scheduler_starts_from
     resumed = auto_uba(
         model,
         problem.batches,
-        400,
+        1000,
         loss_fn=problem.loss,
         peak_lr=0.01,
         **kw,

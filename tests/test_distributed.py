@@ -125,12 +125,14 @@ def _adam_probe(batches: list[Any], steps: int) -> dict[str, Any]:
     return {**_summary(est), "preconditioner": est.preconditioner}
 
 
-AUTO_BUDGET = 200  # large enough for 3 re-estimations within probe_fraction=1
+# Large enough for 3 re-estimations within probe_fraction=1: each probe's share is 400 / 4 = 100
+# gradient-equivalents, and 2 batches x 1.5 + 20 HVPs x 3.5 = 73 fit in it.
+AUTO_BUDGET = 400
 AUTO_SETTINGS: dict[str, Any] = dict(
     budget=AUTO_BUDGET,
     loss_fn=F.cross_entropy,
     num_batches=NUM_BATCHES,
-    reestimate_every=50,
+    reestimate_every=100,
     probe_fraction=1.0,
     density=False,
     trace=False,
@@ -351,7 +353,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
             model,
             _shard(rank, (6, 6)),
             optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
-            **{**AUTO_SETTINGS, "reestimate_every": 50 if rank == 0 else None},
+            **{**AUTO_SETTINGS, "reestimate_every": 100 if rank == 0 else None},
         )
         out["settings_mismatch"] = None
     except ValueError as err:
@@ -587,7 +589,7 @@ def test_auto_uba_is_identical_on_every_rank_and_matches_one_process(
     assert a["lrs"] == b["lrs"]
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
     steps = [(step, status) for step, status, _, _ in a["history"]]
-    assert steps == [(0, "ok"), (50, "ok"), (100, "ok"), (150, "ok")]
+    assert steps == [(0, "ok"), (100, "ok"), (200, "ok"), (300, "ok")]
     # The probes see the same global batches as one process with a 12-row loader, and DDP's
     # averaged gradients the same steps, so the run matches up to rounding.
     ref = single["auto"]

@@ -20,7 +20,7 @@ pytestmark = [  # Lightning's own notes on resuming into a new folder, and its o
     pytest.mark.filterwarnings("ignore:.*treespec"),
 ]
 
-MAX_STEPS, EVERY = 40, 8  # 8 batches an epoch: checkpoints at epoch ends
+MAX_STEPS, EVERY = 48, 8  # 8 batches an epoch: checkpoints at epoch ends
 PROBE = dict(loss_fn=F.cross_entropy, reestimate_every=8, probe_fraction=1.0, **CHEAP_PROBE)
 
 
@@ -107,7 +107,9 @@ def uninterrupted(tmp_path_factory):
 def test_resuming_from_a_lightning_checkpoint_continues_bit_for_bit(uninterrupted, tmp_path):
     checkpoint_dir, full = uninterrupted
     history = full[0].auto.report.history
-    assert [(r.step, r.status) for r in history] == [(s, "ok") for s in (0, 8, 16, 24, 32)]
+    # Four probes of 12 gradient-equivalents fit in the 48 steps, a fifth does not.
+    expected = [(s, "ok") for s in (0, 8, 16, 24)] + [(s, "skipped") for s in (32, 40)]
+    assert [(r.step, r.status) for r in history] == expected
     assert len({r.phi for r in history}) >= 4  # re-estimations moved phi
     assert full[2].before_training > 0  # the counter sees the first run's probe
     (checkpoint,) = checkpoint_dir.glob("*step=16.ckpt")  # re-estimated at this very step

@@ -87,3 +87,19 @@ def test_extend_adds_only_the_missing_schedules_and_rechooses_the_best_phi(monke
     assert cell["cosine_gap_to_best_phi_pct"] == pytest.approx(
         100 * (cos - min(means.values())) / min(means.values())
     )
+
+
+@pytest.mark.parametrize("budget", [200, 2000])
+def test_default_link_keeps_cosine_where_small_phi_diverges(budget):
+    """``digits_cnn`` at its cosine-tuned peak (0.08, momentum 0.9) sits where φ < 2 diverged in
+    the sweep (BENCHMARKS.md §2): the default link must not pick φ < 2 there."""
+    import itertools
+
+    import uba_auto
+
+    task = get_task("digits_cnn")
+    model = task.make_model(0)
+    batches = list(itertools.islice(task.batches(0), 8))
+    opt = task.make_optimizer(model, 0.08)
+    auto = uba_auto.auto_uba(model, batches, budget, loss_fn=task.loss_fn, optimizer=opt)
+    assert auto.phi >= 2.0, auto.report.reason

@@ -60,8 +60,8 @@ def test_a_budget_between_the_decision_and_convergence_is_respected():
 
 def test_plan_arithmetic():
     assert planned_reestimations(4999, 500) == 9 and planned_reestimations(100, None) == 0
-    assert probe_cost(10, 4) == 10 * 2.0 + 4 * 1.5
-    assert hvp_budget(100.0, 8) == 44 and hvp_budget(5.0, 8) == 0
+    assert probe_cost(10, 4) == 10 * 3.5 + 4 * 1.5
+    assert hvp_budget(100.0, 8) == 25 and hvp_budget(5.0, 8) == 0
 
 
 def test_auto_uba_says_loudly_when_the_smallest_useful_probe_overspends():

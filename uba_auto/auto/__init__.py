@@ -10,8 +10,9 @@ The product in one call::
         auto.scheduler.step()          # re-probes every `reestimate_every` steps if asked
 
 Probing cost is counted in gradient-equivalents: one Hessian-vector product costs
-:data:`HVP_COST_IN_GRADIENTS` gradients (the benchmark measures 1.3-1.8 for the cached-graph
-engine), one training step one gradient. Re-estimations are skipped, and the skip recorded, once
+:data:`HVP_COST_IN_GRADIENTS` gradients (an upper bound: 2.9-4.1 measured for a product
+recomputed from its batch, the default over the probe's memory cap, 1.3-2.2 with a cached graph),
+one training step one gradient. Re-estimations are skipped, and the skip recorded, once
 they would take the total past ``probe_fraction`` of the budget.
 """
 

@@ -7,12 +7,16 @@ will run (:func:`planned_reestimations`). A probe of :math:`B` batches costs
 .. math::
 
     \text{cost} = B \cdot \text{SETUP} + \text{HVPs} \cdot \text{HVP}, \qquad
-    \text{SETUP} = 1.5, \quad \text{HVP} = 2
+    \text{SETUP} = 1.5, \quad \text{HVP} = 3.5
 
-gradient-equivalents (building each batch's double-backward graph is a forward and a backward
-pass that keeps its graph; a product with the cached graph measured 1.3-2.2 gradients in
-``benchmarks/probe_benchmark.py``, and more on some architectures, which this fixed count does not
-see: it is a plan, and the same on every rank). What is left of a probe's share after its setup is
+gradient-equivalents, an upper bound of both ways the probe computes a product: with a batch's
+cached double-backward graph (setup: a forward and a backward pass that keeps its graph; a
+product measured 1.3-2.2 gradients in ``benchmarks/probe_benchmark.py``) and, for the batches
+over the probe's memory cap (``probe_curvature(graph_memory=2.5)``: on every benchmark model at 8
+batches, all of them), recomputed in every product (setup a forward; a product measured 2.9-4.1
+gradients, 0.49-0.69x the cached rate, ``python benchmarks/peak_memory.py MODEL hvp_rate``). It is
+a plan, the same on every rank, and errs towards spending less: a probe whose graphs are all
+cached costs less than it is counted. What is left of a probe's share after its setup is
 its HVP budget (:class:`~uba_auto.probe.ProbeSettings` ``hvp_budget``): the φ decision first, the
 report's extras only with what remains.
 """
@@ -30,9 +34,10 @@ __all__ = [
     "probe_cost",
 ]
 
-HVP_COST_IN_GRADIENTS = 2.0
-"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget (rounded up
-from the 1.6-1.8 that ``benchmarks/probe_benchmark.py`` measures for the cached-graph engine)."""
+HVP_COST_IN_GRADIENTS = 3.5
+"""Cost of one Hessian-vector product in gradient evaluations, for the probing budget: a product
+recomputed from its batch (the probe's default when the batches' graphs exceed its memory cap)
+measured 2.9-4.1 gradients on the benchmark models; a product on a cached graph 1.3-2.2."""
 
 SETUP_COST_IN_GRADIENTS = 1.5
 """Cost of building one batch's double-backward graph (a forward and a backward pass that keeps
@@ -62,8 +67,8 @@ def hvp_budget(share: float, batches: int) -> int:
     (0 when the setup alone uses it up).
 
     Example:
-        >>> hvp_budget(100.0, 8)  # 5000 steps at 2 %: (100 - 8 * 1.5) / 2
-        44
+        >>> hvp_budget(100.0, 8)  # 5000 steps at 2 %: (100 - 8 * 1.5) / 3.5
+        25
     """
     return max(0, math.floor((share - batches * SETUP_COST_IN_GRADIENTS) / HVP_COST_IN_GRADIENTS))
 
