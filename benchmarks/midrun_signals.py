@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 import uba_auto  # noqa: E402
 from benchmarks.tasks import get_task  # noqa: E402
-from benchmarks.train import ScheduleSpec, gradient_stats, train  # noqa: E402
+from benchmarks.train import ScheduleSpec, evaluate, gradient_stats, train  # noqa: E402
 
 FRACTIONS = (0.1, 0.25)
 PROBE_BATCHES = 8
@@ -63,25 +63,18 @@ def _probe_batches(task, seed: int, num: int) -> list:
     for i in range(num):
         sel = idx[(i * b) % task.num_train :][:b]
         xb = task.x_train[sel]
-        augment = getattr(task, "augment", None)
-        if augment is not None:
-            xb = augment(xb, gen)
+        if task.augment is not None:
+            xb = task.augment(xb, gen)
         out.append((xb, task.y_train[sel]))
     return out
 
 
-@torch.no_grad()
 def _batch_loss(task, model, batches: list) -> float:
-    was = model.training
-    model.eval()
-    try:
-        return sum(float(task.loss_fn(model(x), y)) for x, y in batches) / len(batches)
-    finally:
-        model.train(was)
+    """The mean over ``batches`` of each batch's loss, in eval mode (:func:`evaluate`)."""
+    return sum(evaluate(task, model, x, y)[0] for x, y in batches) / len(batches)
 
 
-def _signals(task, seed: int, step: int, model, opt, first_loss: float) -> dict:
-    batches = _probe_batches(task, seed, PROBE_BATCHES)
+def _signals(task, seed: int, batches: list, step: int, model, opt, first_loss: float) -> dict:
     lr = opt.param_groups[0]["lr"]
     est = uba_auto.probe_curvature(
         model,
@@ -98,16 +91,14 @@ def _signals(task, seed: int, step: int, model, opt, first_loss: float) -> dict:
         max_hvps=20 * len(batches),
     )
     stab = uba_auto.optimizer_stability(opt)
-    lam = est.lambda_max
-    share = uba_auto.phi.stability_fraction(lam, lr, stab.limit_at(lr), stab.weight_decay)
-    was_training = model.training
+    lam, limit = est.lambda_max, stab.limit_at(lr)
+    share = uba_auto.phi.stability_fraction(lam, lr, limit, stab.weight_decay)
     grads = gradient_stats(task, model, batches) if len(batches) > 1 else None
-    model.train(was_training)
     return {
         "step": step,
         "lr": lr,
         "sharpness": lam,
-        "limit": stab.limit_at(lr),
+        "limit": limit,
         "share": share,
         "sigma": est.curvature_noise,
         "noise_ratio": (grads["trS"] / grads["g2"]) if grads and grads["g2"] > 0 else None,
@@ -121,15 +112,16 @@ def _run(job: tuple) -> tuple[tuple, list[dict]]:
     task = get_task(name)
     warm = task.warmup_steps(budget)
     stops = {warm + max(1, round(f * (budget - warm))): f for f in FRACTIONS}
+    batches = _probe_batches(task, seed, PROBE_BATCHES)
     out: list[dict] = []
     first_loss: list[float] = []
     last = max(stops)
 
     def callback(step, model, opt):
         if step == 1:
-            first_loss.append(_batch_loss(task, model, _probe_batches(task, seed, PROBE_BATCHES)))
+            first_loss.append(_batch_loss(task, model, batches))
         if step in stops:
-            rec = _signals(task, seed, step, model, opt, first_loss[0])
+            rec = _signals(task, seed, batches, step, model, opt, first_loss[0])
             rec["fraction"] = stops[step]
             out.append(rec)
             if step == last:

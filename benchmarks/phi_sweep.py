@@ -337,6 +337,38 @@ def _products(curv: dict, peak_lr: float, budget: int, momentum: float) -> dict:
     return out
 
 
+def _add_paired(summary: dict, runs: list[dict], cos_runs: list[dict]) -> None:
+    """Add the paired comparison with cosine (:func:`_paired_vs_cosine`) to a schedule's
+    :func:`_summarise_runs` summary."""
+    mean, se = _paired_vs_cosine(runs, cos_runs)
+    summary["rel_diff_vs_cosine_paired_mean"] = mean
+    summary["rel_diff_vs_cosine_paired_se"] = se
+
+
+def _best_phi_fields(schedules: dict[str, dict]) -> dict:
+    """A cell's best φ of the grid :data:`PHIS` and how it compares with the rest, from the
+    summaries of its schedules (each with its paired comparison, :func:`_add_paired`)."""
+    phi_means = [schedules[f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS]
+    best_phi = PHIS[int(np.argmin(phi_means))]
+    best_loss = min(phi_means)
+    best = schedules[f"phi={best_phi:g}"]
+    ranked = sorted(schedules, key=lambda k: schedules[k]["heldout_loss_mean"])
+    cos = schedules["cosine"]["heldout_loss_mean"]
+    return {
+        "best_phi": best_phi,
+        "best_phi_interpolated": _interpolated_best_phi(phi_means),
+        "best_phi_margin_over_runner_up": (sorted(phi_means)[1] - best_loss) / best_loss,
+        "best_phi_std_over_loss": best["heldout_loss_std"] / best_loss,
+        "best_schedule": ranked[0],
+        "schedule_ranking": ranked,
+        "cosine_gap_to_best_phi_pct": 100.0 * (cos - best_loss) / best_loss,
+        # Best φ beats cosine by more than two standard errors of the paired difference.
+        "best_phi_beats_cosine_significantly": bool(
+            -best["rel_diff_vs_cosine_paired_mean"] > 2 * best["rel_diff_vs_cosine_paired_se"]
+        ),
+    }
+
+
 def _analyse(
     task_names: list[str], seeds: list[int], lr_runs: dict, phase2: dict, probes: dict
 ) -> list[dict]:
@@ -364,15 +396,7 @@ def _analyse(
             schedules["cosine"] = sweep[best_m][1]
             all_runs["cosine"] = sweep[best_m][2]
             for label, runs in all_runs.items():
-                mean, se = _paired_vs_cosine(runs, all_runs["cosine"])
-                schedules[label]["rel_diff_vs_cosine_paired_mean"] = mean
-                schedules[label]["rel_diff_vs_cosine_paired_se"] = se
-            phi_means = [schedules[f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS]
-            best_phi = PHIS[int(np.argmin(phi_means))]
-            best_phi_loss = min(phi_means)
-            ranked = sorted(schedules, key=lambda k: schedules[k]["heldout_loss_mean"])
-            best_std = schedules[f"phi={best_phi:g}"]["heldout_loss_std"]
-            runner_up = sorted(phi_means)[1]
+                _add_paired(schedules[label], runs, all_runs["cosine"])
             cos = schedules["cosine"]["heldout_loss_mean"]
             phi2 = schedules["phi=2"]["heldout_loss_mean"]
             cells.append(
@@ -390,18 +414,7 @@ def _analyse(
                     "peak_lr": peak_lr,
                     "peak_lr_at_grid_edge": best_m in (LR_MULTIPLIERS[0], LR_MULTIPLIERS[-1]),
                     "schedules": schedules,
-                    "best_phi": best_phi,
-                    "best_phi_interpolated": _interpolated_best_phi(phi_means),
-                    "best_phi_margin_over_runner_up": (runner_up - best_phi_loss) / best_phi_loss,
-                    "best_phi_std_over_loss": best_std / best_phi_loss,
-                    "best_schedule": ranked[0],
-                    "schedule_ranking": ranked,
-                    "cosine_gap_to_best_phi_pct": 100.0 * (cos - best_phi_loss) / best_phi_loss,
-                    # Best φ beats cosine by more than two standard errors of the paired difference.
-                    "best_phi_beats_cosine_significantly": bool(
-                        -schedules[f"phi={best_phi:g}"]["rel_diff_vs_cosine_paired_mean"]
-                        > 2 * schedules[f"phi={best_phi:g}"]["rel_diff_vs_cosine_paired_se"]
-                    ),
+                    **_best_phi_fields(schedules),
                     "cosine_vs_uba_phi2_rel_diff": (phi2 - cos) / cos,
                     "curvature": curv,
                     "products": _products(curv, peak_lr, budget, task.momentum),
@@ -439,28 +452,11 @@ def _extend(old: dict, task_names: list[str] | None, seeds: list[int], workers: 
                 continue
             runs = [new[("train", c["task"], c["budget"], s, c["peak_lr"], spec)] for s in seeds]
             summary = _summarise_runs(runs)
-            mean, se = _paired_vs_cosine(runs, cos_runs)
-            summary["rel_diff_vs_cosine_paired_mean"] = mean
-            summary["rel_diff_vs_cosine_paired_se"] = se
+            _add_paired(summary, runs, cos_runs)
             c["schedules"][spec.label] = summary
             c["runs"][spec.label] = runs
-        phi_means = [c["schedules"][f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS]
-        best_phi = PHIS[int(np.argmin(phi_means))]
-        best_loss = min(phi_means)
-        cos = c["schedules"]["cosine"]["heldout_loss_mean"]
-        best = c["schedules"][f"phi={best_phi:g}"]
-        ranked = sorted(c["schedules"], key=lambda k: c["schedules"][k]["heldout_loss_mean"])
         c.update(
-            best_phi=best_phi,
-            best_phi_interpolated=_interpolated_best_phi(phi_means),
-            best_phi_margin_over_runner_up=(sorted(phi_means)[1] - best_loss) / best_loss,
-            best_phi_std_over_loss=best["heldout_loss_std"] / best_loss,
-            best_schedule=ranked[0],
-            schedule_ranking=ranked,
-            cosine_gap_to_best_phi_pct=100.0 * (cos - best_loss) / best_loss,
-            best_phi_beats_cosine_significantly=bool(
-                -best["rel_diff_vs_cosine_paired_mean"] > 2 * best["rel_diff_vs_cosine_paired_se"]
-            ),
+            _best_phi_fields(c["schedules"]),
             extended_with=sorted({j[5].label for j in jobs if j[1] == c["task"]}),
         )
         out.append(c)
@@ -794,20 +790,15 @@ def _json_safe(obj):
     return obj
 
 
-def argv_tasks(argv: list[str] | None, args: argparse.Namespace) -> list[str] | None:
-    """``--tasks`` when given on the command line, else ``None`` (every task of the file)."""
-    given = sys.argv[1:] if argv is None else argv
-    return args.tasks if "--tasks" in given else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--tasks",
         nargs="+",
-        default=list(TASK_NAMES),
+        default=None,
         choices=TASK_NAMES + HOLDOUT_TASK_NAMES + REPRESENTATIVE_TASK_NAMES,
-        help="default: the five calibration tasks; the out-of-sample ones are "
+        help="default: the five calibration tasks (with --extend: every task of the file); the "
+        "out-of-sample ones are "
         + " ".join(HOLDOUT_TASK_NAMES)
         + "; the representative ones "
         + " ".join(REPRESENTATIVE_TASK_NAMES),
@@ -850,12 +841,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    global PHIS, LR_MULTIPLIERS, _ONLY_BUDGETS
     if args.phis is not None:
         if 2.0 not in args.phis or sorted(args.phis) != args.phis:
             parser.error(f"--phis must be ascending and contain 2 (cosine), got {args.phis}")
-        global PHIS
         PHIS = tuple(args.phis)
-    global LR_MULTIPLIERS, _ONLY_BUDGETS
     if args.lr_multipliers is not None:
         LR_MULTIPLIERS = tuple(sorted(args.lr_multipliers))
     if args.budgets is not None:
@@ -867,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.extend is not None:
         old = json.loads(args.extend.read_text())
-        cells = _extend(old, argv_tasks(argv, args), old["settings"]["seeds"], args.workers)
+        cells = _extend(old, args.tasks, old["settings"]["seeds"], args.workers)
         result = {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -884,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_cell(c)
         print(f"wall time {result['wall_time_s']['total']:.0f} s; results in {out}")
         return 0
+    args.tasks = args.tasks or list(TASK_NAMES)
     tasks = [get_task(n) for n in args.tasks]
 
     # Phase 1: probes and the cosine peak-rate sweep (independent of each other).
