@@ -1,0 +1,318 @@
+"""The plateau rule (``uba_auto.phi``'s ``plateau_*``) trained on the φ study's cells.
+
+Every task's held-out set is split once, by example index, into a *validation* half (even
+indices: the only data the rule reads while training) and a *test* half (odd indices). A rule
+run trains with φ = HOLD_PHI, measures the validation loss on ``--val-batches`` fixed chunks of
+the validation half at the rule's check steps, and calls ``set_phi(COOL_PHI)`` at the first
+plateau. The training data, the minibatch order, the model's seed and the peak rate are those of
+the sweep's runs, so a rule run is paired with the sweep's run of the same seed.
+
+Two modes:
+
+* ``calibration`` (default): the cells of the stored wide sweeps (``--sweeps``) at their tuned
+  peak. Only rule runs are trained; each is compared with the stored schedules, scored on the
+  whole held-out set, as the stored runs are. The validation half is part of that set, so these
+  figures are where the rule's constants were looked at, not a test.
+* ``heldout``: tasks kept out of every fit (``--tasks``, budgets ``--budgets`` or the task's
+  two), at the task's cosine-tuned ``base_lr``: the rule *and* the φ grid, WSD and linear are
+  trained, all scored on the test half (the headline) and on the whole held-out set.
+
+The cost of the rule beyond training is its validation forward passes, reported per run as
+gradient-equivalents (one forward of a batch = 1/3 of a training step of that many examples).
+
+    python benchmarks/plateau_rule.py --out benchmarks/results/plateau_calibration.json
+    python benchmarks/plateau_rule.py --mode heldout --tasks resnet_bn vit_adamw \
+        --out benchmarks/results/plateau_heldout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import uba_auto
+from benchmarks import tasks as T
+from benchmarks.train import ScheduleSpec, evaluate, train
+from uba_auto.phi import _plateau as P
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_SWEEPS = [
+    RESULTS / "phi_sweep_wide.json",
+    RESULTS / "phi_sweep_holdout_wide.json",
+    RESULTS / "phi_sweep_holdout_gd_wide.json",
+    RESULTS / "phi_sweep_gpt_adamw_wide.json",
+]
+GRID = [
+    ScheduleSpec("uba", phi)
+    for phi in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0)
+] + [ScheduleSpec("wsd"), ScheduleSpec("wsd", decay_fraction=0.1), ScheduleSpec("linear")]
+
+
+def split_heldout(task: T.Task) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(validation, test): the held-out examples of even and of odd index."""
+    x, y = task.x_heldout, task.y_heldout
+    return (x[0::2], y[0::2]), (x[1::2], y[1::2])
+
+
+def _chunks(x: Tensor, y: Tensor, num: int) -> list[tuple[Tensor, Tensor]]:
+    return list(zip(torch.tensor_split(x, num), torch.tensor_split(y, num), strict=False))
+
+
+@torch.no_grad()
+def _batch_losses(task: T.Task, model: nn.Module, batches: list) -> list[float]:
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        return [float(task.loss_fn(model(xb), yb)) for xb, yb in batches]
+    finally:
+        for m, flag in zip(model.modules(), flags, strict=False):
+            m.training = flag
+
+
+def run_one(
+    task: T.Task,
+    spec: ScheduleSpec | None,
+    budget: int,
+    seed: int,
+    peak_lr: float,
+    val_batches: int,
+) -> dict:
+    """One run: under the plateau rule (``spec`` None) or under a fixed schedule ``spec``.
+
+    Returns the run's :class:`~benchmarks.train.RunResult` fields plus ``final_test_loss`` (the
+    test half) and, for the rule, the step it switched at, why, its checks and their cost.
+    """
+    (xv, yv), (xt, yt) = split_heldout(task)
+    batches = _chunks(xv, yv, val_batches)
+    warmup = task.warmup_steps(budget)
+    total = budget - 1
+    checks = set(P.plateau_check_steps(total, warmup)) if spec is None else set()
+    box: dict = {"switched": None, "reason": None, "test": math.inf}
+    history: list[list[float]] = []
+    log: list[dict] = []
+
+    def factory(opt):
+        box["sched"] = uba_auto.UBAScheduler(
+            opt, total_steps=total, phi=P.HOLD_PHI, warmup_steps=warmup
+        )
+        return box["sched"]
+
+    def callback(step, model, opt):
+        if step == budget:
+            box["test"], _ = evaluate(task, model, xt, yt)
+        if box["switched"] is not None or step not in checks:
+            return
+        history.append(_batch_losses(task, model, batches))
+        d = P.plateau_decision(history)
+        log.append(
+            {
+                "step": step,
+                "loss": d.loss,
+                "relative_gain": d.relative_gain,
+                "plateaued": d.plateaued,
+            }
+        )
+        if d.plateaued:
+            box["sched"].set_phi(P.COOL_PHI)
+            box["switched"], box["reason"] = step, d.reason
+
+    result = train(task, spec if spec is not None else factory, budget, seed, peak_lr, callback)
+    out = result.to_dict()
+    out["label"] = "plateau" if spec is None else spec.label
+    out["final_test_loss"] = (
+        box["test"] if math.isfinite(box["test"]) and not result.diverged else None
+    )
+    if spec is None:
+        examples = task.batch_size or task.num_train
+        out.update(
+            schedule="plateau",
+            switched_at=box["switched"],
+            switched_at_fraction=None if box["switched"] is None else box["switched"] / budget,
+            reason=box["reason"],
+            checks=log,
+            num_val_evals=len(history),
+            val_cost_gradient_equivalents=len(history) * xv.shape[0] / (3 * examples),
+        )
+    for key in ("curve_steps", "curve_train_loss", "curve_lr"):
+        out.pop(key, None)
+    return out
+
+
+def _job(args: tuple) -> dict:
+    name, spec, budget, seed, peak, val_batches, overrides = args
+    torch.set_num_threads(1)
+    for key, value in overrides.items():  # exploring the rule's constants (--set)
+        setattr(P, key, value)
+    return run_one(T.get_task(name), spec, budget, seed, peak, val_batches)
+
+
+def _stored_cells(paths: list[Path]) -> list[dict]:
+    cells = []
+    for path in paths:
+        for cell in json.loads(path.read_text())["cells"]:
+            cells.append(cell)
+    return cells
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds of a/b - 1 (inf when a diverged)."""
+    diffs = [
+        (x / y - 1) if (x is not None and math.isfinite(x)) else math.inf
+        for x, y in zip(a, b, strict=False)
+    ]
+    mean = statistics.fmean(diffs)
+    se = (
+        statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if len(diffs) > 1 and math.isfinite(mean)
+        else 0.0
+    )
+    return mean, se
+
+
+def _summarise(cell_runs: dict[str, list[dict]], key: str) -> dict:
+    """Per cell: every schedule's paired difference vs cosine (phi=2) and the rule's gap to the
+    best φ of the grid, on loss ``key``."""
+
+    def losses(label):
+        runs = sorted(cell_runs[label], key=lambda r: r["seed"])
+        return [r[key] if r[key] is not None else math.inf for r in runs]
+
+    cos = losses("cosine")
+    table = {label: _paired(losses(label), cos)[0] for label in cell_runs}
+    uba = {k: statistics.fmean(losses(k)) for k in cell_runs if k.startswith("phi=")}
+    best = min(uba, key=uba.get)
+    rule_vs_best = _paired(losses("plateau"), losses(best))
+    rule_vs_cos = _paired(losses("plateau"), cos)
+    gain_best = _paired(losses(best), cos)[0]
+    return {
+        "vs_cosine": table,
+        "best_phi": best,
+        "best_vs_cosine": gain_best,
+        "rule_vs_best": rule_vs_best[0],
+        "rule_vs_cosine": rule_vs_cos[0],
+        "rule_vs_cosine_se": rule_vs_cos[1],
+        "share_of_gain_captured": (rule_vs_cos[0] / gain_best) if gain_best < 0 else None,
+        "switched_at_fraction": [r["switched_at_fraction"] for r in cell_runs["plateau"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("calibration", "heldout"), default="calibration")
+    parser.add_argument("--sweeps", nargs="*", type=Path, default=DEFAULT_SWEEPS)
+    parser.add_argument("--tasks", nargs="*", default=None)
+    parser.add_argument("--budgets", nargs="*", type=int, default=None)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--val-batches", type=int, default=8)
+    parser.add_argument(
+        "--grid",
+        nargs="*",
+        default=None,
+        metavar="LABEL",
+        help="heldout mode: only these schedules of the grid (labels such as phi=0.25, wsd); "
+        "phi=2 (cosine) is always run",
+    )
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a constant of the rule (exploration only; the default runs the library's)",
+    )
+    args = parser.parse_args(argv)
+    overrides = {k: float(v) for k, v in (item.split("=") for item in args.set)}
+    for key in ("WINDOW",):
+        if key in overrides:
+            overrides[key] = int(overrides[key])
+    start = time.perf_counter()
+    jobs, cells = [], []
+    if args.mode == "calibration":
+        for cell in _stored_cells(args.sweeps):
+            if args.tasks and cell["task"] not in args.tasks:
+                continue
+            if args.budgets and cell["budget"] not in args.budgets:
+                continue
+            cells.append((cell["task"], cell["budget"], cell["peak_lr"], cell))
+    else:
+        for name in args.tasks or T.HELDOUT_REPRESENTATIVE_TASK_NAMES:
+            task = T.get_task(name)
+            for budget in args.budgets or sorted(task.base_lr):
+                cells.append((name, budget, task.base_lr[budget], None))
+    for name, budget, peak, _ in cells:
+        grid = [g for g in GRID if not args.grid or g.label in args.grid or g.label == "phi=2"]
+        specs = [None] + (grid if args.mode == "heldout" else [])
+        for spec, seed in itertools.product(specs, args.seeds):
+            jobs.append((name, spec, budget, seed, peak, args.val_batches, overrides))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        runs = pool.map(_job, jobs, chunksize=1)
+    out_cells = []
+    for name, budget, peak, stored in cells:
+        mine = [r for r in runs if r["task"] == name and r["budget"] == budget]
+        by_label: dict[str, list[dict]] = {}
+        for r in mine:
+            by_label.setdefault(r["label"], []).append(r)
+        if stored is not None:
+            for label, sched in stored["schedules"].items():
+                per_seed = sched["heldout_loss_per_seed"]
+                by_label.setdefault(
+                    label,
+                    [
+                        {"seed": s, "final_heldout_loss": v}
+                        for s, v in zip(args.seeds, per_seed, strict=False)
+                    ],
+                )
+            by_label["cosine"] = by_label["cosine"]
+        else:
+            by_label["cosine"] = by_label["phi=2"]
+        entry = {"task": name, "budget": budget, "peak_lr": peak}
+        entry["heldout"] = _summarise(by_label, "final_heldout_loss")
+        if stored is None:
+            entry["test"] = _summarise(by_label, "final_test_loss")
+        entry["rule_runs"] = by_label["plateau"]
+        if stored is None:
+            entry["grid_runs"] = {
+                k: v for k, v in by_label.items() if k not in ("plateau", "cosine")
+            }
+        out_cells.append(entry)
+        headline = entry["test"] if stored is None else entry["heldout"]
+        print(
+            f"{name:>22} {budget:>5}  best {headline['best_phi']:>11} "
+            f"({100 * headline['best_vs_cosine']:+6.2f} % vs cosine)  rule vs cosine "
+            f"{100 * headline['rule_vs_cosine']:+6.2f} %  "
+            f"vs best {100 * headline['rule_vs_best']:+6.2f} %"
+            f"  switched at {headline['switched_at_fraction']}",
+            flush=True,
+        )
+    result = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "python " + " ".join(sys.argv),
+        "mode": args.mode,
+        "rule": {k: overrides.get(k, getattr(P, k)) for k in P.__all__ if k.isupper()},
+        "seeds": args.seeds,
+        "val_batches": args.val_batches,
+        "wall_time_s": time.perf_counter() - start,
+        "cells": out_cells,
+    }
+    args.out.write_text(json.dumps(result, indent=1, default=lambda v: None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
