@@ -11,6 +11,9 @@ The public API, in the order a user meets it:
   :class:`CurvatureReport`, the scheduler, re-estimation), with the κ→φ link
   :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
   :func:`optimizer_stability` returning an :class:`OptimizerStability`, :func:`stability_fraction`);
+* φ from a validation loss while training: :class:`PlateauCooldown` holds the rate while the
+  validation loss improves and switches to cosine at the first plateau (opt-in; BENCHMARKS.md §2
+  has where it wins and where it loses);
 * inside ``transformers.Trainer`` or PyTorch Lightning, with exact checkpoint resume:
   :mod:`uba_auto.integrations` (not imported here; its callbacks need the ``integrations`` extra);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under
@@ -23,7 +26,7 @@ The public API, in the order a user meets it:
 """
 
 from ._distributed import DistributedProbeError
-from .auto import AutoUBA, AutoUBAScheduler, auto_uba
+from .auto import AutoUBA, AutoUBAScheduler, PlateauCheck, PlateauCooldown, auto_uba
 from .curvature import GGNOperator, HessianOperator, ModelLoss, UnsupportedDerivativeError
 from .lanczos import LanczosResult, lanczos
 from .linear_operator import DenseOperator, SymmetricOperator
@@ -76,6 +79,8 @@ __all__ = [
     "PastBudgetWarning",
     "PhiChange",
     "PhiChoice",
+    "PlateauCheck",
+    "PlateauCooldown",
     "PowerIterationResult",
     "ReestimationRecord",
     "SpectralDensity",

@@ -17,6 +17,14 @@ they would take the total past ``probe_fraction`` of the budget.
 """
 
 from ._autouba import HVP_COST_IN_GRADIENTS, AutoUBA, AutoUBAScheduler
+from ._cooldown import PlateauCheck, PlateauCooldown
 from ._entry import auto_uba
 
-__all__ = ["HVP_COST_IN_GRADIENTS", "AutoUBA", "AutoUBAScheduler", "auto_uba"]
+__all__ = [
+    "HVP_COST_IN_GRADIENTS",
+    "AutoUBA",
+    "AutoUBAScheduler",
+    "PlateauCheck",
+    "PlateauCooldown",
+    "auto_uba",
+]

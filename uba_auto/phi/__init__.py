@@ -39,6 +39,10 @@ Every link clamps φ to ``[phi_min, phi_max]`` (default [0.25, 16]) and says so 
 positive curvature, or no curvature noise from several batches, falls back to cosine annealing
 (:data:`FALLBACK_PHI`) with a warning in the result.
 
+The plateau rule (:func:`plateau_decision`, :func:`plateau_check_steps`; driven by
+:class:`uba_auto.PlateauCooldown`) is not a link: it decides φ mid-run from a validation loss,
+holding φ = 1/32 while the loss improves and switching to cosine at the first plateau.
+
 How each link fared in training, and why ``"gated"`` is the default while the others are only
 selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_validation.py``).
 """
@@ -62,6 +66,7 @@ from ._links import (
     link_inputs,
     phi_from_condition_number,
 )
+from ._plateau import PlateauDecision, plateau_check_steps, plateau_decision
 from ._stability import (
     SUGGESTED_SHARE,
     OptimizerStability,
@@ -85,6 +90,7 @@ __all__ = [
     "LinkInputs",
     "OptimizerStability",
     "PhiChoice",
+    "PlateauDecision",
     "budget_condition_number",
     "check_link",
     "choose_phi",
@@ -92,6 +98,8 @@ __all__ = [
     "minibatch_condition_number",
     "optimizer_stability",
     "phi_from_condition_number",
+    "plateau_check_steps",
+    "plateau_decision",
     "stability_fraction",
     "stability_limit",
 ]

@@ -1,0 +1,222 @@
+"""Drive a UBA scheduler's φ from a validation loss: :class:`PlateauCooldown`.
+
+A thin stateful wrapper around the pure rule of :mod:`uba_auto.phi._plateau`: it holds the
+validation batches, measures their losses at the rule's check steps, and calls
+:meth:`~uba_auto.UBAScheduler.set_phi` once, at the first plateau.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._batches import collect_batches
+from .._loaders import check_reiterable
+from .._validation import check_int
+from ..curvature.batch_loss import loss_at
+from ..phi import _plateau as rule
+from ..scheduler import UBAScheduler
+from ._loss import default_loss
+
+__all__ = ["PlateauCheck", "PlateauCooldown"]
+
+
+@dataclass(frozen=True)
+class PlateauCheck:
+    """One check of :class:`PlateauCooldown`.
+
+    Attributes:
+        step: the scheduler step (updates done) at the check.
+        status: ``"hold"`` (still improving), ``"cooled"`` (φ switched to ``COOL_PHI`` here) or
+            ``"failed"`` (the validation loss could not be measured; φ kept).
+        loss: the mean validation loss (``nan`` when it failed).
+        phi: φ in force after the check.
+        seconds: wall time of the check.
+        reason: why, in one sentence.
+    """
+
+    step: int
+    status: str
+    loss: float
+    phi: float
+    seconds: float
+    reason: str
+
+
+class PlateauCooldown:
+    """Hold the rate while the validation loss improves, then cool down (the plateau rule).
+
+    On construction the scheduler's φ becomes :data:`~uba_auto.phi._plateau.HOLD_PHI` (the
+    rate held near its peak); call :meth:`step` after every ``scheduler.step()``. At the rule's
+    check steps (every 2.5 % of the budget from 5 % to 80 %) it measures the loss of the same
+    ``num_batches`` validation batches, in eval mode without gradients, and at the first
+    plateau or spike (:func:`~uba_auto.phi._plateau.plateau_decision`) it switches φ to
+    ``COOL_PHI`` (cosine from the current rate, no jump) and stops checking. The model's
+    parameters, buffers, ``.grad``, ``training`` flags, the global RNG and the validation
+    loader's generators are as they were after every check.
+
+    Measured (BENCHMARKS.md §2, ``benchmarks/plateau_rule.py``): it beats cosine where holding the
+    rate pays (a GPT with AdamW, least squares, logistic regression) and loses where the run is on
+    its stability edge from the first steps or over-fits early; read the table before relying on it.
+
+    Args:
+        scheduler: a :class:`~uba_auto.UBAScheduler` (or ``auto_uba``'s scheduler) that has not
+            stepped yet.
+        model: the model being trained.
+        val_loader: validation batches (a ``DataLoader`` or a list), never the training loader:
+            a held-out loss is the point. The first ``num_batches`` are taken once and reused at
+            every check.
+        loss_fn: ``loss(outputs, targets)`` for ``(inputs, targets)`` batches, a
+            :class:`~uba_auto.ModelLoss`, or ``None`` (dict batches: the model's own ``.loss``;
+            pairs: cross-entropy for integer targets, MSE for float ones).
+        num_batches: validation batches per check.
+
+    Raises:
+        TypeError: if ``scheduler`` is not a ``UBAScheduler``.
+        ValueError: if the scheduler has stepped, if ``val_loader`` is a one-shot iterator or
+            yields no batch, or under an initialised process group of more than one rank (not
+            supported yet: each rank would judge its own validation shard).
+
+    Example:
+        >>> import torch
+        >>> from uba_auto import UBAScheduler
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sched = UBAScheduler(opt, total_steps=99, phi=2.0)
+        >>> val = [(torch.randn(8, 2), torch.randn(8, 1)) for _ in range(2)]
+        >>> watch = PlateauCooldown(sched, model, val, torch.nn.functional.mse_loss)
+        >>> sched.phi
+        0.03125
+    """
+
+    def __init__(
+        self,
+        scheduler: UBAScheduler,
+        model: nn.Module,
+        val_loader: Iterable[Any],
+        loss_fn: Any = None,
+        *,
+        num_batches: int = 8,
+    ) -> None:
+        if not isinstance(scheduler, UBAScheduler):
+            raise TypeError(
+                f"scheduler must be a uba_auto.UBAScheduler (the rule re-shapes it with set_phi), "
+                f"got {type(scheduler).__name__}"
+            )
+        if scheduler.last_epoch != 0:
+            raise ValueError(
+                f"the scheduler has already stepped ({scheduler.last_epoch} steps): build "
+                "PlateauCooldown before training, so the hold starts at the first step"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        num_batches = check_int("num_batches", num_batches, minimum=1)
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            raise ValueError(
+                "PlateauCooldown does not support a process group of more than one rank yet "
+                "(each rank would judge its own validation shard and the ranks' phi could "
+                "differ); run it without one, or keep auto_uba's phi"
+            )
+        check_reiterable(val_loader, "PlateauCooldown(val_loader=...)")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._batches = collect_batches(val_loader, num_batches, device=device).batches
+        if loss_fn is None:
+            loss_fn, _ = default_loss(self._batches[0])
+        self.scheduler = scheduler
+        self.model = model
+        self.loss_fn = loss_fn
+        self.check_steps = rule.plateau_check_steps(scheduler.total_steps, scheduler.warmup_steps)
+        self.checks: list[PlateauCheck] = []
+        self.switched_at: int | None = None
+        self._history: list[list[float]] = []
+        self.initial_phi = scheduler.phi
+        scheduler.set_phi(rule.HOLD_PHI)
+
+    @property
+    def done(self) -> bool:
+        """Whether the rule has cooled down (or has no checks left)."""
+        step = self.scheduler.last_epoch
+        return self.switched_at is not None or not any(s > step for s in self.check_steps)
+
+    def step(self) -> PlateauCheck | None:
+        """Check if the scheduler's step is a check step; call it after every
+        ``scheduler.step()``. Returns the :class:`PlateauCheck`, or ``None`` when none was due.
+
+        Never raises because of the validation loss: a failure keeps φ, is recorded (status
+        ``"failed"``) and warned about, and the next check tries again."""
+        step = self.scheduler.last_epoch
+        if self.switched_at is not None or step not in self.check_steps:
+            return None
+        t0 = time.perf_counter()
+        try:
+            losses = self._losses()
+        except Exception as err:  # a failed check must never stop training
+            message = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"uba-auto: validation check at step {step} failed, phi kept: {message}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self._record(step, "failed", math.nan, t0, message)
+        self._history.append(losses)
+        decision = rule.plateau_decision(self._history)
+        if decision.plateaued:
+            self.scheduler.set_phi(rule.COOL_PHI)
+            self.switched_at = step
+            return self._record(step, "cooled", decision.loss, t0, decision.reason)
+        return self._record(step, "hold", decision.loss, t0, decision.reason)
+
+    def _record(self, step: int, status: str, loss: float, t0: float, why: str) -> PlateauCheck:
+        check = PlateauCheck(
+            step, status, float(loss), self.scheduler.phi, time.perf_counter() - t0, why
+        )
+        self.checks.append(check)
+        return check
+
+    @torch.no_grad()
+    def _losses(self) -> list[float]:
+        """The validation batches' losses in eval mode; flags and RNG as they were after."""
+        model = self.model
+        flags = [(m, m.training) for m in model.modules()]
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            try:
+                out = [
+                    float(loss_at(state, model, batch, self.loss_fn, batch_index=i))
+                    for i, batch in enumerate(self._batches)
+                ]
+            finally:
+                for module, flag in flags:
+                    module.training = flag
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checks, their losses and the switch (the scheduler saves its own state)."""
+        return {
+            "history": [list(row) for row in self._history],
+            "checks": [asdict(c) for c in self.checks],
+            "switched_at": self.switched_at,
+            "initial_phi": self.initial_phi,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (load the scheduler's own state alongside)."""
+        missing = {"history", "checks", "switched_at", "initial_phi"} - set(state)
+        if missing:
+            raise ValueError(f"not a PlateauCooldown state: missing {sorted(missing)}")
+        self._history = [list(map(float, row)) for row in state["history"]]
+        self.checks = [PlateauCheck(**c) for c in state["checks"]]
+        self.switched_at = state["switched_at"]
+        self.initial_phi = state["initial_phi"]
