@@ -240,3 +240,57 @@ def test_training_with_the_rule_cools_down_once_and_keeps_learning():
     assert watch.checks[-1].loss < 0.5  # noise variance 0.25, from ~5 at init
     assert [c.step for c in sched.phi_history][-1] == watch.switched_at
     assert uba_auto.PlateauCheck is type(watch.checks[0])
+
+
+def test_resume_with_auto_uba_continues_rates_and_checks_exactly():
+    """PlateauCooldown on auto_uba's scheduler: a run saved after the switch and resumed
+    (auto_uba(resume_from=...), PlateauCooldown(resume_from=...)) has the same rates and
+    checks as the uninterrupted run."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=gen)
+    y = x.sum(1, keepdim=True)
+    train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    val = [(x[i : i + 16] + 0.1, y[i : i + 16]) for i in range(0, 64, 16)]
+    mse = nn.functional.mse_loss
+
+    def build(auto_state=None, watch_state=None):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            auto = uba_auto.auto_uba(
+                model, train, 200, optimizer=opt, loss_fn=mse, resume_from=auto_state
+            )
+        watch = PlateauCooldown(auto.scheduler, model, val, mse, resume_from=watch_state)
+        return model, opt, auto, watch
+
+    def steps(model, opt, auto, watch, start, stop):
+        rates = []
+        for s in range(start, stop):
+            xb, yb = train[s % 8]
+            loss = mse(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            auto.scheduler.step()
+            watch.step()
+            rates.append(auto.scheduler.get_last_lr()[0])
+        return rates
+
+    full = build()
+    whole = steps(*full, 0, 199)
+    first = build()
+    part = steps(*first, 0, 120)
+    model, opt, auto, watch = first
+    saved = (auto.state_dict(), watch.state_dict(), model.state_dict(), opt.state_dict())
+    again = build(saved[0], saved[1])
+    again[0].load_state_dict(saved[2])
+    again[1].load_state_dict(saved[3])
+    rest = steps(*again, 120, 199)
+    assert full[3].switched_at is not None and full[3].switched_at < 120
+    assert part + rest == whole
+    def strip(checks):  # everything but the wall time
+        return [(c.step, c.status, c.loss, c.phi, c.reason) for c in checks]
+
+    assert strip(again[3].checks) == strip(full[3].checks)

@@ -77,6 +77,9 @@ class PlateauCooldown:
             :class:`~uba_auto.ModelLoss`, or ``None`` (dict batches: the model's own ``.loss``;
             pairs: cross-entropy for integer targets, MSE for float ones).
         num_batches: validation batches per check.
+        resume_from: a :meth:`state_dict` of the run being resumed: the scheduler (already
+            loaded with its own saved state, e.g. by ``auto_uba(..., resume_from=...)``) keeps
+            its φ and the checks go on where the saved run left them.
 
     Raises:
         TypeError: if ``scheduler`` is not a ``UBAScheduler``.
@@ -104,16 +107,18 @@ class PlateauCooldown:
         loss_fn: Any = None,
         *,
         num_batches: int = 8,
+        resume_from: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(scheduler, UBAScheduler):
             raise TypeError(
                 f"scheduler must be a uba_auto.UBAScheduler (the rule re-shapes it with set_phi), "
                 f"got {type(scheduler).__name__}"
             )
-        if scheduler.last_epoch != 0:
+        if scheduler.last_epoch != 0 and resume_from is None:
             raise ValueError(
                 f"the scheduler has already stepped ({scheduler.last_epoch} steps): build "
-                "PlateauCooldown before training, so the hold starts at the first step"
+                "PlateauCooldown before training, so the hold starts at the first step, or pass "
+                "resume_from=<its state_dict()> to continue a saved run"
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -141,7 +146,10 @@ class PlateauCooldown:
         self.switched_at: int | None = None
         self._history: list[list[float]] = []
         self.initial_phi = scheduler.phi
-        scheduler.set_phi(rule.HOLD_PHI)
+        if resume_from is not None:
+            self.load_state_dict(resume_from)
+        else:
+            scheduler.set_phi(rule.HOLD_PHI)
 
     @property
     def done(self) -> bool:
