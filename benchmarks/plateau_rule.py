@@ -210,6 +210,41 @@ def _summarise(cell_runs: dict[str, list[dict]], key: str) -> dict:
     }
 
 
+def table(result: dict) -> str:
+    """The per-cell markdown table and the target counts of a result file."""
+    lines = [
+        "| task | budget | best φ of the grid | best φ vs cosine | rule vs cosine (± s.e.) | "
+        "rule vs best φ | share of the gain | switched at (fraction, per seed) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    within = worse = 0
+    shares = []
+    for cell in result["cells"]:
+        h = cell.get("test") or cell["heldout"]
+        within += h["rule_vs_best"] <= 0.01
+        worse += h["rule_vs_cosine"] > 0.01
+        share = h["share_of_gain_captured"] if h["best_vs_cosine"] < -0.01 else None
+        if share is not None:
+            shares.append(share)
+        switched = ", ".join("—" if f is None else f"{f:.2f}" for f in h["switched_at_fraction"])
+        lines.append(
+            f"| {cell['task']} | {cell['budget']} | {h['best_phi'].removeprefix('phi=')} | "
+            f"{100 * h['best_vs_cosine']:+.2f} % | {100 * h['rule_vs_cosine']:+.2f} % ± "
+            f"{100 * h['rule_vs_cosine_se']:.2f} | {100 * h['rule_vs_best']:+.2f} % | "
+            + ("—" if share is None else f"{100 * share:.0f} %")
+            + f" | {switched} |"
+        )
+    n = len(result["cells"])
+    lines.append("")
+    lines.append(
+        f"Within 1 % of the best φ: {within} of {n} cells; worse than cosine by more than 1 %: "
+        f"{worse} of {n}; share of the best φ's gain captured where it beats cosine by > 1 %: "
+        + (", ".join(f"{100 * x:.0f} %" for x in shares) or "no such cell")
+        + "."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("calibration", "heldout"), default="calibration")
@@ -227,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         "phi=2 (cosine) is always run",
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--table",
+        type=Path,
+        metavar="RESULT.json",
+        help="print the table of a result file, no runs",
+    )
     parser.add_argument(
         "--set",
         nargs="*",
@@ -236,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override a constant of the rule (exploration only; the default runs the library's)",
     )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return 0
+    if args.out is None:
+        parser.error("--out is required (or --table to print a stored result)")
     overrides = {k: float(v) for k, v in (item.split("=") for item in args.set)}
     for key in ("WINDOW",):
         if key in overrides:
