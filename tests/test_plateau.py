@@ -54,7 +54,9 @@ def test_decision_cools_down_below_min_gain_with_the_exact_gain():
     assert d.gain == pytest.approx(0.01)
     assert d.relative_gain == pytest.approx(0.01 / 2.0)
     assert d.standard_error == pytest.approx(0.005)  # gains 0.005 and 0.015
-    assert "0.50 %" in d.reason
+    assert "improved by 0.50 %" in d.reason
+    worse = plateau_decision([[1.0]] * P.WINDOW + [[1.02]])
+    assert worse.plateaued and "got worse by 2.00 %" in worse.reason
 
 
 def test_decision_cools_down_on_a_spike_before_the_window_is_full():
@@ -290,7 +292,21 @@ def test_resume_with_auto_uba_continues_rates_and_checks_exactly():
     rest = steps(*again, 120, 199)
     assert full[3].switched_at is not None and full[3].switched_at < 120
     assert part + rest == whole
+
     def strip(checks):  # everything but the wall time
         return [(c.step, c.status, c.loss, c.phi, c.reason) for c in checks]
 
     assert strip(again[3].checks) == strip(full[3].checks)
+
+
+def test_the_example_runs_and_cools_down_once():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "plateau_cooldown.py"
+    spec = importlib.util.spec_from_file_location("plateau_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    watch = module.main(budget=300)
+    assert [c.status for c in watch.checks].count("cooled") <= 1
+    assert all(c.status != "failed" for c in watch.checks)

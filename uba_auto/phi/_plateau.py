@@ -182,10 +182,12 @@ def plateau_decision(history: Sequence[Sequence[float]]) -> PlateauDecision:
     relative = gain / base if base > 0 else (math.inf if gain > 0 else 0.0)
     span = f"over the last {WINDOW} checks"
     if relative < MIN_GAIN:
-        why = (
-            f"the validation loss improved by {100 * relative:.2f} % {span} "
-            f"(< {100 * MIN_GAIN:g} %)"
+        change = (
+            f"improved by {100 * relative:.2f} %"
+            if relative >= 0
+            else f"got worse by {-100 * relative:.2f} %"
         )
+        why = f"the validation loss {change} {span} (less than {100 * MIN_GAIN:g} % better)"
         return PlateauDecision(True, gain, relative, se, loss_now, why)
     why = f"the validation loss still improves ({100 * relative:.2f} % {span})"
     return PlateauDecision(False, gain, relative, se, loss_now, why)
