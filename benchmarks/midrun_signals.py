@@ -141,7 +141,7 @@ def _init() -> None:
 SIGNALS = ("share", "sigma", "noise_ratio", "loss_ratio")
 
 
-def _spearman(x: list[float], y: list[float]) -> float:
+def spearman(x: list[float], y: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
 
     def ranks(v):
@@ -197,7 +197,7 @@ def table(result: dict, best_from: list[dict]) -> str:
     lines.append("")
     for (f, k), vals in cols.items():
         pairs = [(v, y) for v, y in zip(vals, ys, strict=True) if v is not None]
-        rho = _spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
         lines.append(f"Spearman(log best φ, {k} at {f:g}) = {rho:+.2f} over {len(pairs)} cells")
     return "\n".join(lines)
 

@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 
 import uba_auto
 from benchmarks import tasks as T
+from benchmarks.midrun_signals import spearman
 from benchmarks.train import ScheduleSpec, evaluate, train
 from uba_auto.phi import _plateau as P
 
@@ -218,7 +219,7 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     within = worse = 0
-    shares = []
+    shares, held, best_phis = [], [], []
     for cell in result["cells"]:
         h = cell.get("test") or cell["heldout"]
         within += h["rule_vs_best"] <= 0.01
@@ -227,6 +228,8 @@ def table(result: dict) -> str:
         if share is not None:
             shares.append(share)
         switched = ", ".join("—" if f is None else f"{f:.2f}" for f in h["switched_at_fraction"])
+        held.append(statistics.fmean(1.0 if f is None else f for f in h["switched_at_fraction"]))
+        best_phis.append(math.log(float(h["best_phi"].removeprefix("phi="))))
         lines.append(
             f"| {cell['task']} | {cell['budget']} | {h['best_phi'].removeprefix('phi=')} | "
             f"{100 * h['best_vs_cosine']:+.2f} % | {100 * h['rule_vs_cosine']:+.2f} % ± "
@@ -242,6 +245,12 @@ def table(result: dict) -> str:
         + (", ".join(f"{100 * x:.0f} %" for x in shares) or "no such cell")
         + "."
     )
+    if n > 2:
+        rho = spearman(held, best_phis)
+        lines.append(
+            f"Spearman(log best φ, how long the rule held: mean switch fraction, 1 without a "
+            f"switch) = {rho:+.2f} over {n} cells (the rule moves with the task when negative)."
+        )
     return "\n".join(lines)
 
 
