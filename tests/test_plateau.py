@@ -310,3 +310,25 @@ def test_the_example_runs_and_cools_down_once():
     watch = module.main(budget=300)
     assert [c.status for c in watch.checks].count("cooled") <= 1
     assert all(c.status != "failed" for c in watch.checks)
+
+
+def test_losses_given_by_the_loop_are_judged_like_measured_ones():
+    model, opt, sched, val = _setup()
+    watch = PlateauCooldown(sched, model, val, nn.functional.mse_loss, num_batches=2)
+    sched.last_epoch = 1
+    assert not watch.due and watch.step([1.0, 1.0]) is None  # not a check step: ignored
+    given = [[1.0, 2.0]] * P.WINDOW + [[0.999, 1.999]]
+    for step, row in zip(watch.check_steps, given, strict=False):
+        sched.last_epoch = step
+        assert watch.due
+        check = watch.step(row)
+    assert check.status == "cooled" and watch.switched_at == watch.check_steps[P.WINDOW]
+    assert not watch.due
+    model2, _, sched2, val2 = _setup()
+    other = PlateauCooldown(sched2, model2, val2, nn.functional.mse_loss, num_batches=2)
+    sched2.last_epoch = other.check_steps[0]
+    other.step([1.0, 2.0])
+    sched2.last_epoch = other.check_steps[1]
+    with pytest.warns(RuntimeWarning, match="same validation batches"):
+        bad = other.step([1.0])  # a different number of batches: recorded, phi kept
+    assert bad.status == "failed" and sched2.phi == P.HOLD_PHI

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -157,18 +157,31 @@ class PlateauCooldown:
         step = self.scheduler.last_epoch
         return self.switched_at is not None or not any(s > step for s in self.check_steps)
 
-    def step(self) -> PlateauCheck | None:
+    @property
+    def due(self) -> bool:
+        """Whether the scheduler's current step is a check the rule still needs (call
+        :meth:`step` now, with your own validation losses if you measure them anyway)."""
+        return self.switched_at is None and self.scheduler.last_epoch in self.check_steps
+
+    def step(self, losses: Sequence[float] | None = None) -> PlateauCheck | None:
         """Check if the scheduler's step is a check step; call it after every
         ``scheduler.step()``. Returns the :class:`PlateauCheck`, or ``None`` when none was due.
 
+        Args:
+            losses: the per-batch validation losses at this step, if your loop measures them
+                anyway (then this check costs no forward pass of its own): the same batches, in
+                the same order, at every check, eval mode. ``None`` measures them on the
+                batches taken from ``val_loader``.
+
         Never raises because of the validation loss: a failure keeps φ, is recorded (status
         ``"failed"``) and warned about, and the next check tries again."""
-        step = self.scheduler.last_epoch
-        if self.switched_at is not None or step not in self.check_steps:
+        if not self.due:
             return None
+        step = self.scheduler.last_epoch
         t0 = time.perf_counter()
         try:
-            losses = self._losses()
+            measured = self._losses() if losses is None else [float(x) for x in losses]
+            decision = rule.plateau_decision([*self._history, measured])
         except Exception as err:  # a failed check must never stop training
             message = f"{type(err).__name__}: {err}"
             warnings.warn(
@@ -177,8 +190,7 @@ class PlateauCooldown:
                 stacklevel=2,
             )
             return self._record(step, "failed", math.nan, t0, message)
-        self._history.append(losses)
-        decision = rule.plateau_decision(self._history)
+        self._history.append(measured)
         if decision.plateaued:
             self.scheduler.set_phi(rule.COOL_PHI)
             self.switched_at = step
