@@ -292,9 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required (or --table to print a stored result)")
     overrides = {k: float(v) for k, v in (item.split("=") for item in args.set)}
-    for key in ("WINDOW",):
-        if key in overrides:
-            overrides[key] = int(overrides[key])
+    if "WINDOW" in overrides:
+        overrides["WINDOW"] = int(overrides["WINDOW"])
     start = time.perf_counter()
     jobs, cells = [], []
     if args.mode == "calibration":
@@ -333,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
                         for s, v in zip(args.seeds, per_seed, strict=False)
                     ],
                 )
-            by_label["cosine"] = by_label["cosine"]
         else:
             by_label["cosine"] = by_label["phi=2"]
         entry = {"task": name, "budget": budget, "peak_lr": peak}

@@ -19,6 +19,7 @@ from torch import nn
 
 from .._batches import collect_batches
 from .._loaders import check_reiterable
+from .._state import preserve_state
 from .._validation import check_int
 from ..curvature.batch_loss import loss_at
 from ..phi import _plateau as rule
@@ -152,12 +153,6 @@ class PlateauCooldown:
             scheduler.set_phi(rule.HOLD_PHI)
 
     @property
-    def done(self) -> bool:
-        """Whether the rule has cooled down (or has no checks left)."""
-        step = self.scheduler.last_epoch
-        return self.switched_at is not None or not any(s > step for s in self.check_steps)
-
-    @property
     def due(self) -> bool:
         """Whether the scheduler's current step is a check the rule still needs (call
         :meth:`step` now, with your own validation losses if you measure them anyway)."""
@@ -208,19 +203,13 @@ class PlateauCooldown:
     def _losses(self) -> list[float]:
         """The validation batches' losses in eval mode; flags and RNG as they were after."""
         model = self.model
-        flags = [(m, m.training) for m in model.modules()]
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        with torch.random.fork_rng(devices=[]):
+        with preserve_state(model):
             model.eval()
-            try:
-                out = [
-                    float(loss_at(state, model, batch, self.loss_fn, batch_index=i))
-                    for i, batch in enumerate(self._batches)
-                ]
-            finally:
-                for module, flag in flags:
-                    module.training = flag
-        return out
+            return [
+                float(loss_at(state, model, batch, self.loss_fn, batch_index=i))
+                for i, batch in enumerate(self._batches)
+            ]
 
     def state_dict(self) -> dict[str, Any]:
         """The checks, their losses and the switch (the scheduler saves its own state)."""
