@@ -60,10 +60,15 @@ class BatchProjections:
         if len(batch_ops) != len(weights) or not batch_ops:
             raise ValueError("batch_ops and weights must be non-empty and of the same length")
         self.batch_ops, self.weights = list(batch_ops), [float(c) for c in weights]
-        self.T = torch.zeros((len(batch_ops), max_steps, max_steps), dtype=dtype, device=device)
+        # One batch: T_0 is the run's own tridiagonal over c_0, nothing to project.
+        self.single = len(batch_ops) == 1
+        size = 0 if self.single else max_steps
+        self.T = torch.zeros((len(batch_ops), size, size), dtype=dtype, device=device)
 
     def product(self, q: Tensor, basis: LanczosBasis) -> Tensor:
         """:math:`\\sum_b c_b A_b q` for ``q`` = the basis' last row, filling column ``j``."""
+        if self.single:
+            return self.batch_ops[0].matvec(q).detach() * self.weights[0]
         j = basis.rows - 1
         total = None
         for b, (op_b, c) in enumerate(zip(self.batch_ops, self.weights, strict=True)):
@@ -75,8 +80,11 @@ class BatchProjections:
             del p
         return total
 
-    def curvatures(self, s: np.ndarray) -> np.ndarray:
-        """:math:`s^\\top T_b s` for every batch, for coefficients ``s`` of length ``m``."""
+    def curvatures(self, s: np.ndarray, theta: float) -> np.ndarray:
+        """:math:`s^\\top T_b s` for every batch, for the Ritz pair ``(theta, s)`` of the mean
+        (``s`` of length ``m``; with one batch, :math:`\\theta / c_0`)."""
+        if self.single:
+            return np.array([theta / self.weights[0]])
         m = s.shape[0]
         t = self.T[:, :m, :m].to("cpu", torch.float64).numpy()
         return np.einsum("i,bij,j->b", s, t, s)
@@ -166,7 +174,7 @@ class DecisionMonitor:
         top = s[:, -1]
         scale = float(np.abs(theta).max())
         residual = float(abs(beta_m * top[-1]) / scale) if scale > 0 else float("inf")
-        sigma = noise(self.projections.curvatures(top), float(theta[-1]))
+        sigma = noise(self.projections.curvatures(top, float(theta[-1])), float(theta[-1]))
         previous, self._last_noise = self._last_noise, sigma
         self._last = DecisionPoint(m, float(theta[-1]), sigma, residual, False)
         if m < self.rule.min_steps or not theta[-1] > 0:

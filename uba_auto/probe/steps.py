@@ -198,8 +198,8 @@ def projected_extremes(
         stop=stop,
         basis_dtype=basis_dtype,
     )
-    _, s = tridiagonal_eigh(res.alpha.numpy(), res.beta.numpy())
-    top = tuple(float(c) for c in projections.curvatures(s[:, -1]))
+    theta, s = tridiagonal_eigh(res.alpha.numpy(), res.beta.numpy())
+    top = tuple(float(c) for c in projections.curvatures(s[:, -1], float(theta[-1])))
     ext = _extremes_of(res, tol)
     return ProjectedExtremes(extremes=ext, top_curvature=top, decision=monitor.final())
 
