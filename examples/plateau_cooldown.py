@@ -1,4 +1,4 @@
-"""φ from a validation loss: auto_uba's scheduler driven by PlateauCooldown.
+"""φ from a validation loss: ``auto_uba(..., val_loader=...)`` (the plateau rule).
 
 The rate is held near its peak (φ = 1/32) while the validation loss improves, and the rest of the
 budget is annealed like cosine from the first check where it stops improving (or spikes). Runs in
@@ -14,10 +14,10 @@ import warnings
 import torch
 from torch import nn
 
-from uba_auto import PlateauCooldown, auto_uba
+from uba_auto import AutoUBA, auto_uba
 
 
-def main(budget: int = 600, seed: int = 0) -> PlateauCooldown:
+def main(budget: int = 600, seed: int = 0) -> AutoUBA:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(16, 1, generator=gen)
 
@@ -36,8 +36,8 @@ def main(budget: int = 600, seed: int = 0) -> PlateauCooldown:
     loss_fn = nn.functional.mse_loss
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a 600-step budget: the probe overspends
-        auto = auto_uba(model, train, budget, optimizer=opt, loss_fn=loss_fn)
-    watch = PlateauCooldown(auto.scheduler, model, val, loss_fn)  # phi -> 1/32 until a plateau
+        # phi = 1/32 (the rate held) until the validation loss plateaus, then 2 (cosine)
+        auto = auto_uba(model, train, budget, optimizer=opt, loss_fn=loss_fn, val_loader=val)
     step = 0
     while step < budget:
         for xb, yb in train:
@@ -45,18 +45,17 @@ def main(budget: int = 600, seed: int = 0) -> PlateauCooldown:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            auto.scheduler.step()
-            check = watch.step()
-            if check is not None and check.status != "hold":
-                print(f"step {check.step}: {check.status}, phi -> {check.phi:g} ({check.reason})")
+            auto.scheduler.step()  # runs the rule's checks (auto.plateau)
             step += 1
             if step == budget:
                 break
     model.eval()
     with torch.no_grad():
         final = loss_fn(model(xv), yv).item()
-    print(f"{len(watch.checks)} checks; validation loss at the end of the budget {final:.4f}")
-    return watch
+    for record in auto.report.history[1:]:  # the switch (or a failed check)
+        print(f"step {record.step}: {record.status}, phi -> {record.phi:g} ({record.message})")
+    print(f"{len(auto.plateau.checks)} checks; validation loss at the end {final:.4f}")
+    return auto
 
 
 if __name__ == "__main__":

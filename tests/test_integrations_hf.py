@@ -139,6 +139,13 @@ def token_data():
     return [{"input_ids": x, "labels": x} for x in ids]
 
 
+def counting_data():
+    """Sequences that count up from a random start (mod 32): learnt in a few steps."""
+    starts = torch.randint(0, 32, (64, 1), generator=torch.Generator().manual_seed(2))
+    ids = (starts + torch.arange(12)) % 32
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
 def make_recorder(transformers):
     class Recorder(transformers.TrainerCallback):
         """The rate each optimizer step used, and the model's forward calls before the first."""
@@ -156,13 +163,13 @@ def make_recorder(transformers):
     return Recorder
 
 
-def train(transformers, output_dir, resume=None):
+def train(transformers, output_dir, resume=None, probe=PROBE, data=None):
     """The user's script, the same for the first and the resumed run."""
     from transformers import Trainer, TrainingArguments
 
-    model, data = tiny_gpt2(transformers), token_data()
+    model, data = tiny_gpt2(transformers), token_data() if data is None else data
     probe_loader = torch.utils.data.DataLoader(data, batch_size=8)
-    uba = UBACallback(probe_loader, **PROBE)
+    uba = UBACallback(probe_loader, **probe)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -208,6 +215,36 @@ def test_resuming_from_a_trainer_checkpoint_continues_bit_for_bit(
     assert (checkpoint / "scheduler.pt").is_file()
     resumed = train(transformers, tmp_path, resume=str(checkpoint))
     assert_resumed_exactly(full, resumed, resume_step=SAVE_STEPS, max_steps=MAX_STEPS)
+
+
+@pytest.mark.slow
+def test_the_plateau_rule_runs_inside_the_callback_and_resumes_bit_for_bit(transformers, tmp_path):
+    """UBACallback(val_loader=...): the scheduler the Trainer steps runs the rule's checks (on
+    dict batches, the model's own loss), and a run resumed from a checkpoint has the same rates,
+    checks and history."""
+    # Held-out counting sequences: a loss that keeps falling past the checkpoint.
+    val = torch.utils.data.DataLoader(counting_data()[48:], batch_size=8)
+    plateau = dict(probe_fraction=1.0, val_loader=val, val_batches=2, **CHEAP_PROBE)
+    full = train(transformers, tmp_path / "full", probe=plateau, data=counting_data()[:48])
+    watch = full[0].auto.plateau
+    assert [c.step for c in watch.checks if c.step <= SAVE_STEPS]  # checks before the checkpoint
+    assert [c.step for c in watch.checks if c.step > SAVE_STEPS]  # ... and after it
+    assert all(c.status != "failed" for c in watch.checks)
+    assert full[0].auto.report.history[0].phi == 1 / 32
+    checkpoint = tmp_path / "full" / f"checkpoint-{SAVE_STEPS}"
+    resumed = train(
+        transformers,
+        tmp_path / "resumed",
+        resume=str(checkpoint),
+        probe=plateau,
+        data=counting_data()[:48],
+    )
+    assert_resumed_exactly(full, resumed, resume_step=SAVE_STEPS, max_steps=MAX_STEPS)
+
+    def strip(checks):
+        return [(c.step, c.status, c.loss, c.phi, c.reason) for c in checks]
+
+    assert strip(resumed[0].auto.plateau.checks) == strip(watch.checks)
 
 
 @pytest.mark.slow

@@ -27,9 +27,9 @@ PROBE = dict(loss_fn=F.cross_entropy, reestimate_every=8, probe_fraction=1.0, **
 class Classifier(pl.LightningModule):
     """The user's module: configure_optimizers returns the callback's scheduler."""
 
-    def __init__(self, uba, interval="step"):
+    def __init__(self, uba, interval="step", lr=0.1):
         super().__init__()
-        self.uba, self.interval = uba, interval
+        self.uba, self.interval, self.lr = uba, interval, lr
         gen = torch.Generator().manual_seed(0)
         self.net = torch.nn.Sequential(
             torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
@@ -46,7 +46,7 @@ class Classifier(pl.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         scheduler = self.uba.scheduler(optimizer)
         return {
             "optimizer": optimizer,
@@ -74,10 +74,12 @@ def dataset():
     return torch.utils.data.TensorDataset(x, y)
 
 
-def fit(checkpoint_dir, ckpt_path=None, max_steps=MAX_STEPS, extra=(), **module_kwargs):
+def fit(
+    checkpoint_dir, ckpt_path=None, max_steps=MAX_STEPS, extra=(), probe=PROBE, **module_kwargs
+):
     """The user's script, the same for the first and the resumed run."""
     data = dataset()
-    uba = UBACallback(torch.utils.data.DataLoader(data, batch_size=16), **PROBE)
+    uba = UBACallback(torch.utils.data.DataLoader(data, batch_size=16), **probe)
     model = Classifier(uba, **module_kwargs)
     recorder = Recorder(model)
     extra = [make(uba, model) for make in extra]
@@ -118,6 +120,31 @@ def test_resuming_from_a_lightning_checkpoint_continues_bit_for_bit(uninterrupte
     resumed = fit(tmp_path, ckpt_path=str(checkpoint))
     assert_resumed_exactly(full, resumed, resume_step=16, max_steps=MAX_STEPS)
     assert isinstance(resumed[0].auto.scheduler, UBAScheduler)
+
+
+def test_the_plateau_rule_runs_inside_the_callback_and_resumes_bit_for_bit(tmp_path):
+    """UBACallback(val_loader=...): the scheduler Lightning steps runs the rule's checks, and a
+    run resumed from a checkpoint has the same rates, checks and history."""
+    plateau = dict(
+        loss_fn=F.cross_entropy,
+        probe_fraction=1.0,
+        # The training data, in a loader of its own: a loss that keeps falling past the
+        # checkpoint (held-out batches of these random labels plateau at once).
+        val_loader=torch.utils.data.DataLoader(dataset(), batch_size=16),
+        val_batches=2,
+        **CHEAP_PROBE,
+    )
+    full = fit(tmp_path / "full", probe=plateau, lr=0.02)
+    watch = full[0].auto.plateau
+    assert [c.step for c in watch.checks if c.step <= 16]  # checks before the checkpoint ...
+    assert [c.step for c in watch.checks if c.step > 16]  # ... and after it
+    assert full[0].auto.report.history[0].phi == 1 / 32
+    (checkpoint,) = (tmp_path / "full").glob("*step=16.ckpt")
+    resumed = fit(tmp_path / "resumed", ckpt_path=str(checkpoint), probe=plateau, lr=0.02)
+    assert_resumed_exactly(full, resumed, resume_step=16, max_steps=MAX_STEPS)
+    strip = [(c.step, c.status, c.loss, c.phi, c.reason) for c in watch.checks]
+    again = resumed[0].auto.plateau.checks
+    assert [(c.step, c.status, c.loss, c.phi, c.reason) for c in again] == strip
 
 
 def test_a_scheduler_stepped_per_epoch_is_refused(tmp_path):

@@ -307,9 +307,11 @@ def test_the_example_runs_and_cools_down_once():
     spec = importlib.util.spec_from_file_location("plateau_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    watch = module.main(budget=300)
-    assert [c.status for c in watch.checks].count("cooled") <= 1
+    auto = module.main(budget=300)
+    watch = auto.plateau
+    assert watch.checks and [c.status for c in watch.checks].count("cooled") <= 1
     assert all(c.status != "failed" for c in watch.checks)
+    assert [r.step for r in auto.report.history[1:]] == [s for s in [watch.switched_at] if s]
 
 
 def test_losses_given_by_the_loop_are_judged_like_measured_ones():

@@ -70,6 +70,10 @@ class CurvatureReport:
         kappa_kind: which κ that is, in words.
         link: the κ→φ link used (one of :data:`uba_auto.phi.LINKS`).
         reason: one sentence on how φ was derived.
+        phi_signal: which measured signal decided φ, in words: the curvature noise (the
+            minibatch links), the spectrum's band (chebyshev), or the validation loss
+            (``auto_uba(val_loader=...)``: the plateau rule decides mid-run); ``""`` in reports
+            saved before it existed.
         peak_lr: the peak learning rate the mapping assumed, and ``peak_lr_source`` where it came
             from (the optimizer, the caller, or the curvature suggestion).
         suggested_lr: the peak rate the curvature suggests, a share
@@ -121,6 +125,7 @@ class CurvatureReport:
     stability_share: float | None = None
     stability_note: str = ""
     loss_guess: str = ""
+    phi_signal: str = ""
 
     # ------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -241,6 +246,7 @@ class CurvatureReport:
                 ),
             ),
             ("why", self.reason),
+            *([("φ decided by", self.phi_signal)] if self.phi_signal else []),
             (
                 "probe cost",
                 f"{est.num_hvps} HVPs on {est.num_batches} batch(es), {est.wall_time_s:.2f} s "
@@ -250,7 +256,7 @@ class CurvatureReport:
         if len(self.history) > 1:
             rows.append(
                 (
-                    "re-estimations",
+                    "mid-run φ decisions",
                     ", ".join(
                         f"step {r.step}: {r.status} φ={r.phi:.3g}" + (" (!)" if r.warnings else "")
                         for r in self.history[1:]

@@ -39,6 +39,7 @@ from ._choice import (
     resolve_peak,
     suggested_lr,
 )
+from ._cooldown import PlateauCooldown
 from ._plan import (
     HVP_COST_IN_GRADIENTS,
     hvp_budget,
@@ -58,7 +59,8 @@ class AutoUBAScheduler(UBAScheduler):
     """A :class:`~uba_auto.scheduler.UBAScheduler` whose ``step()`` also re-estimates φ every
     ``reestimate_every`` steps through its :class:`AutoUBA` (collectively, at the same steps on
     every run, so a resumed run re-estimates at the same steps as an uninterrupted one); see
-    :meth:`AutoUBA.maybe_reestimate`."""
+    :meth:`AutoUBA.maybe_reestimate`; with ``auto_uba(val_loader=...)`` it also runs the
+    validation plateau rule's checks (:attr:`AutoUBA.plateau`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, auto: AutoUBA, **kwargs: Any) -> None:
         self._auto = auto
@@ -67,6 +69,7 @@ class AutoUBAScheduler(UBAScheduler):
     def step(self, epoch: int | None = None) -> None:
         super().step(epoch)
         self._auto.maybe_reestimate(self.last_epoch)
+        self._auto._check_plateau()
 
 
 class AutoUBA:
@@ -90,6 +93,10 @@ class AutoUBA:
         probe_kwargs: the keywords every probe passes to
             :func:`~uba_auto.probe.probe_curvature`.
         probe_hvps, batches_drawn: Hessian-vector products and batches the probes took so far.
+        plateau: with ``auto_uba(val_loader=...)``, the :class:`~uba_auto.PlateauCooldown` that
+            decides φ from the validation loss (its ``checks``, ``switched_at``), built with the
+            scheduler; else ``None``. A switch, or a failed check, is also a record of the
+            report's history.
     """
 
     budget = SettingAttribute()
@@ -115,9 +122,13 @@ class AutoUBA:
         peak_lr: float | str | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         resume_from: Mapping[str, Any] | None = None,
+        val_loader: Iterable[Any] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.plateau: PlateauCooldown | None = None
+        self._val_loader = val_loader
+        self._pending_plateau = None if resume_from is None else resume_from.get("plateau")
         self.probe_kwargs = dict(probe_kwargs or {})
         self.scheduler: AutoUBAScheduler | None = None
         self._settings = settings
@@ -261,8 +272,18 @@ class AutoUBA:
         """The state ``saved`` holds (its scheduler state pending), the loader fast-forwarded
         past the batches the saved run probed."""
         state = AutoState.from_dict(saved, self._settings)
+        self._check_plateau_state(saved)
         self._fast_forward(saved)
         return state
+
+    def _check_plateau_state(self, saved: Mapping[str, Any]) -> None:
+        """A run with the plateau rule resumes only from a state that holds the rule's checks."""
+        if self._settings.plateau and not saved.get("plateau"):
+            raise ValueError(
+                "the state holds no validation plateau rule state (it was saved by a run "
+                "without val_loader, or before the scheduler existed): resume it without "
+                "val_loader, or start a new run"
+            )
 
     def _fast_forward(self, saved: Mapping[str, Any]) -> None:
         """Move the probe's loader past the batches the saved run drew (from the start, so a
@@ -307,7 +328,18 @@ class AutoUBA:
             warmup_steps=settings.warmup_steps,
         )
         state = continue_schedule(scheduler, state)  # resumed: continue the saved schedule
-        self._state, self.scheduler = state, scheduler
+        plateau = None
+        if settings.plateau:
+            plateau = PlateauCooldown(
+                scheduler,
+                self.model,
+                self._val_loader,
+                self.loss_fn,
+                num_batches=settings.val_batches,
+                resume_from=self._pending_plateau,
+            )
+        self._state, self.scheduler, self.plateau = state, scheduler, plateau
+        self._pending_plateau = None
         return scheduler
 
     def maybe_reestimate(self, step: int) -> ReestimationRecord | None:
@@ -405,6 +437,19 @@ class AutoUBA:
         self._state = state.with_record(record, hvps)
         return record
 
+    def _check_plateau(self) -> None:
+        """Run the plateau rule's check if one is due (after every scheduler step); a switch of
+        φ or a failed check goes into the report's history."""
+        if self.plateau is None:
+            return
+        check = self.plateau.step()
+        if check is None or check.status == "hold":
+            return
+        status = "ok" if check.status == "cooled" else "failed"
+        message = f"validation plateau rule: {check.reason}"
+        record = ReestimationRecord(check.step, status, None, check.phi, 0, check.seconds, message)
+        self._state = self._state.with_record(record)
+
     def _expected_reestimation_hvps(self) -> int:
         """What the next re-estimation will cost: the last one that ran, or else the pre-training
         probe without its spectral density (re-estimations do not probe the density)."""
@@ -416,11 +461,17 @@ class AutoUBA:
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """φ, its history, the scheduler and the probing counters (plain data + the report)."""
+        """φ, its history, the scheduler and the probing counters (plain data + the report);
+        with ``val_loader``, also the plateau rule's checks (``"plateau"``)."""
         scheduler = None if self.scheduler is None else self.scheduler.state_dict()
-        return self._state.to_dict(
+        state = self._state.to_dict(
             self._settings, scheduler=scheduler, batches_drawn=self._batches.drawn
         )
+        if self._settings.plateau:  # the validation plateau rule's checks
+            state["plateau"] = (
+                self._pending_plateau if self.plateau is None else self.plateau.state_dict()
+            )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: the report (estimate, φ, history) becomes the saved run's,
@@ -438,6 +489,7 @@ class AutoUBA:
                 "optimizer= to auto_uba) before load_state_dict"
             )
         restored = AutoState.from_dict(state, self._settings)  # raises before anything changes
+        self._check_plateau_state(state)
         if self.scheduler is not None:
             before = self.scheduler.state_dict()
             try:
@@ -445,5 +497,7 @@ class AutoUBA:
             except Exception:
                 self.scheduler.load_state_dict(before)  # a failed load leaves it as it was
                 raise
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
         self._fast_forward(state)
         self._state = restored

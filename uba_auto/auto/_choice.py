@@ -24,6 +24,7 @@ from ..phi import (
     stability_fraction,
     stability_limit,
 )
+from ..phi._plateau import COOL_PHI, HOLD_PHI
 from ..probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
@@ -38,9 +39,11 @@ __all__ = [
     "choose",
     "default_loss",
     "edge_fraction",
+    "held_for_plateau",
     "initial_state",
     "negative_curvature_note",
     "optimizer_limit",
+    "phi_signal",
     "resolve_peak",
     "stability_fields",
     "stability_warning",
@@ -190,8 +193,10 @@ def choose(
     edge: float | None,
     remaining: int,
 ) -> PhiChoice:
-    """φ for ``remaining`` steps from ``estimate``, at the ``peak`` rate and ``edge`` fraction."""
-    return choose_phi(
+    """φ for ``remaining`` steps from ``estimate``, at the ``peak`` rate and ``edge`` fraction;
+    under the validation plateau rule (``settings.plateau``) the rule's starting φ, with what the
+    link would have chosen in its reason (:func:`held_for_plateau`)."""
+    choice = choose_phi(
         estimate,
         peak_lr=peak.value,
         budget=remaining,
@@ -200,12 +205,51 @@ def choose(
         phi_max=settings.phi_max,
         edge_fraction=edge,
     )
+    return held_for_plateau(choice) if settings.plateau else choice
 
 
-def _report_fields(choice: PhiChoice) -> dict[str, Any]:
+def held_for_plateau(choice: PhiChoice) -> PhiChoice:
+    """The choice of a run whose φ the validation plateau rule decides: φ =
+    :data:`~uba_auto.phi.HOLD_PHI` from the first step (not clamped: the rule's φ are its own),
+    ``choice`` (the link's, which decides nothing here) named in the reason."""
+    return replace(
+        choice,
+        phi=HOLD_PHI,
+        phi_unclamped=HOLD_PHI,
+        clamped=False,
+        warnings=(),  # the link's notes (a clamp, a fallback) are about a phi not used
+        reason=(
+            f"validation plateau rule: phi = {HOLD_PHI:g} (the rate held near its peak) while the "
+            f"validation loss improves, phi = {COOL_PHI:g} (cosine from the rate then) from its "
+            f"first plateau; the {choice.link} link, which does not decide here, reads phi = "
+            f"{choice.phi:.4g} ({choice.reason})"
+        ),
+    )
+
+
+def phi_signal(choice: PhiChoice, plateau: bool) -> str:
+    """Which measured signal decided φ, in words (the report's "φ decided by")."""
+    if plateau:
+        return "the validation loss, mid-run (plateau rule); the curvature is for this report"
+    link = LINKS[choice.link]
+    if choice.kappa is None:
+        return f"nothing measured it could use ({choice.reason}): phi = {choice.phi:g}, cosine"
+    if link.band == "budget":
+        return (
+            "the spectrum's condition number in the band the peak rate and budget reach "
+            f"({link.name} link)"
+        )
+    edge = " and the peak rate's share of the stability limit" if link.reads_edge else ""
+    return f"the curvature noise sigma along the top eigenvector{edge} ({link.name} link)"
+
+
+def _report_fields(choice: PhiChoice, settings: AutoSettings) -> dict[str, Any]:
     """The fields of the report that come from the φ choice."""
     fields = ("phi", "phi_unclamped", "clamped", "kappa", "kappa_kind", "reason", "edge_fraction")
-    return {name: getattr(choice, name) for name in fields}
+    return {
+        **{name: getattr(choice, name) for name in fields},
+        "phi_signal": phi_signal(choice, settings.plateau),
+    }
 
 
 NEGATIVE_CURVATURE_NOTE_ABOVE = 0.2
@@ -274,7 +318,7 @@ def initial_state(
     notes += stability_warning(optimizer_rows, peak, settings.warmup_steps)
     report = CurvatureReport(
         estimate=est,
-        **_report_fields(choice),
+        **_report_fields(choice, settings),
         phi_min=settings.phi_min,
         phi_max=settings.phi_max,
         link=choice.link,
@@ -308,7 +352,7 @@ def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
     kept = tuple(w for w in report.warnings if w not in state.choice_warnings)
     report = replace(
         report,
-        **_report_fields(choice),
+        **_report_fields(choice, settings),
         peak_lr=state.peak.value,
         peak_lr_source=state.peak.source,
         history=(first, *report.history[1:]),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._distributed import resolve_process_group
+from .._loaders import check_reiterable
 from .._optim import group_peaks
 from .._validation import check_positive_finite
 from ..curvature import device_of
@@ -49,6 +50,8 @@ def auto_uba(
     progress: bool | None = None,
     process_group: Any = "auto",
     resume_from: dict[str, Any] | None = None,
+    val_loader: Iterable[Any] | None = None,
+    val_batches: int = 8,
     **probe_kwargs: Any,
 ) -> AutoUBA:
     """Probe the curvature, choose φ, and return the UBA schedule for a budget of ``budget`` steps.
@@ -129,6 +132,20 @@ def auto_uba(
             counters and (with ``optimizer=``, or at :meth:`~AutoUBA.make_scheduler`) the
             scheduler are the saved run's, and the loader is fast-forwarded past the batches it
             probed, so the run goes on exactly as if it had not stopped.
+        val_loader: validation batches (a ``DataLoader`` or a list, never the training loader):
+            φ is then decided mid-run by the validation loss, not by the curvature: the
+            scheduler holds φ = 1/32 (the rate near its peak) while the loss of ``val_batches``
+            validation batches improves, and switches to φ = 2 (cosine from the rate then) at
+            its first plateau (:class:`~uba_auto.PlateauCooldown`, run by the scheduler's
+            ``step()``; :attr:`AutoUBA.plateau`). The pre-training probe still runs, for the
+            report (its stability rows; the link's reading is named in the report's reason).
+            Opt-in: on our held-out tasks it beat cosine by 3.8-21 %, but a run whose peak is
+            at its stability limit from the first steps can diverge under it (BENCHMARKS.md
+            §2). The checks (every 2.5 % of the budget from 5 % to 80 %, or fewer once
+            switched) each cost ``val_batches`` forward passes, outside ``probe_fraction``.
+            Not with ``reestimate_every`` (one signal decides φ) nor under a process group of
+            more than one rank.
+        val_batches: validation batches per check.
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
             ``mode``, ``dtype``).
 
@@ -153,7 +170,15 @@ def auto_uba(
         link=link,
         phi_min=phi_min,
         phi_max=phi_max,
+        val_batches=None if val_loader is None else val_batches,
     )
+    if val_loader is not None:
+        if val_loader is loader:
+            raise ValueError(
+                "val_loader is the training loader: pass held-out validation batches (a "
+                "held-out loss is the rule's point, and its checks would read training batches)"
+            )
+        check_reiterable(val_loader, "auto_uba(val_loader=...)")
     if isinstance(peak_lr, str) and peak_lr != "suggest":
         raise ValueError(f"peak_lr must be a number, 'suggest' or None, got {peak_lr!r}")
     if peak_lr is not None and not isinstance(peak_lr, str):
@@ -210,16 +235,27 @@ def auto_uba(
         )
     # Checked now (a bad value fails before the probe's cost); every probe builds its own.
     ProbeSettings(num_batches=settings.num_batches, **probe_settings)
+    comm = resolve_process_group(process_group, device=device_of(model))  # once, here
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if settings.plateau and (
+        comm is not None or (distributed and torch.distributed.get_world_size() > 1)
+    ):
+        raise ValueError(
+            "val_loader (the validation plateau rule) is not supported under a process group of "
+            "more than one rank yet (each rank would judge its own validation shard, and the "
+            "ranks' phi could differ); drop val_loader to keep the curvature's phi"
+        )
     auto = AutoUBA(
         model,
         loader,
         settings,
         loss_fn=loss_fn,
         probe_kwargs=probe_settings,
-        comm=resolve_process_group(process_group, device=device_of(model)),  # once, here
+        comm=comm,
         peak_lr=peak_lr,
         optimizer=optimizer,
         resume_from=resume_from,
+        val_loader=val_loader,
     )
     if optimizer is not None:
         auto.make_scheduler(optimizer)

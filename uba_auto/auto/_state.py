@@ -50,6 +50,7 @@ class AutoSettings:
     link: str
     phi_min: float
     phi_max: float
+    val_batches: int | None = None
 
     @classmethod
     def checked(cls, **settings: Any) -> AutoSettings:
@@ -86,6 +87,15 @@ class AutoSettings:
         phi_max = check_positive_finite("phi_max", s["phi_max"])
         if phi_min > phi_max:
             raise ValueError(f"phi_min must be <= phi_max, got {phi_min} > {phi_max}")
+        val_batches = s.get("val_batches")
+        if val_batches is not None:
+            val_batches = check_int("val_batches", val_batches, minimum=1)
+            if every is not None:
+                raise ValueError(
+                    "val_loader and reestimate_every both decide phi mid-run: pass one of them "
+                    "(val_loader: the validation plateau rule; reestimate_every: re-probed "
+                    "curvature)"
+                )
         return cls(
             budget=budget,
             warmup_steps=warmup_steps,
@@ -97,7 +107,13 @@ class AutoSettings:
             link=link,
             phi_min=phi_min,
             phi_max=phi_max,
+            val_batches=val_batches,
         )
+
+    @property
+    def plateau(self) -> bool:
+        """Whether φ follows the validation plateau rule (``auto_uba(val_loader=...)``)."""
+        return self.val_batches is not None
 
     @property
     def total_steps(self) -> int:

@@ -1,0 +1,161 @@
+"""auto_uba(val_loader=...): the validation plateau rule decides φ inside auto_uba's scheduler."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import uba_auto
+from uba_auto import PlateauCooldown, auto_uba
+from uba_auto.phi import _plateau as P
+
+MSE = nn.functional.mse_loss
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=gen)
+    y = x.sum(1, keepdim=True)
+    train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    val = [(x[i : i + 16] + 0.1, y[i : i + 16]) for i in range(0, 64, 16)]
+    return train, val
+
+
+TRAIN, VAL = _data()
+
+
+def _build(*, rule="auto", state=None, watch_state=None, **kwargs):
+    """A linear model, SGD, auto_uba: with the rule inside (``rule="auto"``) or a
+    PlateauCooldown put on its scheduler by hand (``rule="manual"``)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    inside = {"val_loader": VAL, "val_batches": 4} if rule == "auto" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe overspends its share of 200 steps
+        auto = auto_uba(
+            model, TRAIN, 200, optimizer=opt, loss_fn=MSE, resume_from=state, **inside, **kwargs
+        )
+    watch = auto.plateau
+    if rule == "manual":
+        watch = PlateauCooldown(
+            auto.scheduler, model, VAL, MSE, num_batches=4, resume_from=watch_state
+        )
+    return model, opt, auto, watch
+
+
+def _train(model, opt, auto, watch, start, stop, *, manual=False):
+    rates = []
+    for s in range(start, stop):
+        xb, yb = TRAIN[s % 8]
+        loss = MSE(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        auto.scheduler.step()
+        if manual:
+            watch.step()
+        rates.append(auto.scheduler.get_last_lr()[0])
+    return rates
+
+
+def _strip(checks):  # everything but the wall time
+    return [(c.step, c.status, c.loss, c.phi, c.reason) for c in checks]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    run = _build()
+    rates = _train(*run, 0, 199)
+    return run, rates
+
+
+def test_the_rule_inside_auto_uba_is_the_rule_on_its_scheduler(uninterrupted):
+    """Same rates and the same checks as a PlateauCooldown driven by hand on auto_uba's scheduler,
+    and the switch is in the report's history."""
+    (model, opt, auto, watch), rates = uninterrupted
+    manual = _build(rule="manual")
+    assert _train(*manual, 0, 199, manual=True) == rates
+    assert _strip(watch.checks) == _strip(manual[3].checks)
+    assert watch.switched_at is not None  # the loss flattens well before 80 % of the budget
+    first, switch = auto.report.history
+    assert first.phi == P.HOLD_PHI and first.message == "pre-training probe"
+    assert (switch.step, switch.status, switch.phi) == (watch.switched_at, "ok", P.COOL_PHI)
+    assert switch.message.startswith("validation plateau rule: ")
+    assert auto.phi == P.COOL_PHI == auto.scheduler.phi
+
+
+def test_the_report_says_the_validation_loss_decides_and_what_the_link_read(uninterrupted):
+    (_, _, auto, _), _ = uninterrupted
+    report = auto.report
+    assert report.phi == P.HOLD_PHI and not report.clamped  # below phi_min: the rule's own phi
+    assert report.phi_signal.startswith("the validation loss")
+    assert "the gated link, which does not decide here, reads phi = " in report.reason
+    text = str(report)
+    assert "φ decided by" in text and "mid-run φ decisions" in text
+    assert uba_auto.CurvatureReport.from_dict(report.to_dict()).phi_signal == report.phi_signal
+    plain = auto_uba(nn.Linear(5, 1), TRAIN, 5000, loss_fn=MSE, num_batches=4)
+    assert plain.report.phi_signal.startswith("the curvature noise sigma")
+
+
+def test_a_run_saved_mid_hold_and_resumed_continues_rates_and_checks_exactly(uninterrupted):
+    (_, _, full_auto, full_watch), whole = uninterrupted
+    assert full_watch.switched_at > 30  # the save below falls inside the hold
+    model, opt, auto, _ = first = _build()
+    part = _train(*first, 0, 30)
+    saved = (auto.state_dict(), model.state_dict(), opt.state_dict())
+    model2, opt2, auto2, watch2 = again = _build(state=saved[0])
+    model2.load_state_dict(saved[1])
+    opt2.load_state_dict(saved[2])
+    assert auto2.scheduler.phi == P.HOLD_PHI and auto2.plateau.checks == auto.plateau.checks
+    rest = _train(*again, 30, 199)
+    assert part + rest == whole
+    assert _strip(watch2.checks) == _strip(full_watch.checks)
+    assert [r.to_row()[:5] for r in auto2.report.history] == [
+        r.to_row()[:5] for r in full_auto.report.history
+    ]
+
+
+def test_load_state_dict_restores_the_checks():
+    model, opt, auto, watch = run = _build()
+    _train(*run, 0, 40)
+    state = auto.state_dict()
+    _, _, other, _ = _build()
+    other.load_state_dict(state)
+    assert _strip(other.plateau.checks) == _strip(watch.checks)
+    assert other.scheduler.last_epoch == 40
+
+
+def test_a_failing_check_keeps_phi_and_is_recorded(uninterrupted):
+    model, opt, auto, watch = run = _build()
+    auto.plateau.loss_fn = lambda out, target: 1 / 0
+    with pytest.warns(RuntimeWarning, match="validation check at step .* failed, phi kept"):
+        _train(*run, 0, 20)
+    failed = [r for r in auto.report.history if r.status == "failed"]
+    assert failed and all(r.phi == P.HOLD_PHI for r in failed)
+    assert "ZeroDivisionError" in failed[0].message
+    assert auto.scheduler.phi == P.HOLD_PHI
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"val_loader": TRAIN}, "val_loader is the training loader"),
+        ({"val_loader": VAL, "reestimate_every": 50}, "val_loader and reestimate_every"),
+        ({"val_loader": iter(VAL)}, "one-shot"),
+        ({"val_loader": VAL, "val_batches": 0}, "val_batches"),
+    ],
+)
+def test_bad_validation_arguments_are_refused_before_the_probe(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        auto_uba(nn.Linear(5, 1), TRAIN, 200, loss_fn=MSE, **kwargs)
+
+
+def test_a_state_without_the_rule_does_not_resume_a_run_with_it():
+    model, opt, auto, watch = run = _build(rule="manual")
+    _train(*run, 0, 10, manual=True)
+    with pytest.raises(ValueError, match="val_batches=None"):
+        _build(state=auto.state_dict())
