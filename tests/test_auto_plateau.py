@@ -159,3 +159,23 @@ def test_a_state_without_the_rule_does_not_resume_a_run_with_it():
     _train(*run, 0, 10, manual=True)
     with pytest.raises(ValueError, match="val_batches=None"):
         _build(state=auto.state_dict())
+
+
+def test_a_curvature_reestimation_is_refused_while_the_rule_decides(uninterrupted):
+    (_, _, auto, _), _ = uninterrupted
+    with pytest.raises(ValueError, match="validation plateau rule"):
+        auto.reestimate()
+
+
+def test_a_state_saved_before_the_scheduler_resumes_and_starts_the_rule():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        early = auto_uba(model, TRAIN, 200, loss_fn=MSE, val_loader=VAL, val_batches=4)
+        state = early.state_dict()  # no optimizer yet: no scheduler, no checks
+        later = auto_uba(
+            model, TRAIN, 200, loss_fn=MSE, val_loader=VAL, val_batches=4, resume_from=state
+        )
+    sched = later.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.05))
+    assert sched.phi == P.HOLD_PHI and later.plateau.checks == []

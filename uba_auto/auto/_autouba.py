@@ -277,8 +277,10 @@ class AutoUBA:
         return state
 
     def _check_plateau_state(self, saved: Mapping[str, Any]) -> None:
-        """A run with the plateau rule resumes only from a state that holds the rule's checks."""
-        if self._settings.plateau and not saved.get("plateau"):
+        """A run with the plateau rule resumes a scheduler only from a state that holds the rule's
+        checks (one saved before its scheduler existed has none, and needs none)."""
+        started = saved.get("scheduler") is not None or self.plateau is not None
+        if self._settings.plateau and started and not saved.get("plateau"):
             raise ValueError(
                 "the state holds no validation plateau rule state (it was saved by a run "
                 "without val_loader, or before the scheduler existed): resume it without "
@@ -379,7 +381,17 @@ class AutoUBA:
         report's history (and warned about), so training continues. Under a process group it is
         collective: every rank calls it at the same step (the scheduler does), and a failure on
         any rank is recorded on every rank.
+
+        Raises:
+            ValueError: under ``auto_uba(val_loader=...)``, where the validation plateau rule
+                decides φ (a curvature estimate would override its hold or its switch).
         """
+        if self._settings.plateau:
+            raise ValueError(
+                "phi follows the validation plateau rule (auto_uba was given val_loader): a "
+                "re-estimation from the curvature would override it; build auto_uba without "
+                "val_loader to re-estimate"
+            )
         return self._reestimate_at(self.scheduler.last_epoch if self.scheduler is not None else 0)
 
     def _reestimate_at(self, step: int) -> ReestimationRecord:
@@ -499,5 +511,7 @@ class AutoUBA:
                 raise
         if self.plateau is not None:
             self.plateau.load_state_dict(state["plateau"])
+        elif self._settings.plateau:
+            self._pending_plateau = state.get("plateau")  # for make_scheduler
         self._fast_forward(state)
         self._state = restored

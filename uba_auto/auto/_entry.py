@@ -13,7 +13,7 @@ from torch import nn
 from .._distributed import resolve_process_group
 from .._loaders import check_reiterable
 from .._optim import group_peaks
-from .._validation import check_positive_finite
+from .._validation import check_int, check_positive_finite
 from ..curvature import device_of
 from ..phi import PHI_MAX, PHI_MIN, optimizer_stability
 from ..probe import ProbeSettings
@@ -172,6 +172,7 @@ def auto_uba(
         phi_max=phi_max,
         val_batches=None if val_loader is None else val_batches,
     )
+    check_int("val_batches", val_batches, minimum=1)  # also when unused: a typo fails loudly
     if val_loader is not None:
         if val_loader is loader:
             raise ValueError(
