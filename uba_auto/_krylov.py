@@ -48,9 +48,6 @@ def gaussian_unit_vector(op: SymmetricOperator, generator: torch.Generator) -> T
 # not pay for 16 rows of a model-sized basis.
 _BASIS_BLOCK = 4
 
-_MIN_SLAB = 1024
-"""The fewest columns of a compact basis decoded at a time (see :meth:`LanczosBasis._decoded`)."""
-
 
 def _breakdown_rtol(dtype: torch.dtype) -> float:
     # Breakdown is judged against the step's own product ||A q_j||: when A q_j lies in span(Q) the
@@ -90,10 +87,7 @@ class LanczosBasis:
     re-orthogonalisation against the older rows, whose coefficients are at rounding level, and
     the Ritz vectors (:meth:`combine`) see the storage's rounding (relative :math:`2^{-11}` per
     entry in float16). Memory: ``rows * itemsize(storage) + 2 * itemsize(dtype)`` per entry
-    instead of ``rows * itemsize(dtype)``. The products with the basis decode a slab of columns
-    of every stored row at a time, about one row's worth of entries in all: a few
-    matrix-vector products per slab rather than one Python-level operation per row, and no more
-    decoded memory than one row in ``dtype``.
+    instead of ``rows * itemsize(dtype)``.
     """
 
     def __init__(
@@ -108,120 +102,73 @@ class LanczosBasis:
         self.storage = dtype if storage is None else storage
         self.compact = self.storage != dtype
         self.block = min(max_rows, _BASIS_BLOCK)
-        self.blocks: list[Tensor] = []  # rows, in ``storage`` (scaled rows when compact)
+        self.blocks: list[Tensor] = []
         self.rows = 0  # rows written so far
-        # Compact: each row's scale, and the full-precision newest rows (index -> row).
-        self._scales = torch.ones(max_rows, dtype=dtype, device=device) if self.compact else None
+        # Compact: stored rows, their scales and the full-precision newest rows (index -> row).
+        self._stored: list[Tensor] = []
+        self._scales: list[Tensor] = []
         self._recent: dict[int, Tensor] = {}
 
     def append(self, v: Tensor) -> None:
-        if self.rows == len(self.blocks) * self.block:
-            size = min(self.block, self.max_rows - self.rows)
-            self.blocks.append(torch.empty((size, self.n), dtype=self.storage, device=self.device))
-        row = self.blocks[-1][self.rows % self.block]
         if self.compact:
             scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
-            row.copy_(v / scale)
-            self._scales[self.rows] = scale
+            self._stored.append((v / scale).to(self.storage))
+            self._scales.append(scale)
             self._recent[self.rows] = v.clone()
             self._recent.pop(self.rows - 2, None)
-        else:
-            row.copy_(v)
+            self.rows += 1
+            return
+        if self.rows == len(self.blocks) * self.block:
+            size = min(self.block, self.max_rows - self.rows)
+            self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.rows % self.block] = v
         self.rows += 1
 
     def row(self, j: int) -> Tensor:
-        blk = self.blocks[j // self.block][j % self.block]
         if self.compact:
             recent = self._recent.get(j)
             if recent is not None:
                 return recent
-            return blk.to(self.dtype) * self._scales[j]
-        return blk
+            return self._stored[j].to(self.dtype) * self._scales[j]
+        return self.blocks[j // self.block][j % self.block]
 
-    def _filled(self) -> Iterator[tuple[int, Tensor]]:
-        """``(first row, block)`` for every block, cut to the rows written."""
+    def _filled(self) -> Iterator[Tensor]:
         for i, blk in enumerate(self.blocks):
-            yield i * self.block, blk[: min(self.block, self.rows - i * self.block)]
-
-    def _decoded(self) -> Iterator[tuple[slice, list[tuple[int, Tensor]]]]:
-        """``(columns, [(first row, block[:, columns] in dtype), ...])``: the stored rows of a
-        compact basis, one slab of columns of every block at a time (unscaled: the caller
-        applies ``_scales``)."""
-        blocks = list(self._filled())
-        width = max(_MIN_SLAB, self.n // max(self.rows, 1))  # about n entries decoded at once
-        for c in range(0, self.n, width):
-            cols = slice(c, min(c + width, self.n))
-            yield cols, [(start, blk[:, cols].to(self.dtype)) for start, blk in blocks]
+            yield blk[: min(self.block, self.rows - i * self.block)]
 
     def coefficients(self, w: Tensor) -> Tensor:
         """``Q w`` for the rows ``Q`` written so far."""
-        if not self.compact:
-            return torch.cat([blk @ w for _, blk in self._filled()])
-        out = torch.zeros(self.rows, dtype=self.dtype, device=self.device)
-        for cols, slabs in self._decoded():
-            for start, slab in slabs:
-                out[start : start + slab.shape[0]].addmv_(slab, w[cols])
-        return self._finish(out, w)
-
-    def _finish(self, out: Tensor, w: Tensor) -> Tensor:
-        """Scale the stored rows' coefficients; the newest rows' at full precision."""
-        out *= self._scales[: self.rows]
-        for j, v in self._recent.items():
-            out[j] = torch.dot(v, w)
-        return out
+        if self.compact:  # one row in working precision at a time
+            return torch.stack([torch.dot(self.row(j), w) for j in range(self.rows)])
+        return torch.cat([blk @ w for blk in self._filled()])
 
     def subtract(self, w: Tensor, h: Tensor) -> Tensor:
         """``w - Q^T h``."""
-        return self._subtract(w, h, project=False)[0]
-
-    def subtract_and_project(self, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(u, Q u)`` for ``u = w - Q^T h``: a Gram-Schmidt pass and the coefficients of the
-        next, from one reading of the basis (a compact one is decoded once, not twice)."""
-        return self._subtract(w, h, project=True)  # type: ignore[return-value]
-
-    def _subtract(self, w: Tensor, h: Tensor, *, project: bool) -> tuple[Tensor, Tensor | None]:
-        if not self.compact:
-            for start, blk in self._filled():
-                w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
-            return w, (self.coefficients(w) if project else None)
-        w = w.clone()
-        hs = h[: self.rows] * self._scales[: self.rows]
-        for j in self._recent:
-            hs[j] = 0  # their part is subtracted at full precision, below
-        out = torch.zeros(self.rows, dtype=self.dtype, device=self.device) if project else None
-        for cols, slabs in self._decoded():  # each slab of u is final before it is projected
-            for start, slab in slabs:
-                w[cols].addmv_(slab.T, hs[start : start + slab.shape[0]], alpha=-1)
-            for j, v in self._recent.items():
-                w[cols].sub_(v[cols] * h[j])
-            if project:
-                for start, slab in slabs:
-                    out[start : start + slab.shape[0]].addmv_(slab, w[cols])
-        return w, (self._finish(out, w) if project else None)
+        if self.compact:
+            w = w.clone()
+            for j in range(self.rows):
+                w.sub_(self.row(j) * h[j])
+            return w
+        start = 0
+        for blk in self._filled():
+            w = torch.addmv(w, blk.T, h[start : start + blk.shape[0]], alpha=-1)
+            start += blk.shape[0]
+        return w
 
     def combine(self, coeffs: Tensor, m: int) -> Tensor:
         """``Q[:m]^T coeffs`` for a ``(m, k)`` matrix of coefficients: Ritz vectors as columns."""
-        m = min(m, self.rows)
         out = torch.zeros((self.n, coeffs.shape[1]), dtype=self.dtype, device=self.device)
-        if not self.compact:
-            for start, blk in self._filled():
-                rows = min(blk.shape[0], m - start)
-                if rows <= 0:
-                    break
-                out += blk[:rows].T @ coeffs[start : start + rows]
+        if self.compact:
+            for j in range(min(m, self.rows)):
+                out.addr_(self.row(j), coeffs[j])
             return out
-        scaled = coeffs[:m] * self._scales[:m, None]
-        for j in self._recent:
-            if j < m:
-                scaled[j] = 0  # added below, at full precision
-        for cols, slabs in self._decoded():
-            for start, slab in slabs:
-                rows = min(slab.shape[0], m - start)
-                if rows > 0:
-                    out[cols] += slab[:rows].T @ scaled[start : start + rows]
-        for j, v in self._recent.items():
-            if j < m:
-                out.addr_(v, coeffs[j])
+        start = 0
+        for blk in self._filled():
+            rows = min(blk.shape[0], m - start)
+            if rows <= 0:
+                break
+            out += blk[:rows].T @ coeffs[start : start + rows]
+            start += rows
         return out
 
 
@@ -281,7 +228,8 @@ def run_lanczos(
         # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
         # first left behind through rounding, which keeps Q orthonormal to working precision.
         h = basis.coefficients(w)
-        w, h2 = basis.subtract_and_project(w, h)
+        w = basis.subtract(w, h)
+        h2 = basis.coefficients(w)
         w = basis.subtract(w, h2)
         alpha[j] = h[j] + h2[j]
         b = torch.linalg.vector_norm(w)
