@@ -26,7 +26,17 @@ from ..phi import _plateau as rule
 from ..scheduler import UBAScheduler
 from ._loss import default_loss
 
-__all__ = ["PlateauCheck", "PlateauCooldown"]
+__all__ = ["PlateauCheck", "PlateauCooldown", "under_several_ranks"]
+
+
+def under_several_ranks() -> bool:
+    """Whether an initialised default process group has more than one rank (where the rule,
+    which judges one process's validation batches, is refused)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 @dataclass(frozen=True)
@@ -124,11 +134,7 @@ class PlateauCooldown:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         num_batches = check_int("num_batches", num_batches, minimum=1)
-        if (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        ):
+        if under_several_ranks():
             raise ValueError(
                 "PlateauCooldown does not support a process group of more than one rank yet "
                 "(each rank would judge its own validation shard and the ranks' phi could "

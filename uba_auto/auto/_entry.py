@@ -19,6 +19,7 @@ from ..phi import PHI_MAX, PHI_MIN, optimizer_stability
 from ..probe import ProbeSettings
 from ._autouba import AutoUBA
 from ._choice import check_final_rate
+from ._cooldown import under_several_ranks
 from ._state import AutoSettings
 
 __all__ = ["auto_uba"]
@@ -159,6 +160,7 @@ def auto_uba(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_int("val_batches", val_batches, minimum=1)  # also when unused: a typo fails loudly
     settings = AutoSettings.checked(
         budget=budget,
         warmup_steps=warmup_steps,
@@ -172,7 +174,6 @@ def auto_uba(
         phi_max=phi_max,
         val_batches=None if val_loader is None else val_batches,
     )
-    check_int("val_batches", val_batches, minimum=1)  # also when unused: a typo fails loudly
     if val_loader is not None:
         if val_loader is loader:
             raise ValueError(
@@ -237,10 +238,7 @@ def auto_uba(
     # Checked now (a bad value fails before the probe's cost); every probe builds its own.
     ProbeSettings(num_batches=settings.num_batches, **probe_settings)
     comm = resolve_process_group(process_group, device=device_of(model))  # once, here
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if settings.plateau and (
-        comm is not None or (distributed and torch.distributed.get_world_size() > 1)
-    ):
+    if settings.plateau and (comm is not None or under_several_ranks()):
         raise ValueError(
             "val_loader (the validation plateau rule) is not supported under a process group of "
             "more than one rank yet (each rank would judge its own validation shard, and the "
