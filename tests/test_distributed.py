@@ -13,6 +13,8 @@ import copy
 import itertools
 import math
 import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -426,6 +428,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _error(context: Any, rank: int) -> str:
+    """The traceback a spawned rank left (torch pickles it to an error file), if any."""
+    path = Path(context.error_files[rank])
+    if not path.exists() or path.stat().st_size == 0:
+        return "(no traceback: the process died without raising)"
+    with path.open("rb") as f:
+        return str(pickle.load(f))
+
+
 def _spawn(worker: Any, outdir: Path) -> list[Any]:
     """Run ``worker(rank, port, outdir)`` on ``WORLD_SIZE`` spawned processes, within
     ``JOIN_TIMEOUT_S``; returns what each rank saved to ``outdir / f"rank{rank}.pt"``."""
@@ -438,15 +449,24 @@ def _spawn(worker: Any, outdir: Path) -> list[Any]:
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     files = [outdir / f"rank{r}.pt" for r in range(WORLD_SIZE)]
+    # The ranks are polled rather than joined with context.join, which kills every other rank
+    # as soon as one exits non-zero: torch 2.13's gloo sometimes aborts a process at interpreter
+    # exit ("terminate called without an active exception", also in a plain DDP script), after
+    # its results are saved, and a rank still at work must not die of that. A real failure
+    # (any other exit code, or an abort before saving) still fails at once.
     try:
-        while not context.join(timeout=1.0):
+        while True:
+            for rank, (process, file) in enumerate(zip(context.processes, files, strict=True)):
+                aborted_after_saving = process.exitcode == -signal.SIGABRT and file.exists()
+                if process.exitcode not in (None, 0) and not aborted_after_saving:
+                    pytest.fail(
+                        f"rank {rank} exited with code {process.exitcode}:\n{_error(context, rank)}"
+                    )
+            if not any(process.is_alive() for process in context.processes):
+                break
             if time.monotonic() > deadline:
                 pytest.fail(f"the distributed run did not finish within {JOIN_TIMEOUT_S} s")
-    except torch.multiprocessing.ProcessExitedException as err:
-        # torch 2.13's gloo sometimes aborts a process at interpreter exit ("terminate called
-        # without an active exception"), also in a plain DDP script; results are saved first.
-        if not (err.signal_name == "SIGABRT" and all(f.exists() for f in files)):
-            raise
+            time.sleep(0.2)
     finally:
         for process in context.processes:
             if process.is_alive():
