@@ -30,6 +30,7 @@ from benchmarks.tasks import get_task
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--links", nargs="+", default=["gated"])
+    parser.add_argument("--num-batches", type=int, default=8, help="batches probed (default 8)")
     parser.add_argument("--out", default="benchmarks/results/phi_decision_check.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -41,7 +42,7 @@ def main() -> None:
         task = get_task(r["task"])
         model = task.make_model(r["seed"])
         model.train()
-        batches = list(itertools.islice(task.batches(r["seed"]), 8))
+        batches = list(itertools.islice(task.batches(r["seed"]), args.num_batches))
         # The gated link does not read the peak rate; the sweep's centre stands in for it.
         opt = task.make_optimizer(model, task.base_lr[r["budget"]])
         with warnings.catch_warnings(record=True):
@@ -52,7 +53,7 @@ def main() -> None:
                 r["budget"],
                 optimizer=opt,
                 loss_fn=task.loss_fn,
-                num_batches=8,
+                num_batches=args.num_batches,
                 link=r["link"],
                 progress=False,
                 seed=r["seed"],
@@ -69,6 +70,7 @@ def main() -> None:
             old_hvps=r.get("hvps"),
             decision_steps=est.decision_steps,
             share=auto.probe_cost_fraction,
+            noise=est.curvature_noise,
         )
         rows.append(row)
         same = "same" if abs(row["phi"] - row["stored_phi"]) < 1e-9 else "DIFFERENT"

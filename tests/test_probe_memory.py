@@ -136,7 +136,7 @@ def test_a_compact_basis_stores_half_the_bytes_and_two_full_rows():
     rows = torch.linalg.qr(torch.randn(n, 6, generator=torch.Generator().manual_seed(0)))[0].T
     for r in rows:
         basis.append(r.contiguous())
-    assert all(t.dtype == torch.float16 for t in basis._stored)
+    assert [(t.dtype, t.shape[0]) for t in basis.blocks] == [(torch.float16, 4)] * 2
     assert sorted(basis._recent) == [4, 5]
     assert torch.equal(basis.row(5), rows[5])  # the newest rows exactly
     h = basis.coefficients(rows[2])
@@ -159,6 +159,39 @@ def test_the_compact_basis_products_are_those_of_its_decoded_rows():
     )
     assert torch.allclose(basis.combine(c, 5).to(F64), q[:5].T @ c[:5].to(F64), atol=1e-5)
     assert torch.equal(basis.row(6), basis._recent[6])  # the newest row is kept exactly
+
+
+def test_the_compact_re_orthogonalisation_is_accurate_to_the_storage():
+    # orthogonalize forms the stored rows' coefficients with one float16 product per block: they
+    # carry float16's relative rounding (2^-11), no more, and the newest rows' are exact.
+    n, gen = 3000, torch.Generator().manual_seed(2)
+    basis = LanczosBasis(n, 12, torch.float32, torch.device("cpu"), torch.float16)
+    for _ in range(9):
+        basis.append(torch.randn(n, generator=gen))
+    q = torch.stack([basis.row(j) for j in range(9)]).to(F64)
+    w = torch.randn(n, generator=gen) * 1e3
+    rest, h = basis.orthogonalize(w)
+    exact = q @ w.to(F64)
+    assert torch.allclose(h.to(F64), exact, rtol=2e-3, atol=1e-3 * float(exact.abs().max()))
+    # The two newest, in float32: to its rounding of a dot product, relative to |q_j| |w|.
+    scale = float(torch.linalg.vector_norm(q[7:], dim=1).max() * torch.linalg.vector_norm(w))
+    assert torch.allclose(h[7:].to(F64), exact[7:], rtol=0, atol=1e-6 * scale)
+    assert torch.allclose(rest.to(F64), w.to(F64) - q.T @ h.to(F64), rtol=1e-5, atol=1e-2)
+
+
+def test_the_compact_coefficients_do_not_overflow_float16():
+    # A vector along a stored row of a large basis: scaled by its largest entry alone, the float16
+    # product would be about n / (max|q| sqrt(n))^2 ~ 9e4 > 65504 (inf); the norm bound keeps it in.
+    n, gen = 2_000_000, torch.Generator().manual_seed(3)
+    basis = LanczosBasis(n, 4, torch.float32, torch.device("cpu"), torch.float16)
+    rows = torch.randn(3, n, generator=gen)
+    rows /= torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    for r in rows:
+        basis.append(r)
+    w = 5.0 * rows[0] + 1e-3 * rows[1]
+    _, h = basis.orthogonalize(w)
+    assert torch.isfinite(h).all()
+    assert h[0].item() == pytest.approx(5.0, rel=2e-3)
 
 
 def test_memory_arguments_are_checked():

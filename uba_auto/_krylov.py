@@ -47,6 +47,9 @@ def gaussian_unit_vector(op: SymmetricOperator, generator: torch.Generator) -> T
 # Small blocks: a block is allocated whole, and a short run (a decision probe takes 3-10 steps) must
 # not pay for 16 rows of a model-sized basis.
 _BASIS_BLOCK = 4
+_STORED_PRODUCT_BOUND = 2.0**14
+"""K of :meth:`LanczosBasis._stored_coefficients`: a bound on its products, below float16's
+largest finite value (65504) with room for the float32 accumulation's rounding."""
 
 
 def _breakdown_rtol(dtype: torch.dtype) -> float:
@@ -74,7 +77,7 @@ def compact_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class LanczosBasis:
-    """The Lanczos vectors as rows, allocated on demand.
+    """The Lanczos vectors as rows, allocated on demand in blocks of ``_BASIS_BLOCK`` rows.
 
     Growing as the run proceeds (rather than allocating ``max_steps`` rows up front) keeps the
     memory at what the run actually used, which is usually far below ``max_steps`` rows when it
@@ -88,6 +91,12 @@ class LanczosBasis:
     the Ritz vectors (:meth:`combine`) see the storage's rounding (relative :math:`2^{-11}` per
     entry in float16). Memory: ``rows * itemsize(storage) + 2 * itemsize(dtype)`` per entry
     instead of ``rows * itemsize(dtype)``.
+
+    The re-orthogonalisation (:meth:`orthogonalize`) forms the older rows' coefficients with one
+    matrix-vector product in the storage dtype per block (the vector scaled into its range,
+    :meth:`_stored_coefficients`), not a decoded row at a time: those coefficients are at the
+    level of the storage's rounding, so rounding them to it again costs no accuracy, and a step
+    costs a few kernels instead of a few per row.
     """
 
     def __init__(
@@ -102,52 +111,91 @@ class LanczosBasis:
         self.storage = dtype if storage is None else storage
         self.compact = self.storage != dtype
         self.block = min(max_rows, _BASIS_BLOCK)
-        self.blocks: list[Tensor] = []
+        self.blocks: list[Tensor] = []  # in the storage dtype
         self.rows = 0  # rows written so far
-        # Compact: stored rows, their scales and the full-precision newest rows (index -> row).
-        self._stored: list[Tensor] = []
-        self._scales: list[Tensor] = []
+        # Compact: each stored row's scale (its largest entry) and the newest rows (index -> row).
+        self._scales = torch.empty(max_rows if self.compact else 0, dtype=dtype, device=device)
         self._recent: dict[int, Tensor] = {}
 
     def append(self, v: Tensor) -> None:
-        if self.compact:
-            scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
-            self._stored.append((v / scale).to(self.storage))
-            self._scales.append(scale)
-            self._recent[self.rows] = v.clone()
-            self._recent.pop(self.rows - 2, None)
-            self.rows += 1
-            return
         if self.rows == len(self.blocks) * self.block:
             size = min(self.block, self.max_rows - self.rows)
-            self.blocks.append(torch.empty((size, self.n), dtype=self.dtype, device=self.device))
-        self.blocks[-1][self.rows % self.block] = v
+            self.blocks.append(torch.empty((size, self.n), dtype=self.storage, device=self.device))
+        slot = self.blocks[-1][self.rows % self.block]
+        if self.compact:
+            scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+            slot.copy_(v / scale)
+            self._scales[self.rows] = scale
+            self._recent[self.rows] = v.clone()
+            self._recent.pop(self.rows - 2, None)
+        else:
+            slot.copy_(v)
         self.rows += 1
+
+    def _stored(self, j: int) -> Tensor:
+        return self.blocks[j // self.block][j % self.block]
 
     def row(self, j: int) -> Tensor:
         if self.compact:
             recent = self._recent.get(j)
             if recent is not None:
                 return recent
-            return self._stored[j].to(self.dtype) * self._scales[j]
-        return self.blocks[j // self.block][j % self.block]
+            return self._stored(j).to(self.dtype) * self._scales[j]
+        return self._stored(j)
 
-    def _filled(self) -> Iterator[Tensor]:
+    def _filled(self, rows: int | None = None) -> Iterator[Tensor]:
+        """The blocks' written rows, up to row ``rows`` (default: all)."""
+        rows = self.rows if rows is None else rows
         for i, blk in enumerate(self.blocks):
-            yield blk[: min(self.block, self.rows - i * self.block)]
+            if rows <= i * self.block:
+                return
+            yield blk[: min(self.block, rows - i * self.block)]
 
     def coefficients(self, w: Tensor) -> Tensor:
-        """``Q w`` for the rows ``Q`` written so far."""
+        """``Q w`` for the rows ``Q`` written so far (each row at the working precision)."""
         if self.compact:  # one row in working precision at a time
             return torch.stack([torch.dot(self.row(j), w) for j in range(self.rows)])
         return torch.cat([blk @ w for blk in self._filled()])
+
+    def _stored_coefficients(self, w: Tensor, rows: int) -> Tensor:
+        r"""``Q[:rows] w`` from the stored rows, one product per block in the storage dtype.
+
+        ``w`` is divided by :math:`s = \max(\|w\|_\infty, \|w\|_2 / (K \min_j c_j))`
+        (:math:`c_j` the rows' scales, :math:`K = 2^{14}`): its entries fit the storage
+        (:math:`|w_i / s| \le 1`) and so does every product, since a stored row has norm
+        :math:`1/c_j` and Cauchy-Schwarz bounds the products by :math:`K`. Accumulation is in
+        float32 (CPU and CUDA kernels for float16 alike); the result carries the storage's
+        relative rounding.
+        """
+        scales = self._scales[:rows]
+        tiny = torch.finfo(self.dtype).tiny
+        bound = torch.linalg.vector_norm(w) / (_STORED_PRODUCT_BOUND * scales.min())
+        s = torch.maximum(w.abs().max(), bound).clamp_min(tiny)
+        w_s = (w / s).to(self.storage)
+        products = torch.cat([blk @ w_s for blk in self._filled(rows)])
+        return products.to(self.dtype) * scales * s
+
+    def orthogonalize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """One classical Gram-Schmidt pass: ``(w - Q^T h, h)`` with ``h = Q w``."""
+        if not self.compact:
+            h = self.coefficients(w)
+            return self.subtract(w, h), h
+        old = max(0, self.rows - 2)  # rows [old, rows) are the newest, kept in full
+        parts = [self._stored_coefficients(w, old)] if old else []
+        parts += [torch.dot(self._recent[j], w).reshape(1) for j in range(old, self.rows)]
+        h = torch.cat(parts)
+        return self.subtract(w, h), h
 
     def subtract(self, w: Tensor, h: Tensor) -> Tensor:
         """``w - Q^T h``."""
         if self.compact:
             w = w.clone()
-            for j in range(self.rows):
-                w.sub_(self.row(j) * h[j])
+            old = max(0, self.rows - 2)
+            weighted = -h[:old] * self._scales[:old]
+            for j in range(old):
+                w.addcmul_(self._stored(j), weighted[j])
+            for j in range(old, self.rows):
+                w.sub_(self._recent[j] * h[j])
             return w
         start = 0
         for blk in self._filled():
@@ -227,10 +275,8 @@ def run_lanczos(
         # Two classical Gram-Schmidt passes against the whole basis. The first pass also yields the
         # three-term recurrence (h[j] = alpha_j, h[j-1] = beta_{j-1}); the second removes what the
         # first left behind through rounding, which keeps Q orthonormal to working precision.
-        h = basis.coefficients(w)
-        w = basis.subtract(w, h)
-        h2 = basis.coefficients(w)
-        w = basis.subtract(w, h2)
+        w, h = basis.orthogonalize(w)
+        w, h2 = basis.orthogonalize(w)
         alpha[j] = h[j] + h2[j]
         b = torch.linalg.vector_norm(w)
         beta[j] = b

@@ -91,7 +91,8 @@ def auto_uba(
             capped at its limit); ``None`` takes the optimizer's largest group lr (or the
             suggestion when there is no optimizer).
         num_batches: minibatches per probe (8: the curvature noise that drives the gated and
-            calibrated links is a standard deviation across batches, and needs several).
+            calibrated links is a standard deviation across batches, and needs several; with 4
+            the gated link's φ changed in 4 of the φ study's 54 runs, BENCHMARKS.md §1).
         reestimate_every: re-probe every this many steps (``None``: never).
         probe_fraction: the most probing may cost, as a fraction of the budget in
             gradient-equivalents (one gradient: a forward and backward pass on one batch). The
