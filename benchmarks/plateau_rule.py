@@ -48,8 +48,11 @@ import uba_auto
 from benchmarks import tasks as T
 from benchmarks.midrun_signals import spearman
 from benchmarks.train import ScheduleSpec, evaluate, train
+from uba_auto.auto._plan import validation_batches, validation_plan
 from uba_auto.phi import _plateau as P
 
+AUTO_PROBE_FRACTION = 0.02
+"""``auto_uba``'s default ``probe_fraction``, which sizes its validation checks."""
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SWEEPS = [
     RESULTS / "phi_sweep_wide.json",
@@ -91,14 +94,25 @@ def run_one(
     seed: int,
     peak_lr: float,
     val_batches: int,
+    equal_cost: bool = False,
+    product_batches: int | None = None,
 ) -> dict:
     """One run: under the plateau rule (``spec`` None) or under a fixed schedule ``spec``.
+
+    With ``equal_cost`` a rule run trains :func:`equal_cost_steps` steps instead of ``budget``
+    (its whole schedule fitted to them), so that training and every check it could make together
+    cost no more gradient-equivalents than ``budget`` training steps. ``product_batches``: the
+    rule reads that many batches of the training batch size, as ``auto_uba(val_loader=...,
+    val_batches=product_batches)`` does (:func:`validation_set`), in as many chunks.
 
     Returns the run's :class:`~benchmarks.train.RunResult` fields plus ``final_test_loss`` (the
     test half) and, for the rule, the step it switched at, why, its checks and their cost.
     """
-    (xv, yv), (xt, yt) = split_heldout(task)
-    batches = _chunks(xv, yv, val_batches)
+    (xv, yv), (xt, yt) = validation_set(task, product_batches)
+    batches = _chunks(xv, yv, val_batches if product_batches is None else product_batches)
+    cell_budget = budget
+    if spec is None and equal_cost:
+        budget = equal_cost_steps(task, budget, product_batches)
     warmup = task.warmup_steps(budget)
     total = budget - 1
     checks = set(P.plateau_check_steps(total, warmup)) if spec is None else set()
@@ -134,6 +148,7 @@ def run_one(
     result = train(task, spec if spec is not None else factory, budget, seed, peak_lr, callback)
     out = result.to_dict()
     out["label"] = "plateau" if spec is None else spec.label
+    out["budget"], out["trained_steps"] = cell_budget, budget
     out["final_test_loss"] = (
         box["test"] if math.isfinite(box["test"]) and not result.diverged else None
     )
@@ -153,12 +168,50 @@ def run_one(
     return out
 
 
+def validation_set(
+    task: T.Task, product_batches: int | None
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(validation, test) examples: :func:`split_heldout`, with the validation half cut, given
+    ``product_batches``, to that many batches of the training batch size (its first examples,
+    the same at every check), what ``auto_uba(val_loader=..., val_batches=product_batches)``
+    reads."""
+    (xv, yv), test = split_heldout(task)
+    if product_batches is not None:
+        keep = product_batches * (task.batch_size or task.num_train)
+        xv, yv = xv[:keep], yv[:keep]
+    return (xv, yv), test
+
+
+def check_cost(task: T.Task, budget: int, product_batches: int | None) -> float:
+    """Gradient-equivalents of every check the rule can make in ``budget`` steps: each is a
+    forward pass over the validation set (a third of a training step per batch of examples)."""
+    size = validation_set(task, product_batches)[0][0].shape[0]
+    return _check_cost(task, budget, size)
+
+
+def _check_cost(task: T.Task, budget: int, size: int) -> float:
+    checks = P.plateau_check_steps(budget - 1, task.warmup_steps(budget)) if budget > 1 else []
+    return len(checks) * size / (3 * (task.batch_size or task.num_train))
+
+
+def equal_cost_steps(task: T.Task, budget: int, product_batches: int | None) -> int:
+    """The most training steps ``s`` with ``s + check_cost(task, s) <= budget`` (at least 1):
+    the rule's run at the cost of ``budget`` steps of a schedule that checks nothing, in the
+    worst case of every check made (the rule cannot know in advance when it will switch)."""
+    size = validation_set(task, product_batches)[0][0].shape[0]
+    for steps in range(budget, 1, -1):
+        if steps + _check_cost(task, steps, size) <= budget:
+            return steps
+    return 1
+
+
 def _job(args: tuple) -> dict:
-    name, spec, budget, seed, peak, val_batches, overrides = args
+    name, spec, budget, seed, peak, val_batches, overrides, equal_cost, product_batches = args
     torch.set_num_threads(1)
     for key, value in overrides.items():  # exploring the rule's constants (--set)
         setattr(P, key, value)
-    return run_one(T.get_task(name), spec, budget, seed, peak, val_batches)
+    task = T.get_task(name)
+    return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches)
 
 
 def _stored_cells(paths: list[Path]) -> list[dict]:
@@ -167,6 +220,27 @@ def _stored_cells(paths: list[Path]) -> list[dict]:
         for cell in json.loads(path.read_text())["cells"]:
             cells.append(cell)
     return cells
+
+
+def _product_batches(args: argparse.Namespace, name: str, budget: int) -> int | None:
+    """The validation batches of a rule run (None: the benchmark's own chunks of the half)."""
+    if args.auto_validation:
+        task = T.get_task(name)
+        checks, _ = validation_plan(budget, task.warmup_steps(budget), 1)
+        return validation_batches(budget, checks, AUTO_PROBE_FRACTION)
+    return 8 if args.product_validation else None
+
+
+def _reusable_grids(paths: list[Path], seeds: list[int]) -> dict[tuple, dict[str, list[dict]]]:
+    """(task, budget, peak) -> the grid's runs (label -> runs) of earlier heldout results."""
+    found: dict[tuple, dict[str, list[dict]]] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        if result["mode"] != "heldout" or result["seeds"] != seeds:
+            raise SystemExit(f"{path}: not a heldout result with seeds {seeds}")
+        for cell in result["cells"]:
+            found[(cell["task"], cell["budget"], cell["peak_lr"])] = cell["grid_runs"]
+    return found
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -263,12 +337,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--val-batches", type=int, default=8)
     parser.add_argument(
+        "--equal-cost",
+        action="store_true",
+        help="rule runs train fewer steps, so that training plus every check they could make "
+        "costs the budget (equal_cost_steps); the grid trains the whole budget",
+    )
+    parser.add_argument(
+        "--product-validation",
+        action="store_true",
+        help="the rule reads what auto_uba(val_loader=, val_batches=8) reads: 8 batches of the "
+        "training batch size (the start of the validation half), not the whole half",
+    )
+    parser.add_argument(
+        "--auto-validation",
+        action="store_true",
+        help="the rule reads what auto_uba(val_loader=) reads by default: val_batches sized "
+        "by the cell's budget (uba_auto.auto._plan.validation_batches, probe_fraction 2 %%) "
+        "batches of the training batch size",
+    )
+    parser.add_argument(
         "--grid",
         nargs="*",
         default=None,
         metavar="LABEL",
         help="heldout mode: only these schedules of the grid (labels such as phi=0.25, wsd); "
         "phi=2 (cosine) is always run",
+    )
+    parser.add_argument(
+        "--reuse-grid",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="RESULT.json",
+        help="heldout mode: take the grid's runs of a cell from these earlier heldout results "
+        "(the same task, budget, peak and seeds) and train only the rule",
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path)
@@ -308,11 +410,18 @@ def main(argv: list[str] | None = None) -> int:
             task = T.get_task(name)
             for budget in args.budgets or sorted(task.base_lr):
                 cells.append((name, budget, task.base_lr[budget], None))
+    reused = _reusable_grids(args.reuse_grid, args.seeds)
     for name, budget, peak, _ in cells:
         grid = [g for g in GRID if not args.grid or g.label in args.grid or g.label == "phi=2"]
-        specs = [None] + (grid if args.mode == "heldout" else [])
+        fresh = args.mode == "heldout" and (name, budget, peak) not in reused
+        specs = [None] + (grid if fresh else [])
         for spec, seed in itertools.product(specs, args.seeds):
-            jobs.append((name, spec, budget, seed, peak, args.val_batches, overrides))
+            jobs.append(
+                (
+                    *(name, spec, budget, seed, peak, args.val_batches, overrides),
+                    *(args.equal_cost, _product_batches(args, name, budget)),
+                )
+            )
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         runs = pool.map(_job, jobs, chunksize=1)
@@ -333,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                     ],
                 )
         else:
+            for label, grid_runs in reused.get((name, budget, peak), {}).items():
+                by_label.setdefault(label, grid_runs)
             by_label["cosine"] = by_label["phi=2"]
         entry = {"task": name, "budget": budget, "peak_lr": peak}
         entry["heldout"] = _summarise(by_label, "final_heldout_loss")
@@ -360,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         "rule": {k: overrides.get(k, getattr(P, k)) for k in P.__all__ if k.isupper()},
         "seeds": args.seeds,
         "val_batches": args.val_batches,
+        "equal_cost": args.equal_cost,
+        "product_validation": args.product_validation,
+        "auto_validation": args.auto_validation,
         "wall_time_s": time.perf_counter() - start,
         "cells": out_cells,
     }

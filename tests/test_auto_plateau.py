@@ -179,3 +179,56 @@ def test_a_state_saved_before_the_scheduler_resumes_and_starts_the_rule():
         )
     sched = later.make_scheduler(torch.optim.SGD(model.parameters(), lr=0.05))
     assert sched.phi == P.HOLD_PHI and later.plateau.checks == []
+
+
+def _sized(budget, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    val = [(x + 0.1, y) for x, y in TRAIN]  # 8 validation batches to draw from
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = auto_uba(model, TRAIN, budget, optimizer=opt, loss_fn=MSE, val_loader=val, **kwargs)
+    over = [str(w.message) for w in caught if "validation checks over budget" in str(w.message)]
+    return auto, over
+
+
+@pytest.mark.parametrize(
+    ("budget", "batches"), [(200, 1), (1033, 1), (1034, 2), (2067, 4), (4134, 8), (9000, 8)]
+)
+def test_validation_batches_are_sized_by_the_budget(budget, batches):
+    # 31 checks of b batches at a third of a gradient each fit 2 % of the budget: b = the most
+    # with 31 * b / 3 <= 0.02 * budget, between 1 and 8.
+    assert 31 * batches / 3 <= 0.02 * budget or batches == 1
+    assert batches == 8 or 31 * (batches + 1) / 3 > 0.02 * budget
+    auto, over = _sized(budget)
+    assert len(auto.plateau._batches) == batches
+    assert f"31 checks of {batches} validation batch" in auto.report.phi_signal
+    cost = 31 * batches / 3
+    assert f"about {cost:.0f} gradient-equivalents, {100 * cost / budget:.1f}% of the budget" in (
+        auto.report.phi_signal
+    )
+    # Only where even one batch per check is over the share: loud, in the report and a warning.
+    assert bool(over) == (cost > 0.02 * budget)
+    assert bool(over) == any("validation checks over budget" in w for w in auto.report.warnings)
+    if over:
+        assert "even at one validation batch per check" in over[0]
+
+
+def test_an_explicit_val_batches_is_kept_and_its_overspend_said():
+    auto, over = _sized(5000, val_batches=3)
+    assert len(auto.plateau._batches) == 3 and not over
+    auto, over = _sized(2067, val_batches=8)  # the share fits 4
+    assert len(auto.plateau._batches) == 8
+    assert len(over) == 1 and "at val_batches=8 (the share fits 4)" in over[0]
+    auto, over = _sized(2067, val_batches=8, probe_fraction=0.05)  # a larger share fits 8
+    assert not over
+
+
+def test_a_run_sized_by_the_budget_resumes_with_the_same_batches():
+    auto, _ = _sized(2067)
+    state = auto.state_dict()
+    again, _ = _sized(2067, resume_from=state)
+    assert len(again.plateau._batches) == 4
+    with pytest.raises(ValueError, match="val_batches"):
+        _sized(2067, resume_from=state, val_batches=8)

@@ -443,3 +443,29 @@ def test_default_link_keeps_cosine_where_small_phi_diverges(budget):
     opt = task.make_optimizer(model, 0.08)
     auto = uba_auto.auto_uba(model, batches, budget, loss_fn=task.loss_fn, optimizer=opt)
     assert auto.phi >= 2.0, auto.report.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "budget"),
+    [("digits_mlp", 300), ("digits_logreg", 100), ("lstsq_illcond", 100), ("gpt_adamw", 1000)],
+)
+def test_equal_cost_rule_runs_fit_training_and_every_check_in_the_budget(name, budget):
+    # benchmarks/plateau_rule.py --equal-cost: the most steps s with s + (every check's forward
+    # passes, in gradient-equivalents) <= budget, with the validation set auto_uba reads.
+    from benchmarks import plateau_rule as R
+    from uba_auto.phi import _plateau as P
+
+    task = get_task(name)
+    (xv, _), (xt, _) = R.validation_set(task, 8)
+    (xv_all, _), (xt_all, _) = R.split_heldout(task)
+    batch = task.batch_size or task.num_train
+    assert xv.shape[0] == min(8 * batch, xv_all.shape[0]) and torch.equal(xt, xt_all)
+
+    def cost(steps):  # written out: checks x examples per check / (3 x examples per step)
+        checks = P.plateau_check_steps(steps - 1, task.warmup_steps(steps))
+        return len(checks) * xv.shape[0] / (3 * batch)
+
+    steps = R.equal_cost_steps(task, budget, 8)
+    assert steps + cost(steps) <= budget
+    assert all(s + cost(s) > budget for s in range(steps + 1, budget + 1))
+    assert R.check_cost(task, steps, 8) == pytest.approx(cost(steps))

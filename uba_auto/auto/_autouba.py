@@ -46,6 +46,8 @@ from ._plan import (
     overspend_note,
     planned_reestimations,
     probe_cost,
+    validation_overspend_note,
+    validation_plan,
 )
 from ._state import AutoSettings, AutoState, SettingAttribute, check_state_dict, continue_schedule
 from ._sync import agree_phi
@@ -232,6 +234,16 @@ class AutoUBA:
             )
             notes.append(note)
             warnings.warn(f"uba-auto: {note}", RuntimeWarning, stacklevel=4)
+        if settings.plateau:
+            checks, val_cost = validation_plan(
+                settings.budget, settings.warmup_steps, settings.val_batches
+            )
+            if val_cost > settings.probe_fraction * settings.budget:
+                note = validation_overspend_note(
+                    checks, settings.val_batches, val_cost, settings.budget, settings.probe_fraction
+                )
+                notes.append(note)
+                warnings.warn(f"uba-auto: {note}", RuntimeWarning, stacklevel=4)
         stability = None if optimizer is None else optimizer_limit(optimizer, est)
         suggested = suggested_lr(est, stability, settings.warmup_steps)
         peak = resolve_peak(peak_lr, suggested, est.lambda_max, optimizer)

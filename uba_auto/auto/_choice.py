@@ -29,6 +29,7 @@ from ..probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
 from ._loss import default_loss
+from ._plan import validation_plan
 from ._state import AutoSettings, AutoState, PeakRate
 
 __all__ = [
@@ -227,10 +228,16 @@ def held_for_plateau(choice: PhiChoice) -> PhiChoice:
     )
 
 
-def phi_signal(choice: PhiChoice, plateau: bool) -> str:
+def phi_signal(choice: PhiChoice, settings: AutoSettings) -> str:
     """Which measured signal decided φ, in words (the report's "φ decided by")."""
-    if plateau:
-        return "the validation loss, mid-run (plateau rule); the curvature is for this report"
+    if settings.plateau:
+        checks, cost = validation_plan(settings.budget, settings.warmup_steps, settings.val_batches)
+        return (
+            f"the validation loss, mid-run (plateau rule: at most {checks} checks of "
+            f"{settings.val_batches} validation batch{'es' if settings.val_batches > 1 else ''}, "
+            f"about {cost:.0f} gradient-equivalents, {100 * cost / settings.budget:.1f}% of the "
+            "budget); the curvature is for this report"
+        )
     link = LINKS[choice.link]
     if choice.kappa is None:
         return f"nothing measured it could use ({choice.reason}): phi = {choice.phi:g}, cosine"
@@ -248,7 +255,7 @@ def _report_fields(choice: PhiChoice, settings: AutoSettings) -> dict[str, Any]:
     fields = ("phi", "phi_unclamped", "clamped", "kappa", "kappa_kind", "reason", "edge_fraction")
     return {
         **{name: getattr(choice, name) for name in fields},
-        "phi_signal": phi_signal(choice, settings.plateau),
+        "phi_signal": phi_signal(choice, settings),
     }
 
 

@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import math
 
+from ..phi import plateau_check_steps
+
 __all__ = [
+    "FORWARD_COST_IN_GRADIENTS",
     "HVP_COST_IN_GRADIENTS",
+    "MAX_VAL_BATCHES",
     "SETUP_COST_IN_GRADIENTS",
     "hvp_budget",
     "overspend_note",
     "planned_reestimations",
     "probe_cost",
+    "validation_batches",
+    "validation_cost",
+    "validation_overspend_note",
+    "validation_plan",
 ]
 
 HVP_COST_IN_GRADIENTS = 3.5
@@ -42,6 +50,72 @@ measured 2.9-4.1 gradients on the benchmark models; a product on a cached graph 
 SETUP_COST_IN_GRADIENTS = 1.5
 """Cost of building one batch's double-backward graph (a forward and a backward pass that keeps
 its graph), in gradient evaluations."""
+
+
+FORWARD_COST_IN_GRADIENTS = 1 / 3
+"""Cost of one forward pass without a graph (a validation batch), in gradient evaluations."""
+
+MAX_VAL_BATCHES = 8
+"""The most validation batches a check of the plateau rule reads when ``auto_uba`` sizes them."""
+
+
+def validation_cost(checks: int, batches: int) -> float:
+    """Gradient-equivalents of ``checks`` checks of the plateau rule on ``batches`` batches each
+    (a validation batch counted as a training batch's forward pass)."""
+    return checks * batches * FORWARD_COST_IN_GRADIENTS
+
+
+def validation_batches(budget: int, checks: int, fraction: float) -> int:
+    """Validation batches per check of the plateau rule, sized by the budget: the most, up to
+    :data:`MAX_VAL_BATCHES`, whose ``checks`` checks together cost at most ``fraction`` of
+    ``budget`` gradient-equivalents; at least 1 (then the checks may cost more, and
+    ``auto_uba`` says so).
+
+    Example:
+        >>> validation_batches(5000, 31, 0.02), validation_batches(1000, 31, 0.02)
+        (8, 1)
+        >>> validation_batches(2000, 31, 0.02)  # 40 gradient-equivalents / (31 / 3)
+        3
+    """
+    if checks <= 0:
+        return 1
+    fit = math.floor(fraction * budget / validation_cost(checks, 1) + 1e-9)
+    return max(1, min(MAX_VAL_BATCHES, fit))
+
+
+def validation_plan(budget: int, warmup_steps: int, batches: int) -> tuple[int, float]:
+    """The plateau rule's checks in a run of ``budget`` steps and what they all cost in
+    gradient-equivalents at ``batches`` validation batches each (fewer once it has switched).
+
+    Example:
+        >>> checks, cost = validation_plan(5000, 0, 8)
+        >>> checks, round(cost, 1)
+        (31, 82.7)
+    """
+    checks = len(plateau_check_steps(budget - 1, warmup_steps))
+    return checks, validation_cost(checks, batches)
+
+
+def validation_overspend_note(
+    checks: int, batches: int, cost: float, budget: int, fraction: float
+) -> str:
+    """The loud note of plateau-rule checks that can cost more than their share of the budget."""
+    fit = validation_batches(budget, checks, fraction)
+    why = (
+        "even at one validation batch per check"
+        if batches <= fit
+        else f"at val_batches={batches} (the share fits {fit})"
+    )
+    return (
+        f"validation checks over budget: the plateau rule's {checks} checks of {batches} "
+        f"validation batch{'es' if batches > 1 else ''} can cost {cost:.0f} gradient-equivalents "
+        f"({100 * cost / budget:.1f}% of the {budget}-step budget), over their share of "
+        f"{fraction * budget:.0f} (probe_fraction {100 * fraction:g}%), {why}. At equal total cost "
+        "the rule lost to cosine on such short budgets in our benchmark (BENCHMARKS.md §2): "
+        "leave val_loader out (phi from the curvature before training, no checks), raise "
+        "probe_fraction, or pass the losses your loop measures anyway to a PlateauCooldown of "
+        "your own (then the checks cost nothing)"
+    )
 
 
 def planned_reestimations(total_steps: int, every: int | None) -> int:
