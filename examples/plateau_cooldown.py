@@ -35,7 +35,7 @@ def main(budget: int = 600, seed: int = 0) -> AutoUBA:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.functional.mse_loss
     with warnings.catch_warnings():
-        # A 600-step budget: the probe and the checks (1 batch each) are over their 2 % shares.
+        # A 600-step budget: the probe, and the checks at 1 batch each, are over their 2 % shares.
         warnings.simplefilter("ignore", RuntimeWarning)
         # phi = 1/32 (the rate held) until the validation loss plateaus, then 2 (cosine)
         auto = auto_uba(model, train, budget, optimizer=opt, loss_fn=loss_fn, val_loader=val)
