@@ -194,41 +194,40 @@ def _sized(budget, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("budget", "batches"), [(200, 1), (1033, 1), (1034, 2), (2067, 4), (4134, 8), (9000, 8)]
+    ("budget", "batches", "over"),
+    [(5000, 8, False), (4134, 8, False), (4133, 8, True), (2067, 4, False), (200, 1, True)],
 )
-def test_validation_batches_are_sized_by_the_budget(budget, batches):
-    # 31 checks of b batches at a third of a gradient each fit 2 % of the budget: b = the most
-    # with 31 * b / 3 <= 0.02 * budget, between 1 and 8.
-    assert 31 * batches / 3 <= 0.02 * budget or batches == 1
-    assert batches == 8 or 31 * (batches + 1) / 3 > 0.02 * budget
-    auto, over = _sized(budget)
+def test_the_checks_cost_is_reported_and_said_loudly_when_over_its_share(budget, batches, over):
+    # 31 checks of b batches at a third of a gradient each, against 2 % of the budget.
+    assert (31 * batches / 3 > 0.02 * budget) == over
+    auto, loud = _sized(budget, val_batches=batches)
     assert len(auto.plateau._batches) == batches
-    assert f"31 checks of {batches} validation batch" in auto.report.phi_signal
     cost = 31 * batches / 3
-    assert f"about {cost:.0f} gradient-equivalents, {100 * cost / budget:.1f}% of the budget" in (
-        auto.report.phi_signal
-    )
-    # Only where even one batch per check is over the share: loud, in the report and a warning.
-    assert bool(over) == (cost > 0.02 * budget)
-    assert bool(over) == any("validation checks over budget" in w for w in auto.report.warnings)
+    assert (
+        f"31 checks of {batches} validation batch{'es' if batches > 1 else ''}, about {cost:.0f} "
+        f"gradient-equivalents, {100 * cost / budget:.1f}% of the budget"
+    ) in auto.report.phi_signal
+    assert bool(loud) == over
+    assert over == any("validation checks over budget" in w for w in auto.report.warnings)
     if over:
-        assert "even at one validation batch per check" in over[0]
+        assert f"can cost {cost:.0f} gradient-equivalents" in loud[0]
+        fit = max(1, min(8, int(0.02 * budget * 3 / 31)))  # 7 at 4133 steps
+        fits = "even at one validation batch per check" if batches == 1 else f"(it fits {fit} "
+        assert fits in loud[0]
 
 
-def test_an_explicit_val_batches_is_kept_and_its_overspend_said():
-    auto, over = _sized(5000, val_batches=3)
-    assert len(auto.plateau._batches) == 3 and not over
-    auto, over = _sized(2067, val_batches=8)  # the share fits 4
-    assert len(auto.plateau._batches) == 8
-    assert len(over) == 1 and "at val_batches=8 (the share fits 4)" in over[0]
-    auto, over = _sized(2067, val_batches=8, probe_fraction=0.05)  # a larger share fits 8
-    assert not over
+def test_the_default_is_eight_batches_and_a_larger_share_silences_the_note():
+    auto, loud = _sized(3000)
+    assert len(auto.plateau._batches) == 8 and loud  # 82.7 > 60 gradient-equivalents
+    assert "(it fits 5 batches per check)" in loud[0]
+    auto, loud = _sized(3000, probe_fraction=0.05)
+    assert len(auto.plateau._batches) == 8 and not loud
 
 
-def test_a_run_sized_by_the_budget_resumes_with_the_same_batches():
-    auto, _ = _sized(2067)
+def test_a_run_resumes_only_with_its_val_batches():
+    auto, _ = _sized(2067, val_batches=4)
     state = auto.state_dict()
-    again, _ = _sized(2067, resume_from=state)
+    again, _ = _sized(2067, resume_from=state, val_batches=4)
     assert len(again.plateau._batches) == 4
     with pytest.raises(ValueError, match="val_batches"):
-        _sized(2067, resume_from=state, val_batches=8)
+        _sized(2067, resume_from=state)

@@ -56,7 +56,7 @@ FORWARD_COST_IN_GRADIENTS = 1 / 3
 """Cost of one forward pass without a graph (a validation batch), in gradient evaluations."""
 
 MAX_VAL_BATCHES = 8
-"""The most validation batches a check of the plateau rule reads when ``auto_uba`` sizes them."""
+"""The most validation batches :func:`validation_batches` gives (``auto_uba``'s default)."""
 
 
 def validation_cost(checks: int, batches: int) -> float:
@@ -66,10 +66,10 @@ def validation_cost(checks: int, batches: int) -> float:
 
 
 def validation_batches(budget: int, checks: int, fraction: float) -> int:
-    """Validation batches per check of the plateau rule, sized by the budget: the most, up to
-    :data:`MAX_VAL_BATCHES`, whose ``checks`` checks together cost at most ``fraction`` of
-    ``budget`` gradient-equivalents; at least 1 (then the checks may cost more, and
-    ``auto_uba`` says so).
+    """The most validation batches per check, up to :data:`MAX_VAL_BATCHES` and at least 1,
+    whose ``checks`` checks together cost at most ``fraction`` of ``budget`` gradient-equivalents
+    (what the overspend note says fits; ``benchmarks/plateau_rule.py --auto-validation`` tested
+    it as a default and it lost, BENCHMARKS.md §2).
 
     Example:
         >>> validation_batches(5000, 31, 0.02), validation_batches(1000, 31, 0.02)
@@ -104,17 +104,18 @@ def validation_overspend_note(
     why = (
         "even at one validation batch per check"
         if batches <= fit
-        else f"at val_batches={batches} (the share fits {fit})"
+        else f"(it fits {fit} batch{'es' if fit > 1 else ''} per check)"
     )
     return (
         f"validation checks over budget: the plateau rule's {checks} checks of {batches} "
         f"validation batch{'es' if batches > 1 else ''} can cost {cost:.0f} gradient-equivalents "
-        f"({100 * cost / budget:.1f}% of the {budget}-step budget), over their share of "
-        f"{fraction * budget:.0f} (probe_fraction {100 * fraction:g}%), {why}. At equal total cost "
-        "the rule lost to cosine on such short budgets in our benchmark (BENCHMARKS.md §2): "
-        "leave val_loader out (phi from the curvature before training, no checks), raise "
-        "probe_fraction, or pass the losses your loop measures anyway to a PlateauCooldown of "
-        "your own (then the checks cost nothing)"
+        f"({100 * cost / budget:.1f}% of the {budget}-step budget), over a share of "
+        f"{fraction * budget:.0f} (probe_fraction {100 * fraction:g}%) {why}. They run anyway: "
+        "in our benchmark at equal total cost, fewer validation batches decided worse than the "
+        "steps they saved (BENCHMARKS.md section 2). To spend less: lower val_batches, or leave "
+        "val_loader out (phi from the curvature before training, no checks); a loop that "
+        "evaluates anyway can run PlateauCooldown on a UBAScheduler with the losses it "
+        "measures (then the checks cost nothing)"
     )
 
 

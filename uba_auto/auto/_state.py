@@ -18,9 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .._validation import check_fraction, check_int, check_positive_finite
-from ..phi import check_link, plateau_check_steps
+from ..phi import check_link
 from ..report import CurvatureReport, ReestimationRecord
-from ._plan import validation_batches
 
 __all__ = [
     "STATE_VERSION",
@@ -89,9 +88,6 @@ class AutoSettings:
         if phi_min > phi_max:
             raise ValueError(f"phi_min must be <= phi_max, got {phi_min} > {phi_max}")
         val_batches = s.get("val_batches")
-        if val_batches == "auto":  # sized by the budget (auto_uba's default with a val_loader)
-            checks = len(plateau_check_steps(budget - 1, warmup_steps))
-            val_batches = validation_batches(budget, checks, fraction)
         if val_batches is not None:
             val_batches = check_int("val_batches", val_batches, minimum=1)
             if every is not None:
