@@ -151,9 +151,9 @@ def auto_uba(
             nor under a process group of more than one rank.
         val_batches: validation batches per check (8). Fewer cost less but decide worse: at
             equal total cost (the checks' forward passes taken from the training budget), 8
-            batches still beat cosine on all five held-out cells of our benchmark, batches
-            sized down to the 2 % share (1 below about 1000 steps) kept a third or less of
-            that gain (BENCHMARKS.md §2).
+            batches still beat cosine on all five held-out cells of our benchmark; batches
+            sized down to the 2 % share (1 below about 1000 steps) kept much less of that gain
+            on four of them (BENCHMARKS.md §2, finding 16).
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
             ``mode``, ``dtype``).
 

@@ -111,9 +111,10 @@ def validation_overspend_note(
         f"validation batch{'es' if batches > 1 else ''} can cost {cost:.0f} gradient-equivalents "
         f"({100 * cost / budget:.1f}% of the {budget}-step budget), over a share of "
         f"{fraction * budget:.0f} (probe_fraction {100 * fraction:g}%) {why}. They run anyway: "
-        "in our benchmark at equal total cost, fewer validation batches decided worse than the "
-        "steps they saved (BENCHMARKS.md section 2). To spend less: lower val_batches, or leave "
-        "val_loader out (phi from the curvature before training, no checks); a loop that "
+        "in our benchmark at equal total cost, batches sized down to the share lost more on 4 "
+        "of 5 held-out cells than the steps they saved (BENCHMARKS.md section 2). To spend "
+        "less: lower val_batches, or leave val_loader out (phi from the curvature before "
+        "training, no checks); a loop that "
         "evaluates anyway can run PlateauCooldown on a UBAScheduler with the losses it "
         "measures (then the checks cost nothing)"
     )
