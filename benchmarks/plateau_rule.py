@@ -190,8 +190,11 @@ def check_cost(task: T.Task, budget: int, product_batches: int | None) -> float:
 
 
 def _check_cost(task: T.Task, budget: int, size: int) -> float:
-    checks = P.plateau_check_steps(budget - 1, task.warmup_steps(budget)) if budget > 1 else []
-    return len(checks) * size / (3 * (task.batch_size or task.num_train))
+    # auto_uba's own arithmetic, with the validation set counted in training batches.
+    if budget <= 1:
+        return 0.0
+    batches = size / (task.batch_size or task.num_train)
+    return validation_plan(budget, task.warmup_steps(budget), batches)[1]
 
 
 def equal_cost_steps(task: T.Task, budget: int, product_batches: int | None) -> int:

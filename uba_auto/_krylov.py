@@ -135,6 +135,11 @@ class LanczosBasis:
     def _stored(self, j: int) -> Tensor:
         return self.blocks[j // self.block][j % self.block]
 
+    @property
+    def _stored_only(self) -> int:
+        """Compact: how many rows exist only in the storage (the rows before the newest two)."""
+        return max(0, self.rows - 2)
+
     def row(self, j: int) -> Tensor:
         if self.compact:
             recent = self._recent.get(j)
@@ -180,7 +185,7 @@ class LanczosBasis:
         if not self.compact:
             h = self.coefficients(w)
             return self.subtract(w, h), h
-        old = max(0, self.rows - 2)  # rows [old, rows) are the newest, kept in full
+        old = self._stored_only  # rows [old, rows) are the newest, kept in full
         parts = [self._stored_coefficients(w, old)] if old else []
         parts += [torch.dot(self._recent[j], w).reshape(1) for j in range(old, self.rows)]
         h = torch.cat(parts)
@@ -190,7 +195,7 @@ class LanczosBasis:
         """``w - Q^T h``."""
         if self.compact:
             w = w.clone()
-            old = max(0, self.rows - 2)
+            old = self._stored_only
             weighted = -h[:old] * self._scales[:old]
             for j in range(old):
                 w.addcmul_(self._stored(j), weighted[j])

@@ -179,9 +179,7 @@ def auto_uba(
         link=link,
         phi_min=phi_min,
         phi_max=phi_max,
-        val_batches=None
-        if val_loader is None
-        else ("auto" if val_batches is None else val_batches),
+        val_batches=None if val_loader is None else val_batches,
     )
     if val_loader is not None:
         if val_loader is loader:

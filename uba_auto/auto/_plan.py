@@ -59,7 +59,7 @@ MAX_VAL_BATCHES = 8
 """The most validation batches :func:`validation_batches` gives (``auto_uba``'s default)."""
 
 
-def validation_cost(checks: int, batches: int) -> float:
+def validation_cost(checks: int, batches: float) -> float:
     """Gradient-equivalents of ``checks`` checks of the plateau rule on ``batches`` batches each
     (a validation batch counted as a training batch's forward pass)."""
     return checks * batches * FORWARD_COST_IN_GRADIENTS
@@ -83,7 +83,7 @@ def validation_batches(budget: int, checks: int, fraction: float) -> int:
     return max(1, min(MAX_VAL_BATCHES, fit))
 
 
-def validation_plan(budget: int, warmup_steps: int, batches: int) -> tuple[int, float]:
+def validation_plan(budget: int, warmup_steps: int, batches: float) -> tuple[int, float]:
     """The plateau rule's checks in a run of ``budget`` steps and what they all cost in
     gradient-equivalents at ``batches`` validation batches each (fewer once it has switched).
 
