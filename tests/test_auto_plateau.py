@@ -231,3 +231,68 @@ def test_a_run_resumes_only_with_its_val_batches():
     assert len(again.plateau._batches) == 4
     with pytest.raises(ValueError, match="val_batches"):
         _sized(2067, resume_from=state)
+
+
+def _train_feeding_losses(model, opt, auto, stop, losses_of):
+    """The loop of :func:`_train` that measures the validation losses itself when a check is
+    due and passes them to the scheduler; returns the rates and the steps it measured at."""
+    rates, measured = [], []
+    for s in range(stop):
+        xb, yb = TRAIN[s % 8]
+        loss = MSE(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if auto.validation_due:
+            measured.append(auto.scheduler.last_epoch + 1)
+            auto.scheduler.step(val_losses=losses_of(model))
+        else:
+            auto.scheduler.step()
+        rates.append(auto.scheduler.get_last_lr()[0])
+    return rates, measured
+
+
+@torch.no_grad()
+def _own_losses(model):
+    model.eval()
+    out = [MSE(model(x), y) for x, y in VAL]  # one-element tensors, as a loop has them
+    model.train()
+    return out
+
+
+def test_losses_the_loop_measures_drive_the_same_checks_without_a_forward_of_its_own(
+    uninterrupted, monkeypatch
+):
+    (_, _, full_auto, full_watch), whole = uninterrupted
+    model, opt, auto, watch = _build()
+    monkeypatch.setattr(watch, "_losses", lambda: 1 / 0)  # a check of its own would fail
+    rates, measured = _train_feeding_losses(model, opt, auto, 199, _own_losses)
+    assert rates == whole
+    assert _strip(watch.checks) == _strip(full_watch.checks)
+    assert measured == [c.step for c in full_watch.checks]  # due exactly at the checks
+    assert not auto.validation_due  # switched: no check left
+    assert [r.to_row()[:5] for r in auto.report.history] == [
+        r.to_row()[:5] for r in full_auto.report.history
+    ]
+
+
+def test_the_losses_given_are_the_ones_judged():
+    """A validation loss that never improves cools at the first check that can judge it."""
+    model, opt, auto, watch = _build()
+    _train_feeding_losses(model, opt, auto, 199, lambda m: [1.0, 1.0, 1.0, 1.0])
+    first_judged = watch.check_steps[P.WINDOW]
+    assert watch.switched_at == first_judged
+    assert [c.loss for c in watch.checks] == [1.0] * len(watch.checks)
+
+
+def test_bad_val_losses_are_refused_with_the_fix():
+    model, opt, auto, _ = _build()
+    with pytest.raises(ValueError, match="val_losses is empty"):
+        auto.scheduler.step(val_losses=[])
+    with pytest.raises(ValueError, match="sequence of per-batch validation losses"):
+        auto.scheduler.step(val_losses=3.0)
+    assert auto.scheduler.last_epoch == 0  # refused before the step
+    plain = _build(rule="none")[2]
+    assert not plain.validation_due
+    with pytest.raises(ValueError, match="without val_loader"):
+        plain.scheduler.step(val_losses=[1.0])

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,10 +68,28 @@ class AutoUBAScheduler(UBAScheduler):
         self._auto = auto
         super().__init__(optimizer, **kwargs)
 
-    def step(self, epoch: int | None = None) -> None:
+    def step(self, epoch: int | None = None, *, val_losses: Sequence[float] | None = None) -> None:
+        """Advance one step (and re-estimate φ, or run a due plateau check, as planned).
+
+        Args:
+            epoch: as for :meth:`torch.optim.lr_scheduler.LRScheduler.step` (deprecated there).
+            val_losses: with ``auto_uba(val_loader=...)``, the per-batch validation losses
+                your loop measured at this step (eval mode, the same batches in the same
+                order at every check), used by the plateau check this step runs instead of
+                its own forward passes: then the check costs nothing. Read
+                :attr:`AutoUBA.validation_due` before calling ``step()`` to know whether one
+                is due; losses given when none is due are not used. ``None``: the check
+                measures the ``val_batches`` batches itself.
+
+        Raises:
+            ValueError: if ``val_losses`` is given to a run without ``val_loader`` (no
+                plateau rule to feed), or is empty.
+        """
+        if val_losses is not None:
+            val_losses = self._auto._check_val_losses(val_losses)
         super().step(epoch)
         self._auto.maybe_reestimate(self.last_epoch)
-        self._auto._check_plateau()
+        self._auto._check_plateau(val_losses)
 
 
 class AutoUBA:
@@ -461,12 +479,47 @@ class AutoUBA:
         self._state = state.with_record(record, hvps)
         return record
 
-    def _check_plateau(self) -> None:
-        """Run the plateau rule's check if one is due (after every scheduler step); a switch of
-        φ or a failed check goes into the report's history."""
+    @property
+    def validation_due(self) -> bool:
+        """Whether the scheduler's next ``step()`` runs a plateau check (``auto_uba(val_loader=
+        ...)`` only; ``False`` once the rule has switched, or without it): measure the
+        validation losses in your loop then and pass them, ``scheduler.step(val_losses=...)``,
+        so that the check costs no forward pass of its own.
+        """
+        watch = self.plateau
+        if watch is None or watch.switched_at is not None:
+            return False
+        return watch.scheduler.last_epoch + 1 in watch.check_steps
+
+    def _check_val_losses(self, val_losses: Any) -> list[float]:
+        """``val_losses`` as floats, or a ValueError naming what is wrong and the fix."""
+        if not self._settings.plateau:
+            raise ValueError(
+                "val_losses was given, but this run has no validation plateau rule (auto_uba "
+                "was called without val_loader): pass val_loader=<held-out batches> to "
+                "auto_uba, or call scheduler.step() without val_losses"
+            )
+        try:
+            values = [float(v) for v in val_losses]
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                "val_losses must be a sequence of per-batch validation losses (numbers or "
+                f"one-element tensors), got {type(val_losses).__name__}: {err}"
+            ) from None
+        if not values:
+            raise ValueError(
+                "val_losses is empty: pass the per-batch losses of your validation batches, "
+                "or None to let the check measure them"
+            )
+        return values
+
+    def _check_plateau(self, losses: Sequence[float] | None = None) -> None:
+        """Run the plateau rule's check if one is due (after every scheduler step), on
+        ``losses`` when the loop measured them; a switch of φ or a failed check goes into the
+        report's history."""
         if self.plateau is None:
             return
-        check = self.plateau.step()
+        check = self.plateau.step(losses)
         if check is None or check.status == "hold":
             return
         status = "ok" if check.status == "cooled" else "failed"

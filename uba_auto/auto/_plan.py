@@ -115,8 +115,8 @@ def validation_overspend_note(
         "of 5 held-out cells than the steps they saved (BENCHMARKS.md section 2). To spend "
         "less: lower val_batches, or leave val_loader out (phi from the curvature before "
         "training, no checks); a loop that "
-        "evaluates anyway can run PlateauCooldown on a UBAScheduler with the losses it "
-        "measures (then the checks cost nothing)"
+        "evaluates anyway can pass the losses it measures, scheduler.step(val_losses=...) "
+        "when auto.validation_due (then the checks cost nothing and this note does not apply)"
     )
 
 
