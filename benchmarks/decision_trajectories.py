@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import uba_auto  # noqa: E402
 from uba_auto.probe import DECISION_RULE, DecisionRule, projected  # noqa: E402
 
-GATE = 0.05
+GATE = DECISION_RULE.noise_floor  # the gated link's gate (GATE_NOISE)
 SETTINGS = [(rho, m) for rho in (0.2, 0.3, 0.5, 1.0) for m in (1.5, 2.0, 3.0)]
 
 

@@ -83,7 +83,7 @@ class AutoUBAScheduler(UBAScheduler):
 
         Raises:
             ValueError: if ``val_losses`` is given to a run without ``val_loader`` (no
-                plateau rule to feed), or is empty.
+                plateau rule to feed), is empty, or is not a sequence of numbers.
         """
         if val_losses is not None:
             val_losses = self._auto._check_val_losses(val_losses)
@@ -487,9 +487,7 @@ class AutoUBA:
         so that the check costs no forward pass of its own.
         """
         watch = self.plateau
-        if watch is None or watch.switched_at is not None:
-            return False
-        return watch.scheduler.last_epoch + 1 in watch.check_steps
+        return watch is not None and watch.due_at(watch.scheduler.last_epoch + 1)
 
     def _check_val_losses(self, val_losses: Any) -> list[float]:
         """``val_losses`` as floats, or a ValueError naming what is wrong and the fix."""

@@ -162,7 +162,11 @@ class PlateauCooldown:
     def due(self) -> bool:
         """Whether the scheduler's current step is a check the rule still needs (call
         :meth:`step` now, with your own validation losses if you measure them anyway)."""
-        return self.switched_at is None and self.scheduler.last_epoch in self.check_steps
+        return self.due_at(self.scheduler.last_epoch)
+
+    def due_at(self, step: int) -> bool:
+        """Whether the rule still needs a check when the scheduler has taken ``step`` steps."""
+        return self.switched_at is None and step in self.check_steps
 
     def step(self, losses: Sequence[float] | None = None) -> PlateauCheck | None:
         """Check if the scheduler's step is a check step; call it after every
