@@ -363,6 +363,29 @@ def test_curvature_along_the_top_direction_per_batch(name):
     assert "per_batch" not in est.hvps and est.num_hvps == est.hvps["extremes"]
 
 
+# graph_memory None: the start shares the operator's kept graph; 1e-9: it builds its own.
+@pytest.mark.parametrize("graph_memory", [None, 1e-9])
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
+def test_a_warm_started_probe_lands_on_the_dense_answer(name, graph_memory):
+    problem = make_problem(name)
+    snap = snapshot_state(problem.model)
+    rng = torch.get_rng_state()
+    est = probe_curvature(
+        problem.model, problem.batches, problem.loss, num_batches=3, dtype=F64, per_batch=False,
+        trace=False, warm_start=True, graph_memory=graph_memory, tol=1e-9,
+    )  # fmt: skip
+    assert_state_unchanged(problem.model, snap)
+    assert torch.equal(torch.get_rng_state(), rng)
+    ev, mean_h = dense_eigs(problem, problem.batches)
+    assert rel_err(est.lambda_max, float(ev[-1])) <= 1e-8
+    assert rel_err(est.lambda_min, float(ev[0])) <= 1e-8
+    v = torch.linalg.eigh(mean_h).eigenvectors[:, -1]
+    expected = [float(v @ dense_eigs(problem, [b])[1] @ v) for b in problem.batches]
+    assert est.top_curvature_per_batch == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    # The start's single-batch products are counted, apart from the mean's.
+    assert est.hvps["start"] >= 3 and est.num_hvps == est.hvps["start"] + est.hvps["extremes"]
+
+
 def test_single_batch_has_no_curvature_noise():
     problem = make_problem("tanh_mlp")
     est = probe_curvature(problem.model, problem.batches, problem.loss, num_batches=1)

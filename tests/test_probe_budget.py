@@ -18,14 +18,21 @@ def test_the_rules_floor_is_the_gate_it_protects():
     assert DECISION_RULE.noise_floor == GATE_NOISE
 
 
+@pytest.mark.parametrize("warm_start", [None, False])
 @pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
-def test_the_decision_at_its_precision_is_the_decision_at_full_precision(name):
+def test_the_decision_at_its_precision_is_the_decision_at_full_precision(name, warm_start):
     problem = make_problem(name, num_batches=6)
     common = dict(num_batches=6, per_batch=False, trace=False, progress=False)
     full = probe_curvature(problem.model, problem.batches, problem.loss, tol=1e-10, **common)
-    quick = probe_curvature(problem.model, problem.batches, problem.loss, hvp_budget=0, **common)
+    quick = probe_curvature(
+        problem.model, problem.batches, problem.loss, hvp_budget=0, warm_start=warm_start,
+        **common,
+    )  # fmt: skip
     assert quick.decision_steps is not None and quick.decision_steps >= DECISION_RULE.min_steps
-    assert quick.num_hvps == 6 * quick.decision_steps < full.num_hvps
+    # A budgeted probe warm-starts by default: single-batch products first, then the mean's.
+    start = quick.hvps.get("start", 0)
+    assert (start >= DECISION_RULE.min_steps) == (warm_start is None)
+    assert quick.num_hvps == start + 6 * quick.decision_steps < full.num_hvps
     assert quick.lambda_max == pytest.approx(full.lambda_max, rel=0.05)
     assert quick.curvature_noise == pytest.approx(full.curvature_noise, rel=0.15)
     for link in ("gated", "gated-edge"):

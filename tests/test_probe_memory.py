@@ -69,10 +69,17 @@ def test_the_probe_caps_the_graphs_by_default_and_leaves_the_model_alone():
     rng = torch.get_rng_state()
     args = (problem.model, problem.batches, problem.loss)
     common = dict(num_batches=8, dtype=F64, per_batch=False, trace=False, progress=False)
-    capped = probe_curvature(*args, hvp_budget=0, **common)
-    full = probe_curvature(*args, hvp_budget=0, graph_memory=None, compact_basis=False, **common)
+    capped = probe_curvature(*args, hvp_budget=0, warm_start=False, **common)
+    full = probe_curvature(
+        *args, hvp_budget=0, graph_memory=None, compact_basis=False, warm_start=False, **common
+    )
+    # The warm start (the budgeted default) too: the cap changes what is recomputed, not a digit.
+    warm = [probe_curvature(*args, hvp_budget=0, graph_memory=g, **common) for g in (2.5, None)]
     assert_state_unchanged(problem.model, snap)
     assert torch.equal(torch.get_rng_state(), rng)
+    assert warm[0].hvps == warm[1].hvps and warm[0].hvps["start"] > 0
+    assert warm[0].lambda_max == pytest.approx(warm[1].lambda_max, rel=1e-9)
+    assert warm[0].curvature_noise == pytest.approx(warm[1].curvature_noise, rel=1e-6)
     # The decision path takes the same steps and lands on the same numbers.
     assert capped.decision_steps == full.decision_steps
     assert capped.num_hvps == full.num_hvps

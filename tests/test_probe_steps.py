@@ -12,9 +12,15 @@ from _models import make_problem
 
 from uba_auto.lanczos import lanczos
 from uba_auto.linear_operator import DenseOperator
-from uba_auto.probe import ProbeSettings, probe_curvature, run_probe
+from uba_auto.probe import DECISION_RULE, ProbeSettings, probe_curvature, run_probe
 from uba_auto.probe.bookkeeping import Ledger, Tracked, progress_bar
-from uba_auto.probe.steps import extremes, per_batch_curvature, smallest_positive
+from uba_auto.probe.steps import (
+    extremes,
+    per_batch_curvature,
+    projected_extremes,
+    smallest_positive,
+    warm_start,
+)
 
 F64 = torch.float64
 
@@ -58,6 +64,7 @@ def test_settings_fields_and_defaults_are_probe_curvatures_keywords():
         ({"max_hvps": 0}, ValueError, "max_hvps must be >= 1"),
         ({"tol": -1.0}, ValueError, "tol must be finite and > 0"),
         ({"method": "pyhessian", "curvature": "ggn"}, ValueError, "computes the Hessian only"),
+        ({"warm_start": "yes"}, TypeError, "warm_start must be True, False or None"),
     ],
 )
 def test_settings_refuse_what_probe_curvature_refuses(kwargs, exc, match):
@@ -225,3 +232,84 @@ def test_run_probe_is_what_probe_curvature_runs():
 def test_run_probe_checks_its_model():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
         run_probe([], [], None, ProbeSettings(), None)
+
+
+# ---------------------------------------------------------------------------------- warm start
+def _batches_sharing_eigenvectors(
+    num_batches: int, n: int = 200, seed: int = 0
+) -> list[torch.Tensor]:
+    """Q diag(lambda + noise_b) Q^T: batches that agree on their eigenvectors, not their values."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+    base = torch.linspace(-1.0, 8.0, n, dtype=F64)
+    base[-1], base[-2], base[-3] = 10.0, 9.0, 8.5  # a clustered top, as in the trajectories
+    out = []
+    for _ in range(num_batches):
+        lam = base * (1 + 0.02 * torch.randn(n, generator=gen, dtype=F64))
+        out.append(q @ torch.diag(lam) @ q.T)
+    return out
+
+
+def test_warm_start_is_the_top_eigenvector_of_its_batch():
+    mats = _batches_sharing_eigenvectors(1)
+    v = warm_start(DenseOperator(mats[0]), tol=1e-12, generator=torch.Generator().manual_seed(0))
+    evals = torch.linalg.eigvalsh(mats[0])
+    # At the decision's precision, not to convergence: a unit Ritz vector whose residual meets
+    # the rule's rtol (relative to the spectral scale, here its own Ritz value) at its Ritz value.
+    theta = float(v @ mats[0] @ v)
+    assert float(v.norm()) == pytest.approx(1.0, rel=1e-12)
+    assert 0 < theta <= float(evals[-1])
+    assert float((mats[0] @ v - theta * v).norm()) <= DECISION_RULE.rtol * theta
+
+
+def test_a_warm_start_decides_in_fewer_mean_steps_and_converges_to_the_same_mean():
+    mats = _batches_sharing_eigenvectors(6)
+    ops = [DenseOperator(m) for m in mats]
+    weights = [1 / 6] * 6
+    mean = sum(mats) / 6
+    truth = torch.linalg.eigh(mean)
+    top = truth.eigenvectors[:, -1]
+    per_batch = torch.tensor([float(top @ m @ top) for m in mats], dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    v0 = warm_start(ops[0], tol=1e-12, generator=gen)
+    runs = {}
+    for key, start in (("cold", None), ("warm", v0)):
+        for budget_steps, tag in ((0, "decision"), (None, "converged")):
+            runs[key, tag] = projected_extremes(
+                ops, weights, max_iters=200, tol=1e-10, budget_steps=budget_steps,
+                generator=torch.Generator().manual_seed(2), v0=start,
+            )  # fmt: skip
+    assert runs["warm", "decision"].decision.steps < runs["cold", "decision"].decision.steps
+    for key in ("cold", "warm"):  # where the run ends does not depend on the start
+        found = runs[key, "converged"]
+        assert found.extremes.lambda_max == pytest.approx(float(truth.eigenvalues[-1]), rel=1e-9)
+        assert found.extremes.lambda_min == pytest.approx(float(truth.eigenvalues[0]), rel=1e-9)
+        assert found.top_curvature == pytest.approx(per_batch.tolist(), rel=1e-7)
+
+
+def test_a_top_direction_the_first_batch_lacks_is_still_found_at_convergence():
+    # The case the warm start is slow on (BENCHMARKS.md section 1): the mean's top direction lives
+    # in another batch. The start vector then carries little of it; the answer is unchanged.
+    n = 30
+    gen = torch.Generator().manual_seed(3)
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+    lam = torch.linspace(0.1, 1.0, n, dtype=F64)
+    first = q @ torch.diag(lam) @ q.T
+    lam_other = lam.clone()
+    lam_other[0] = 40.0  # huge where the first batch is flattest
+    other = q @ torch.diag(lam_other) @ q.T
+    ops, weights = [DenseOperator(first), DenseOperator(other)], [0.5, 0.5]
+    v0 = warm_start(ops[0], tol=1e-12, generator=torch.Generator().manual_seed(4))
+    found = projected_extremes(
+        ops, weights, max_iters=n, tol=1e-10, generator=torch.Generator(), v0=v0
+    )
+    truth = float(torch.linalg.eigvalsh((first + other) / 2)[-1])
+    assert found.extremes.lambda_max == pytest.approx(truth, rel=1e-9)
+
+
+def test_the_warm_start_setting():
+    assert ProbeSettings(hvp_budget=10).warm_starts(8) and not ProbeSettings().warm_starts(8)
+    assert ProbeSettings(warm_start=True).warm_starts(2)
+    assert not ProbeSettings(hvp_budget=10, warm_start=False).warm_starts(8)
+    assert not ProbeSettings(hvp_budget=10).warm_starts(1)  # one batch: nothing to start
+    assert not ProbeSettings(hvp_budget=10, method="power", warm_start=True).warm_starts(8)

@@ -45,6 +45,7 @@ def probe_curvature(
     hvp_budget: int | None = None,
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY,
     compact_basis: bool = True,
+    warm_start: bool | None = None,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -157,6 +158,15 @@ def probe_curvature(
             working precision, the re-orthogonalisation against older vectors and the per-batch
             projections see the storage's rounding (:class:`~uba_auto._krylov.LanczosBasis`).
             About half the basis' memory. ``False``: the basis in the working dtype.
+        warm_start: start the Lanczos run on the mean of the batches (``method="lanczos"``, more
+            than one batch) from the top Ritz vector of the first batch alone, found at the φ
+            decision's precision (:func:`~uba_auto.probe.steps.warm_start`; its products are
+            single-batch ones on a kept graph, counted in ``hvps["start"]``). The results are
+            those of the mean either way; the start only changes how many of its steps (each one
+            product per batch) the decision takes. ``None`` (default): on for a budgeted probe
+            (``hvp_budget``, as ``auto_uba`` plans it), off otherwise. Turn it off when one
+            batch may miss the top direction (curvature concentrated in a few examples: the
+            decision can then stop before the run on the mean has found it, BENCHMARKS.md §1).
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -208,6 +218,7 @@ def probe_curvature(
         hvp_budget=hvp_budget,
         graph_memory=graph_memory,
         compact_basis=compact_basis,
+        warm_start=warm_start,
     )
     comm = resolve_process_group(process_group, device=device_of(model))
     return run_probe(model, loader, loss_fn, settings, comm, optimizer=optimizer)

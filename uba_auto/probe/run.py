@@ -48,6 +48,7 @@ from .steps import (
     per_batch_curvature,
     projected_extremes,
     spread,
+    warm_start,
 )
 
 __all__ = ["run_probe"]
@@ -99,18 +100,18 @@ def run_probe(
             ledger.end_setup()
             return pyhessian_estimate(model, batch_set, loss_fn, settings, ledger, notes)
 
-        op = build_operator(
+        build = functools.partial(
+            build_operator,
             settings.curvature,
             model,
-            batch_set,
-            loss_fn,
+            loss=loss_fn,
             mode=settings.mode,
             engine=settings.engine,
             dtype=settings.dtype,
             params=None if optimizer is None else optimizer_param_names(model, optimizer),
             graph_memory=settings.graph_memory,
-            comm=comm,
         )
+        op = build(batch_set, comm=comm)
         preconditioner = None
         if optimizer is not None and is_adaptive(optimizer):
             error = None
@@ -138,6 +139,15 @@ def run_probe(
                     "estimate.preconditioner)"
                 )
         ledger.end_setup()
+
+        def build_first() -> Any:
+            """The first batch's operator alone, built to keep its graph (the cap allowing)."""
+            one = BatchSet(batches=batch_set.batches[:1], batch_sizes=batch_set.batch_sizes[:1])
+            first = build(one, comm=None)
+            if preconditioner is None:
+                return first
+            return PreconditionedOperator(first, preconditioner)
+
         tol = settings.tol_for(op.dtype)
         basis_dtype = compact_dtype(op.dtype) if settings.compact_basis else None
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
@@ -157,7 +167,22 @@ def run_probe(
             top_curvature, decision = None, None
             if settings.method == "lanczos":
                 batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
-                budget_steps = settings.hvp_budget // num_found if budgeted else None
+                v0 = None
+                if settings.warm_starts(num_found):
+                    first = _start_operator(op, build_first, comm)
+                    with ledger.part("start"):
+                        v0 = warm_start(
+                            Tracked(first, bar, 1),
+                            tol=tol,
+                            generator=gen,
+                            basis_device=settings.basis_device,
+                            basis_dtype=basis_dtype,
+                        )
+                    ledger.hvps["start"] = first.num_matvecs
+                    del first  # its graph, when it was built for the start alone
+                budget_steps = None
+                if budgeted:
+                    budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
                 steps = max_iters
                 if budgeted:  # the decision first, whatever the budget, then what it allows
                     steps = min(max_iters, max(budget_steps, DECISION_RULE.max_steps))
@@ -171,6 +196,7 @@ def run_probe(
                         basis_device=settings.basis_device,
                         budget_steps=budget_steps,
                         basis_dtype=basis_dtype,
+                        v0=v0,
                     )
                 ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
                 ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision
@@ -359,6 +385,15 @@ def _agree_on_batches(
         batch_sizes=batch_set.batch_sizes[:common],
         num_requested=batch_set.num_requested,
     )
+
+
+def _start_operator(op: Any, build_first: Any, comm: Communicator | None) -> Any:
+    """The operator the warm start runs on: the first batch's, sharing its graph when the
+    operator keeps it, else built alone so that its graph is kept for the start's products (and
+    freed after them). Under a process group the shared one, whatever it keeps."""
+    if comm is not None or 0 in op.cached_batches:
+        return op.batch_operator(0)
+    return build_first()
 
 
 def _optimizer_tag(optimizer: torch.optim.Optimizer | None) -> int:

@@ -66,6 +66,7 @@ class ProbeSettings:
     hvp_budget: int | None = None
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY
     compact_basis: bool = True
+    warm_start: bool | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -96,6 +97,11 @@ class ProbeSettings:
         store("graph_memory", check_graph_memory(self.graph_memory))
         if not isinstance(self.compact_basis, bool):
             raise TypeError(f"compact_basis must be a bool, got {self.compact_basis!r}")
+        if not (self.warm_start is None or isinstance(self.warm_start, bool)):
+            raise TypeError(
+                f"warm_start must be True, False or None (on for a budgeted probe), got "
+                f"{self.warm_start!r}"
+            )
         for name in ("trace", "density", "per_batch"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or (value is None and name != "per_batch")):
@@ -129,6 +135,13 @@ class ProbeSettings:
         # Residuals cannot fall much below the rounding of one product: ~1e-7 relative in float32.
         return 1e-6 if dtype == torch.float64 else 1e-4
 
+    def warm_starts(self, num_found: int) -> bool:
+        """Whether the Lanczos run on the mean starts from one batch's top Ritz vector
+        (:attr:`warm_start`; ``None``: for a budgeted probe of more than one batch)."""
+        if self.method != "lanczos" or num_found < 2:
+            return False
+        return self.hvp_budget is not None if self.warm_start is None else self.warm_start
+
     def fits(self, part: str, cost: int, spent: int) -> bool:
         """Whether ``part`` (``"trace"`` or ``"density"``, costing ``cost`` HVPs) runs after
         ``spent`` HVPs: ``True`` always, ``None`` if it fits :attr:`hvp_budget` (always without
@@ -155,5 +168,5 @@ class ProbeSettings:
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
         settings += (self.grad_clip, self.hvp_budget, self.graph_memory)
-        settings += (self.compact_basis,)
+        settings += (self.compact_basis, self.warm_start)
         return repr(settings)

@@ -30,6 +30,7 @@ __all__ = [
     "projected_extremes",
     "smallest_positive",
     "spread",
+    "warm_start",
 ]
 
 
@@ -148,6 +149,7 @@ def projected_extremes(
     budget_steps: int | None = None,
     rule: DecisionRule = DECISION_RULE,
     basis_dtype: torch.dtype | None = None,
+    v0: Tensor | None = None,
 ) -> ProjectedExtremes:
     r"""Both ends of :math:`\sum_b c_b A_b` by Lanczos, with each batch's curvature along the top
     Ritz vector at no extra product (:mod:`uba_auto.probe.projected`).
@@ -164,6 +166,8 @@ def projected_extremes(
         rule: the decision rule.
         basis_dtype: the basis' storage (``None``: the operators' dtype; see
             :class:`~uba_auto._krylov.LanczosBasis`).
+        v0: the start vector (normalised here; ``None``: a Gaussian vector from ``generator``,
+            which is then left untouched by a given ``v0``).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -185,9 +189,10 @@ def projected_extremes(
             return tol_met
         return decided and (tol_met or theta.size >= budget_steps)
 
+    start = gaussian_unit_vector(first, generator) if v0 is None else v0 / v0.norm()
     res = solve_lanczos(
         first,
-        gaussian_unit_vector(first, generator),
+        start,
         max_iters=steps,
         tol=tol,
         which="both",
@@ -202,6 +207,52 @@ def projected_extremes(
     top = tuple(float(c) for c in projections.curvatures(s[:, -1], float(theta[-1])))
     ext = _extremes_of(res, tol)
     return ProjectedExtremes(extremes=ext, top_curvature=top, decision=monitor.final())
+
+
+def warm_start(
+    op: SymmetricOperator,
+    *,
+    tol: float,
+    generator: torch.Generator,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+    rule: DecisionRule = DECISION_RULE,
+) -> Tensor:
+    r"""The top Ritz vector of one batch's operator at the decision rule's precision: the start of
+    the Lanczos run on the mean of all batches (:func:`projected_extremes` ``v0``).
+
+    One batch's products are the cheap ones (its graph fits the memory cap where eight do not) and
+    its top eigenvector is close to the mean's wherever the batches agree, so the run on the mean
+    meets :class:`~uba_auto.probe.projected.DecisionRule` in fewer of its costly steps (each one
+    product per batch). The answer is still the mean's: the start changes how fast Lanczos gets
+    there, not where. Measured in ``benchmarks/warm_start.py`` (BENCHMARKS.md §1), including the
+    case it is slow on: a top direction that lives in other batches than this one.
+
+    Args:
+        op: the operator of one batch.
+        tol, generator, basis_device, basis_dtype: as for :func:`projected_extremes`.
+        rule: stop at its residual test (``rtol``, at least ``min_steps`` steps, at most
+            ``max_steps``).
+
+    Example:
+        >>> from uba_auto.linear_operator import DenseOperator
+        >>> a = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
+        >>> v = warm_start(DenseOperator(a), tol=1e-10, generator=torch.Generator().manual_seed(0))
+        >>> round(float(abs(v[0])), 6)
+        1.0
+    """
+    found = projected_extremes(
+        [op],
+        [1.0],
+        max_iters=rule.max_steps,
+        tol=tol,
+        generator=generator,
+        basis_device=basis_device,
+        budget_steps=0,
+        rule=rule,
+        basis_dtype=basis_dtype,
+    )
+    return found.extremes.top_vector
 
 
 class _Shifted(SymmetricOperator):
