@@ -47,7 +47,9 @@ SETTINGS = [(rho, m) for rho in (0.2, 0.3, 0.5, 1.0) for m in (1.5, 2.0, 3.0)]
 
 
 def _record_run(model, batches, budget, optimizer, loss_fn, seed, steps):
-    """The trajectory of one default probe, the decision rule held open to ``steps`` steps."""
+    """The trajectory of one default probe from a random start (``warm_start=False``: the warm
+    start's own single-batch run would be recorded too), the decision rule held open to
+    ``steps`` steps."""
     held_open = DecisionRule(rtol=0.0, max_steps=steps)
     trace = []
     update = projected.DecisionMonitor.update
@@ -65,56 +67,59 @@ def _record_run(model, batches, budget, optimizer, loss_fn, seed, steps):
             warnings.simplefilter("ignore")  # the plan's overspend note: expected here
             uba_auto.auto_uba(
                 model, batches, budget, optimizer=optimizer, loss_fn=loss_fn,
-                num_batches=len(batches), progress=False, seed=seed,
+                num_batches=len(batches), progress=False, seed=seed, warm_start=False,
             )  # fmt: skip
     finally:
         projected.DecisionMonitor.update = update
     return trace
 
 
-def record(which: str, steps: int) -> None:
+def runs(which: str):
+    """Each run of ``which`` (``cells``, ``heldout`` or ``models``, see the module's docstring) as
+    ``(name, model, batches, budget, optimizer, loss_fn, seed)``, built when it is reached."""
     from benchmarks.tasks import get_task
 
-    rows = []
-
-    def task_run(name, seed, budget):
-        task = get_task(name)
-        model = task.make_model(seed)
-        model.train()
-        batches = list(itertools.islice(task.batches(seed), 8))
-        opt = task.make_optimizer(model, task.base_lr[budget])
-        return _record_run(model, batches, budget, opt, task.loss_fn, seed, steps)
-
-    if which == "cells":
-        runs = json.loads((ROOT / "benchmarks/results/phi_validation.json").read_text())["runs"]
-        keys = dict.fromkeys(
-            (r["task"], r["seed"], r["budget"]) for r in runs if r["link"] == "gated"
-        )
-        seen = set()
+    if which in ("cells", "heldout"):
+        if which == "cells":  # each (task, seed) once: the probe does not depend on the budget
+            stored = json.loads((ROOT / "benchmarks/results/phi_validation.json").read_text())
+            keys, seen = [], set()
+            for r in stored["runs"]:
+                if r["link"] == "gated" and (r["task"], r["seed"]) not in seen:
+                    seen.add((r["task"], r["seed"]))
+                    keys.append((r["task"], r["seed"], r["budget"]))
+        else:
+            keys = [
+                (name, seed, get_task(name).budgets[0])
+                for name in ("gpt_adamw", "resnet_bn", "vit_adamw")
+                for seed in (0, 1, 2)
+            ]
         for name, seed, budget in keys:
-            if (name, seed) not in seen:  # the probe does not depend on the budget here
-                seen.add((name, seed))
-                rows.append({"name": f"{name}/s{seed}", "trace": task_run(name, seed, budget)})
-                print(rows[-1]["name"], flush=True)
-    elif which == "heldout":
-        for name in ("gpt_adamw", "resnet_bn", "vit_adamw"):
-            for seed in (0, 1, 2):
-                t = time.perf_counter()
-                budget = get_task(name).budgets[0]
-                rows.append({"name": f"{name}/s{seed}", "trace": task_run(name, seed, budget)})
-                print(rows[-1]["name"], f"{time.perf_counter() - t:.0f} s", flush=True)
+            task = get_task(name)
+            model = task.make_model(seed)
+            model.train()
+            batches = list(itertools.islice(task.batches(seed), 8))
+            opt = task.make_optimizer(model, task.base_lr[budget])
+            yield f"{name}/s{seed}", model, batches, budget, opt, task.loss_fn, seed
     elif which == "models":
         from benchmarks import probe_models as pm
 
         for name in ("mlp", "cnn", "transformer", "resnet"):
-            t = time.perf_counter()
             model = pm.make_model(name)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            trace = _record_run(model, pm.batches(name, 8), 5000, opt, pm.loss_fn, 0, steps)
-            rows.append({"name": name, "trace": trace})
-            print(name, f"{time.perf_counter() - t:.0f} s", flush=True)
+            yield name, model, pm.batches(name, 8), 5000, opt, pm.loss_fn, 0
     else:
-        raise SystemExit(f"record: which must be cells, models or heldout, got {which!r}")
+        raise SystemExit(f"which must be cells, models or heldout, got {which!r}")
+
+
+def record(which: str, steps: int) -> None:
+    rows = []
+    t = time.perf_counter()
+    for name, model, batches, budget, opt, loss_fn, seed in runs(which):
+        rows.append(
+            {"name": name, "trace": _record_run(model, batches, budget, opt, loss_fn, seed, steps)}
+        )
+        print(name, f"{time.perf_counter() - t:.0f} s", flush=True)
+        t = time.perf_counter()
     out = ROOT / f"benchmarks/results/decision_trajectories_{which}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=0))
     for r in rows:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import itertools
 import json
 import statistics
 import sys
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import uba_auto  # noqa: E402
+from benchmarks import decision_trajectories  # noqa: E402
 from uba_auto.phi import minibatch_condition_number, phi_from_condition_number  # noqa: E402
 
 BUDGET = 5000
@@ -68,48 +68,11 @@ def _probe(model, batches, budget, optimizer, loss_fn, seed, warm):
     }
 
 
-def _runs(which):
-    """(name, model, batches, budget, optimizer, loss_fn, seed), built as
-    ``decision_trajectories.py record`` builds them."""
-    from benchmarks.tasks import get_task
-
-    if which in ("cells", "heldout"):
-        if which == "cells":
-            runs = json.loads((ROOT / "benchmarks/results/phi_validation.json").read_text())["runs"]
-            keys, seen = [], set()
-            for r in runs:
-                if r["link"] == "gated" and (r["task"], r["seed"]) not in seen:
-                    seen.add((r["task"], r["seed"]))
-                    keys.append((r["task"], r["seed"], r["budget"]))
-        else:
-            keys = [
-                (n, s, get_task(n).budgets[0])
-                for n in ("gpt_adamw", "resnet_bn", "vit_adamw")
-                for s in (0, 1, 2)
-            ]
-        for name, seed, budget in keys:
-            task = get_task(name)
-            model = task.make_model(seed)
-            model.train()
-            batches = list(itertools.islice(task.batches(seed), 8))
-            opt = task.make_optimizer(model, task.base_lr[budget])
-            yield f"{name}/s{seed}", model, batches, budget, opt, task.loss_fn, seed
-    elif which == "models":
-        from benchmarks import probe_models as pm
-
-        for name in ("mlp", "cnn", "transformer", "resnet"):
-            model = pm.make_model(name)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            yield name, model, pm.batches(name, 8), BUDGET, opt, pm.loss_fn, 0
-    else:
-        raise SystemExit(f"accuracy: which must be cells, heldout or models, got {which!r}")
-
-
 def accuracy(which: str) -> None:
     ref_file = ROOT / f"benchmarks/results/decision_trajectories_{which}.json"
     refs = {r["name"]: r["trace"][-1] for r in json.loads(ref_file.read_text())["rows"]}
     rows = []
-    for name, model, batches, budget, opt, loss_fn, seed in _runs(which):
+    for name, model, batches, budget, opt, loss_fn, seed in decision_trajectories.runs(which):
         cold = _probe(model, batches, budget, opt, loss_fn, seed, warm=False)
         warm = _probe(model, batches, budget, opt, loss_fn, seed, warm=True)
         _, lam, _, sig = refs[name]

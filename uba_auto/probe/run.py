@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -140,14 +140,6 @@ def run_probe(
                 )
         ledger.end_setup()
 
-        def build_first() -> Any:
-            """The first batch's operator alone, built to keep its graph (the cap allowing)."""
-            one = BatchSet(batches=batch_set.batches[:1], batch_sizes=batch_set.batch_sizes[:1])
-            first = build(one, comm=None)
-            if preconditioner is None:
-                return first
-            return PreconditionedOperator(first, preconditioner)
-
         tol = settings.tol_for(op.dtype)
         basis_dtype = compact_dtype(op.dtype) if settings.compact_basis else None
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
@@ -169,16 +161,15 @@ def run_probe(
                 batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
                 v0 = None
                 if settings.warm_starts(num_found):
-                    first = _start_operator(op, build_first, comm)
-                    with ledger.part("start"):
-                        v0 = warm_start(
-                            Tracked(first, bar, 1),
-                            tol=tol,
-                            generator=gen,
-                            basis_device=settings.basis_device,
-                            basis_dtype=basis_dtype,
-                        )
-                    ledger.hvps["start"] = first.num_matvecs
+                    start = functools.partial(
+                        warm_start,
+                        tol=tol,
+                        generator=gen,
+                        basis_device=settings.basis_device,
+                        basis_dtype=basis_dtype,
+                    )
+                    first = _start_operator(op, build, batch_set, preconditioner, comm)
+                    v0 = ledger.spend("start", Tracked(first, bar, 1), start)
                     del first  # its graph, when it was built for the start alone
                 budget_steps = None
                 if budgeted:
@@ -387,13 +378,22 @@ def _agree_on_batches(
     )
 
 
-def _start_operator(op: Any, build_first: Any, comm: Communicator | None) -> Any:
-    """The operator the warm start runs on: the first batch's, sharing its graph when the
-    operator keeps it, else built alone so that its graph is kept for the start's products (and
-    freed after them). Under a process group the shared one, whatever it keeps."""
+def _start_operator(
+    op: Any,
+    build: Callable[..., Any],
+    batch_set: BatchSet,
+    preconditioner: Any,
+    comm: Communicator | None,
+) -> Any:
+    """The operator the warm start runs on: batch 0's. Shared with ``op`` when ``op`` keeps its
+    graph (or under a process group, whatever it keeps); else built alone by ``build`` (``op``'s
+    :func:`~uba_auto.curvature.build_operator` arguments), so that its graph is kept for the
+    start's products and freed after them, with ``op``'s ``preconditioner``."""
     if comm is not None or 0 in op.cached_batches:
         return op.batch_operator(0)
-    return build_first()
+    one = BatchSet(batches=batch_set.batches[:1], batch_sizes=batch_set.batch_sizes[:1])
+    first = build(one, comm=None)
+    return first if preconditioner is None else PreconditionedOperator(first, preconditioner)
 
 
 def _optimizer_tag(optimizer: torch.optim.Optimizer | None) -> int:

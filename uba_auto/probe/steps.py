@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._krylov import gaussian_unit_vector, tridiagonal_eigh
+from .._validation import check_v0
 from ..lanczos import LanczosResult, lanczos, solve_lanczos
 from ..linear_operator import SymmetricOperator
 from ..power_iteration import power_iteration
@@ -166,8 +167,8 @@ def projected_extremes(
         rule: the decision rule.
         basis_dtype: the basis' storage (``None``: the operators' dtype; see
             :class:`~uba_auto._krylov.LanczosBasis`).
-        v0: the start vector (normalised here; ``None``: a Gaussian vector from ``generator``,
-            which is then left untouched by a given ``v0``).
+        v0: the start vector (checked and normalised as :func:`~uba_auto.lanczos.lanczos`'s;
+            ``None``: a Gaussian vector from ``generator``, which is not drawn from otherwise).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -189,7 +190,7 @@ def projected_extremes(
             return tol_met
         return decided and (tol_met or theta.size >= budget_steps)
 
-    start = gaussian_unit_vector(first, generator) if v0 is None else v0 / v0.norm()
+    start = gaussian_unit_vector(first, generator) if v0 is None else check_v0(v0, first)
     res = solve_lanczos(
         first,
         start,
