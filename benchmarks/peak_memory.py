@@ -9,7 +9,12 @@
 * ``probe``: ``probe_curvature(model, batches, loss_fn, **kwargs)`` (``--kwargs`` a JSON dict,
   default the probe's defaults on 8 batches);
 * ``auto``: ``auto_uba(model, batches, 5000, loss_fn=loss_fn, **kwargs)`` on 8 batches;
-* ``peer:NAME``: a peer library's top-eigenvalue solver on one batch (see ``probe_benchmark.py``).
+* ``peer:NAME``: a peer library's top-eigenvalue solver on one batch (see ``probe_benchmark.py``);
+* ``hvp:ENGINE``: one Hessian-vector product on one batch, recomputed from the batch as the probe
+  does over its memory cap (``HessianOperator(..., engine=ENGINE, cache_graph=False)``, ``ENGINE``
+  ``double-backward`` or ``forward-over-reverse``): the floor of a product's working memory;
+  ``hvp:kept``: one batch's operator built with its graph kept (``graph_memory=None``) and one
+  product on it, both measured (what a one-batch probe on a cached graph holds at its peak).
 
 ``python benchmarks/peak_memory.py MODEL hvp_rate [--repeats 5]`` instead times, in this one
 process, the products of the probe's operator on 8 batches under its default graph cap
@@ -64,6 +69,17 @@ elif what == "auto":
     def run():
         auto_uba(model, data, kwargs.pop("budget", 5000), loss_fn=loss_fn,
                  num_batches=len(data), **kwargs)
+elif what.startswith("hvp:"):
+    from uba_auto import HessianOperator
+    if what == "hvp:kept":
+        def run():
+            op = HessianOperator(model, data[:1], loss_fn, graph_memory=None)
+            op.matvec(torch.ones(op.size, device=device))
+    else:
+        op = HessianOperator(model, data[:1], loss_fn, engine=what[4:], cache_graph=False)
+        v = torch.ones(op.size, device=device)
+        def run():
+            op.matvec(v)
 elif what.startswith("peer:"):
     sys.path.insert(0, {bench!r})
     from probe_benchmark import peer_solver

@@ -41,6 +41,21 @@ def test_a_partly_cached_hessian_is_the_dense_hessian(name):
         assert_close(op.batch_operator(i).to_dense(), alone.hessian())
 
 
+def test_a_graph_is_kept_only_with_room_for_its_product():
+    # A product through a kept graph (retain_graph) adds about the graph's size again, so a graph
+    # is kept only when twice it fits, last batch or not: one batch alone is kept under exactly
+    # the caps that keep it first of several (the warm start relies on it, probe/run.py).
+    problem = make_problem("tanh_mlp", num_batches=4)
+    args = (problem.model, problem.batches, problem.loss)
+    keeps_alone, keeps_first = [], []
+    for cap in np.geomspace(0.25, 64.0, 25):
+        alone = HessianOperator(problem.model, problem.batches[:1], problem.loss, graph_memory=cap)
+        keeps_alone.append(alone.cached_batches == (0,))
+        keeps_first.append(HessianOperator(*args, graph_memory=cap).cached_batches[:1] == (0,))
+    assert keeps_alone == keeps_first
+    assert not keeps_alone[0] and keeps_alone[-1]
+
+
 def test_a_partly_cached_ggn_is_the_dense_ggn():
     problem = make_problem("tanh_mlp", num_batches=6)
     _, op = _partial_cap(GGNOperator, problem, dtype=F64)

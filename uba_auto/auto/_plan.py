@@ -16,9 +16,9 @@ over the probe's memory cap (``probe_curvature(graph_memory=2.5)``: on every ben
 batches, all of them), recomputed in every product (setup a forward; a product measured 2.9-4.1
 gradients, 0.49-0.69x the cached rate, ``python benchmarks/peak_memory.py MODEL hvp_rate``). It is
 a plan, the same on every rank, and errs towards spending less: a probe whose graphs are all
-cached costs less than it is counted, and so do the warm start's single-batch products
-(``probe_curvature(warm_start=...)``: one batch's graph, kept; counted at the same 3.5). What is
-left of a probe's share after its setup is its HVP budget
+cached costs less than it is counted. The warm start's single-batch products
+(``probe_curvature(warm_start=...)``) are the first batch's, cached or recomputed as that batch
+is, and counted the same. What is left of a probe's share after its setup is its HVP budget
 (:class:`~uba_auto.probe.ProbeSettings` ``hvp_budget``): the φ decision first, the report's
 extras only with what remains.
 """

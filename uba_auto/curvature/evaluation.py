@@ -85,7 +85,7 @@ class Evaluation:
         point = self.point
         resident = [*point.with_buffers(point.leaves).values(), *self.batches]
         param_bytes = point.size * point.dtype.itemsize
-        return GraphCache(self.graph_memory, len(self.batches), resident, param_bytes)
+        return GraphCache(self.graph_memory, resident, param_bytes)
 
     def batch_loss(self, index: int, trainable: Mapping[str, Tensor]) -> Tensor:
         """Batch ``index``'s scalar loss with the probed parameters set to ``trainable``."""

@@ -16,10 +16,16 @@ forward and a backward more and holds one graph at a time.
 
 with :math:`F_0` the bytes the first batch's forward pass saves for backward (its activations)
 and :math:`P` the bytes of the probed parameters (a training step adds their gradient and at least
-one optimizer buffer). A batch's graph is kept when the graphs held at once then stay within the
-cap: the kept ones, plus, as long as some batch is recomputed, room for the graph a recomputed
-product builds (taken as large as the largest graph measured). Batches are taken in order; after
-the first one refused, the others are built without a graph and recomputed in every product.
+one optimizer buffer). A batch's graph is kept when what a product then holds at once stays within
+the cap: the kept graphs, plus room for one product's working memory, taken as large as the
+largest graph measured. That room is the graph a recomputed product builds, and it is needed when
+every graph is kept too: a backward pass through a kept graph (``retain_graph=True``, so nothing is
+freed as it goes) adds 0.7-1.3 times the graph's size on the benchmark models, where a recomputed
+product peaks at 1.2-2.2 times its graph (``python benchmarks/peak_memory.py MODEL hvp:kept`` and
+``hvp:double-backward``; one batch's kept graph and its product peaked at 3.3-3.4 training steps
+on the ResNet and the transformer, the recomputed product at 2.3-2.4). So a batch's graph is kept
+only when twice it fits, whether or not it is the last. Batches are taken in order; after the
+first one refused, the others are built without a graph and recomputed in every product.
 
 Sizes are read from the graphs themselves (:func:`saved_bytes`: the tensors their nodes saved for
 backward), on any device, without hooks and without running anything; tensors that exist anyway
@@ -78,7 +84,6 @@ class GraphCache:
     Args:
         graph_memory: the cap, in estimated training steps (:math:`T`); ``None``: keep every
             graph (and measure nothing).
-        num_batches: how many batches the operator has.
         resident: tensors that exist whatever the operator does (parameters, buffers, batches):
             not counted in a graph's size.
         param_bytes: :math:`P`.
@@ -93,11 +98,10 @@ class GraphCache:
     def __init__(
         self,
         graph_memory: float | None,
-        num_batches: int,
         resident: Iterable[Any],
         param_bytes: int,
     ) -> None:
-        self.graph_memory, self.num_batches = graph_memory, num_batches
+        self.graph_memory = graph_memory
         self.param_bytes = param_bytes
         self.kept: list[int] = []
         self.graph_bytes: dict[int, int] = {}
@@ -131,9 +135,8 @@ class GraphCache:
             self.step_bytes = forward_bytes + 2 * self.param_bytes
         cap = self.graph_memory * self.step_bytes
         held = sum(self.graph_bytes[i] for i in self.kept) + size
-        largest = max(self.graph_bytes.values())
-        last = index == self.num_batches - 1
-        if held + (0 if last else largest) <= cap:
+        # Room for one product's working memory (see the module's docstring).
+        if held + max(self.graph_bytes.values()) <= cap:
             self.kept.append(index)
             return True
         self._open = False

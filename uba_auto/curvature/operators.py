@@ -219,9 +219,9 @@ class HessianOperator(_PublicOperator):
         cache_graph: keep each batch's gradient graph (``engine="double-backward"`` only).
         graph_memory: with ``cache_graph=True``, a cap on the graphs held at once, in estimated
             training steps: batches are taken in order and a graph is kept while the kept graphs,
-            plus room for the one a recomputed product builds, stay within ``graph_memory``
-            times the bytes the first batch's forward saves for backward plus twice the
-            parameters' bytes; the other batches are recomputed in every product (see
+            plus room for one product's working memory (the largest graph), stay within
+            ``graph_memory`` times the bytes the first batch's forward saves for backward plus
+            twice the parameters' bytes; the other batches are recomputed in every product (see
             :mod:`uba_auto.curvature.graph_memory`, and :attr:`cached_batches`). ``None``
             (default): every graph is kept. :func:`~uba_auto.probe_curvature` caps at 2.5.
         process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more

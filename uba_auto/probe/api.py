@@ -145,12 +145,13 @@ def probe_curvature(
             products fit what is left (said in the warnings when they do not).
         graph_memory: the cap on the batches' cached gradient graphs, in estimated training
             steps (engine ``"double-backward"``): a batch's graph is kept while the graphs held
-            at once stay within ``graph_memory`` times one training step's estimated working
-            memory, else that batch is recomputed in every product (a forward and a backward
-            more per product, one graph at a time; :mod:`uba_auto.curvature.graph_memory`).
-            Default 2.5: on the benchmark models (MLP, CNN, small transformer, ResNet-18, 8
-            batches) no graph fits and every product is recomputed. ``None``: keep every
-            graph (the fastest products, memory growing with ``num_batches``).
+            at once, with room for one product's working memory, stay within ``graph_memory``
+            times one training step's estimated working memory, else that batch is recomputed
+            in every product (a forward and a backward more per product, one graph at a time;
+            :mod:`uba_auto.curvature.graph_memory`). Default 2.5: on the benchmark models (MLP,
+            CNN, small transformer, ResNet-18) no graph fits, at any number of batches, and
+            every product is recomputed. ``None``: keep every graph (the fastest products,
+            memory growing with ``num_batches``).
         compact_basis: store the Lanczos bases of the extremes and of the per-batch runs
             (``method="lanczos"``; the density's short runs keep theirs) in half
             the working precision (float16 for float32, float32 for float64), with the two
@@ -161,7 +162,8 @@ def probe_curvature(
         warm_start: start the Lanczos run on the mean of the batches (``method="lanczos"``, more
             than one batch) from the top Ritz vector of the first batch alone, found at the φ
             decision's precision (:func:`~uba_auto.probe.steps.warm_start`; its products are
-            single-batch ones on a kept graph, counted in ``hvps["start"]``). The results are
+            the first batch's, on its kept graph when ``graph_memory`` keeps it, counted in
+            ``hvps["start"]``). The results are
             those of the mean either way; the start only changes how many of its steps (each one
             product per batch) the decision takes. ``None`` (default): on for a budgeted probe
             (``hvp_budget``, as ``auto_uba`` plans it), off otherwise. Turn it off when one

@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -100,18 +100,18 @@ def run_probe(
             ledger.end_setup()
             return pyhessian_estimate(model, batch_set, loss_fn, settings, ledger, notes)
 
-        build = functools.partial(
-            build_operator,
+        op = build_operator(
             settings.curvature,
             model,
-            loss=loss_fn,
+            batch_set,
+            loss_fn,
             mode=settings.mode,
             engine=settings.engine,
             dtype=settings.dtype,
             params=None if optimizer is None else optimizer_param_names(model, optimizer),
             graph_memory=settings.graph_memory,
+            comm=comm,
         )
-        op = build(batch_set, comm=comm)
         preconditioner = None
         if optimizer is not None and is_adaptive(optimizer):
             error = None
@@ -168,9 +168,10 @@ def run_probe(
                         basis_device=settings.basis_device,
                         basis_dtype=basis_dtype,
                     )
-                    first = _start_operator(op, build, batch_set, preconditioner, comm)
-                    v0 = ledger.spend("start", Tracked(first, bar, 1), start)
-                    del first  # its graph, when it was built for the start alone
+                    # Batch 0's operator: its graph is kept when it fits the memory cap (a
+                    # one-batch operator built for the start would keep it under the same
+                    # condition, graph_memory's room for a product included), else recomputed.
+                    v0 = ledger.spend("start", Tracked(op.batch_operator(0), bar, 1), start)
                 budget_steps = None
                 if budgeted:
                     budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
@@ -376,24 +377,6 @@ def _agree_on_batches(
         batch_sizes=batch_set.batch_sizes[:common],
         num_requested=batch_set.num_requested,
     )
-
-
-def _start_operator(
-    op: Any,
-    build: Callable[..., Any],
-    batch_set: BatchSet,
-    preconditioner: Any,
-    comm: Communicator | None,
-) -> Any:
-    """The operator the warm start runs on: batch 0's. Shared with ``op`` when ``op`` keeps its
-    graph (or under a process group, whatever it keeps); else built alone by ``build`` (``op``'s
-    :func:`~uba_auto.curvature.build_operator` arguments), so that its graph is kept for the
-    start's products and freed after them, with ``op``'s ``preconditioner``."""
-    if comm is not None or 0 in op.cached_batches:
-        return op.batch_operator(0)
-    one = BatchSet(batches=batch_set.batches[:1], batch_sizes=batch_set.batch_sizes[:1])
-    first = build(one, comm=None)
-    return first if preconditioner is None else PreconditionedOperator(first, preconditioner)
 
 
 def _optimizer_tag(optimizer: torch.optim.Optimizer | None) -> int:

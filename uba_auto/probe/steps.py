@@ -222,8 +222,8 @@ def warm_start(
     r"""The top Ritz vector of one batch's operator at the decision rule's precision: the start of
     the Lanczos run on the mean of all batches (:func:`projected_extremes` ``v0``).
 
-    One batch's products are the cheap ones (its graph fits the memory cap where eight do not) and
-    its top eigenvector is close to the mean's wherever the batches agree, so the run on the mean
+    A step on one batch is one product where a step on the mean is one per batch, and one batch's
+    top eigenvector is close to the mean's wherever the batches agree, so the run on the mean
     meets :class:`~uba_auto.probe.projected.DecisionRule` in fewer of its costly steps (each one
     product per batch). The answer is still the mean's: the start changes how fast Lanczos gets
     there, not where. Measured in ``benchmarks/warm_start.py`` (BENCHMARKS.md §1), including the
