@@ -363,7 +363,7 @@ def test_curvature_along_the_top_direction_per_batch(name):
     assert "per_batch" not in est.hvps and est.num_hvps == est.hvps["extremes"]
 
 
-# graph_memory None: the start shares the operator's kept graph; 1e-9: it builds its own.
+# graph_memory None: the start runs on batch 0's kept graph; 1e-9: on its recomputed products.
 @pytest.mark.parametrize("graph_memory", [None, 1e-9])
 @pytest.mark.parametrize("name", ["tanh_mlp", "cnn_batchnorm"])
 def test_a_warm_started_probe_lands_on_the_dense_answer(name, graph_memory):

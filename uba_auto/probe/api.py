@@ -163,12 +163,12 @@ def probe_curvature(
             than one batch) from the top Ritz vector of the first batch alone, found at the φ
             decision's precision (:func:`~uba_auto.probe.steps.warm_start`; its products are
             the first batch's, on its kept graph when ``graph_memory`` keeps it, counted in
-            ``hvps["start"]``). The results are
-            those of the mean either way; the start only changes how many of its steps (each one
-            product per batch) the decision takes. ``None`` (default): on for a budgeted probe
-            (``hvp_budget``, as ``auto_uba`` plans it), off otherwise. Turn it off when one
-            batch may miss the top direction (curvature concentrated in a few examples: the
-            decision can then stop before the run on the mean has found it, BENCHMARKS.md §1).
+            ``hvps["start"]``). The results are those of the mean either way; the start only
+            changes how many of its steps (each one product per batch) the decision takes.
+            ``None`` (default): on for a budgeted probe (``hvp_budget``, as ``auto_uba`` plans
+            it), off otherwise. Turn it off when one batch may miss the top direction
+            (curvature concentrated in a few examples: the decision can then stop before the
+            run on the mean has found it, BENCHMARKS.md §1).
 
     Returns:
         A :class:`CurvatureEstimate`.

@@ -139,7 +139,6 @@ def run_probe(
                     "estimate.preconditioner)"
                 )
         ledger.end_setup()
-
         tol = settings.tol_for(op.dtype)
         basis_dtype = compact_dtype(op.dtype) if settings.compact_basis else None
         gen = torch.Generator(device=op.device).manual_seed(settings.seed)
@@ -168,15 +167,12 @@ def run_probe(
                         basis_device=settings.basis_device,
                         basis_dtype=basis_dtype,
                     )
-                    # Batch 0's operator: its graph is kept when it fits the memory cap (a
-                    # one-batch operator built for the start would keep it under the same
-                    # condition, graph_memory's room for a product included), else recomputed.
+                    # Batch 0 of op: kept exactly when a one-batch operator would keep it
+                    # (graph_memory's room for a product), else recomputed.
                     v0 = ledger.spend("start", Tracked(op.batch_operator(0), bar, 1), start)
-                budget_steps = None
-                if budgeted:
-                    budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
-                steps = max_iters
+                budget_steps, steps = None, max_iters
                 if budgeted:  # the decision first, whatever the budget, then what it allows
+                    budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
                     steps = min(max_iters, max(budget_steps, DECISION_RULE.max_steps))
                 with ledger.part("extremes"):
                     found = projected_extremes(
