@@ -15,6 +15,7 @@ from uba_auto.linear_operator import DenseOperator
 from uba_auto.probe import DECISION_RULE, ProbeSettings, probe_curvature, run_probe
 from uba_auto.probe.bookkeeping import Ledger, Tracked, progress_bar
 from uba_auto.probe.steps import (
+    WARM_START_RULE,
     extremes,
     per_batch_curvature,
     projected_extremes,
@@ -285,6 +286,47 @@ def test_a_warm_start_decides_in_fewer_mean_steps_and_converges_to_the_same_mean
         assert found.extremes.lambda_max == pytest.approx(float(truth.eigenvalues[-1]), rel=1e-9)
         assert found.extremes.lambda_min == pytest.approx(float(truth.eigenvalues[0]), rel=1e-9)
         assert found.top_curvature == pytest.approx(per_batch.tolist(), rel=1e-7)
+
+
+def test_the_mean_decides_at_two_steps_from_a_start_on_its_top_eigenvector():
+    # Batches equal up to a scale share their eigenvectors exactly, so a start on the top one
+    # meets the residual test at once; the settled test needs sigma at two steps, so the decision
+    # is at step 2 (DecisionRule.min_steps).
+    n = 40
+    gen = torch.Generator().manual_seed(4)
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+    lam = torch.linspace(0.1, 1.0, n, dtype=F64)
+    lam[-1] = 3.0
+    scales = torch.tensor([0.9, 1.0, 1.1, 1.2], dtype=F64)
+    ops = [DenseOperator(float(c) * (q @ torch.diag(lam) @ q.T)) for c in scales]
+    weights = [0.25] * 4
+    v0 = warm_start(ops[0], tol=1e-12, generator=torch.Generator().manual_seed(5))
+    found = projected_extremes(
+        ops, weights, max_iters=50, tol=1e-10, budget_steps=0,
+        generator=torch.Generator().manual_seed(6), v0=v0,
+    )  # fmt: skip
+    assert DECISION_RULE.min_steps == 2 and WARM_START_RULE.min_steps == 3
+    assert found.decision.reached and found.decision.steps == DECISION_RULE.min_steps
+    mean_top = 3.0 * float(scales.mean())
+    # A Ritz value at the rule's precision: below the truth, by at most about r^2 / gap.
+    assert mean_top * (1 - 1e-3) <= found.extremes.lambda_max <= mean_top * (1 + 1e-12)
+    # Along any vector y each batch shows c_b y'Ay, so sigma is std(c) / mean(c) exactly.
+    sigma = float(scales.std() / scales.mean())
+    assert found.decision.curvature_noise == pytest.approx(sigma, rel=1e-6)
+
+
+def test_the_warm_start_takes_at_least_its_own_three_steps():
+    # Nearly rank one: the Krylov space of two steps holds the top eigenvector to the rule's
+    # residual already, so only the start's own floor keeps it going to step 3.
+    lam = torch.cat([torch.tensor([3.0], dtype=F64), torch.linspace(0.01, 0.02, 19, dtype=F64)])
+    counted = Tracked(DenseOperator(spectrum_matrix(lam.tolist())), None, 1)
+    two = projected_extremes(
+        [DenseOperator(spectrum_matrix(lam.tolist()))], [1.0], max_iters=20, tol=1e-12,
+        budget_steps=0, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert two.decision.steps == DECISION_RULE.min_steps == 2
+    warm_start(counted, tol=1e-12, generator=torch.Generator().manual_seed(0))
+    assert counted.hvps == WARM_START_RULE.min_steps == 3
 
 
 def test_a_top_direction_the_first_batch_lacks_is_still_found_at_convergence():

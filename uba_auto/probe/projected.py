@@ -119,12 +119,20 @@ class DecisionRule:
     top residual is 0.1, and λ_max is then within a few percent (its error falls as
     :math:`r^2/\text{gap}`). ``noise_floor`` is the gated link's gate (0.05): below it σ moves φ,
     above it φ is cosine whatever σ is.
+
+    ``min_steps`` was 3 until 2026-12-07 and is 2 (the settled test needs two steps anyway):
+    pre-registered on the φ study's 27 probes (total HVPs 887 → 815, no φ moved by more than
+    0.1 against the 16-step reference, median λ_max error unchanged), then confirmed on sets
+    kept out of that choice, the four benchmark models (140 → 132 HVPs, the transformer's
+    decision 3 → 2 steps) and the representative tasks (402 → 394), with no φ newly off
+    (``BENCHMARKS.md`` §1, "A decision at two steps"). The warm start keeps 3
+    (:data:`~uba_auto.probe.steps.WARM_START_RULE`).
     """
 
     rtol: float = 0.1
     noise_change: float = 0.1
     noise_floor: float = 0.05
-    min_steps: int = 3
+    min_steps: int = 2
     max_steps: int = 20
 
 

@@ -23,6 +23,7 @@ from ..power_iteration import power_iteration
 from .projected import DECISION_RULE, BatchProjections, DecisionMonitor, DecisionPoint, DecisionRule
 
 __all__ = [
+    "WARM_START_RULE",
     "Extremes",
     "PerBatchCurvature",
     "ProjectedExtremes",
@@ -210,6 +211,14 @@ def projected_extremes(
     return ProjectedExtremes(extremes=ext, top_curvature=top, decision=monitor.final())
 
 
+WARM_START_RULE = DecisionRule(min_steps=3)
+"""The warm start's stop: :class:`~uba_auto.probe.projected.DecisionRule`'s residual test at 3
+steps at least. Looser starts (``rtol`` 0.2-0.5, or at most 4-5 steps) changed the products of
+the φ study's probes by -3 % to +2 %, and the one a pre-registered rule picked there (at most 4
+steps) cost 20 % more on the benchmark models, whose mean run then needed more of its costlier
+steps (``BENCHMARKS.md`` §1, "A decision at two steps")."""
+
+
 def warm_start(
     op: SymmetricOperator,
     *,
@@ -217,7 +226,7 @@ def warm_start(
     generator: torch.Generator,
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
-    rule: DecisionRule = DECISION_RULE,
+    rule: DecisionRule = WARM_START_RULE,
 ) -> Tensor:
     r"""The top Ritz vector of one batch's operator at the decision rule's precision: the start of
     the Lanczos run on the mean of all batches (:func:`projected_extremes` ``v0``).
