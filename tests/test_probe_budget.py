@@ -9,7 +9,7 @@ from tests._models import make_problem
 from uba_auto import auto_uba, probe_curvature
 from uba_auto.auto._plan import hvp_budget, planned_reestimations, probe_cost
 from uba_auto.phi import GATE_NOISE, choose_phi
-from uba_auto.probe import DECISION_RULE
+from uba_auto.probe import DECISION_RULE, DecisionRule, rule_for_link
 
 F64 = torch.float64
 
@@ -92,3 +92,49 @@ def test_auto_uba_within_a_roomy_budget_stays_inside_its_share_and_is_silent():
     assert probe_cost(est.num_hvps, 4) <= auto.probe_share == 0.02 * 200_000
     assert est.trace is not None and est.density is not None  # the extras fit
     assert not any("budget" in w for w in auto.report.warnings)
+
+
+def test_the_gated_links_decide_without_waiting_on_a_noise_far_above_their_gate():
+    # Logistic regression on 8 batches of 8: sigma ~0.43, far above the gate (0.05), where the
+    # gated links give phi = 2 whatever sigma is. Their probe stops waiting for sigma to settle
+    # (DecisionRule.noise_ceiling, 4 x the gate); the calibrated link, whose phi moves with sigma
+    # there, keeps the default rule.
+    problem = make_problem("logistic_regression", num_batches=8)
+    runs = {}
+    for link in ("gated", "gated-edge", "calibrated"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the overspend note
+            runs[link] = auto_uba(
+                problem.model, problem.batches, 200, loss_fn=problem.loss, num_batches=8,
+                link=link, progress=False,
+            )  # fmt: skip
+    steps = {link: auto.report.estimate.decision_steps for link, auto in runs.items()}
+    assert steps == {"gated": 2, "gated-edge": 2, "calibrated": 3}
+    assert runs["gated"].report.estimate.curvature_noise >= 4 * GATE_NOISE
+    assert runs["gated"].phi == 2.0
+    # The same probe under the default rule decides where the calibrated link's did.
+    plain = probe_curvature(
+        problem.model, problem.batches, problem.loss, num_batches=8, hvp_budget=0,
+        per_batch=False, trace=False, progress=False,
+    )  # fmt: skip
+    assert plain.decision_steps == 3
+    tuned = probe_curvature(
+        problem.model, problem.batches, problem.loss, num_batches=8, hvp_budget=0,
+        per_batch=False, trace=False, progress=False, decision_rule=rule_for_link(GATE_NOISE),
+    )  # fmt: skip
+    assert tuned.decision_steps == 2 and tuned.num_hvps < plain.num_hvps
+
+
+def test_bad_decision_rules_are_refused():
+    problem = make_problem("logistic_regression")
+    args = (problem.model, problem.batches, problem.loss)
+    with pytest.raises(TypeError, match="decision_rule must be a uba_auto.probe.DecisionRule"):
+        probe_curvature(*args, decision_rule={"rtol": 0.1}, progress=False)
+    with pytest.raises(ValueError, match=r"min_steps \(5\) must be <= max_steps \(3\)"):
+        DecisionRule(min_steps=5, max_steps=3)
+    with pytest.raises(ValueError, match="noise_ceiling must be None"):
+        DecisionRule(noise_ceiling=0.0)
+    with pytest.raises(ValueError, match="rtol must be a number >= 0"):
+        DecisionRule(rtol=float("nan"))
+    assert rule_for_link(None) is DECISION_RULE
+    assert rule_for_link(0.05).noise_ceiling == pytest.approx(4 * 0.05)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from _models import make_problem
@@ -14,6 +15,7 @@ from uba_auto.lanczos import lanczos
 from uba_auto.linear_operator import DenseOperator
 from uba_auto.probe import DECISION_RULE, ProbeSettings, probe_curvature, run_probe
 from uba_auto.probe.bookkeeping import Ledger, Tracked, progress_bar
+from uba_auto.probe.projected import DecisionMonitor
 from uba_auto.probe.steps import (
     WARM_START_RULE,
     extremes,
@@ -355,3 +357,33 @@ def test_the_warm_start_setting():
     assert not ProbeSettings(hvp_budget=10, warm_start=False).warm_starts(8)
     assert not ProbeSettings(hvp_budget=10).warm_starts(1)  # one batch: nothing to start
     assert not ProbeSettings(hvp_budget=10, method="power", warm_start=True).warm_starts(8)
+
+
+class _CurvatureSequence:
+    """Stands in for BatchProjections: the per-batch curvatures at each step, in order."""
+
+    def __init__(self, steps: list[list[float]]) -> None:
+        self.steps = [np.array(c) for c in steps]
+
+    def curvatures(self, s, theta):
+        return self.steps.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("curvatures", "ceiling", "decided_at"),
+    [
+        # sigma 0.5 -> 0.81 -> 0.92: far above a ceiling of 0.2, but moving by more than 10 %
+        ([[0.5, 1.0, 1.5], [0.2, 1.0, 1.8], [0.1, 1.0, 1.94], [0.1, 1.0, 1.94]], 0.2, 2),
+        ([[0.5, 1.0, 1.5], [0.2, 1.0, 1.8], [0.1, 1.0, 1.94], [0.1, 1.0, 1.94]], None, 4),
+        # sigma 0.1 -> 0.5: the first is under the ceiling, so only the change test can settle
+        ([[0.9, 1.0, 1.1], [0.5, 1.0, 1.5], [0.5, 1.0, 1.5]], 0.2, 3),
+    ],
+)
+def test_a_noise_above_the_ceiling_at_two_steps_counts_as_settled(curvatures, ceiling, decided_at):
+    rule = dataclasses.replace(DECISION_RULE, noise_ceiling=ceiling)
+    monitor = DecisionMonitor(_CurvatureSequence(curvatures), rule)
+    for m in range(1, len(curvatures) + 1):
+        theta = np.ones(m)  # top Ritz value 1 (the mean of each row's curvatures)
+        if monitor.update(theta, np.eye(m), beta_m=0.0):  # residual 0: only sigma can hold it
+            break
+    assert monitor.point.reached and monitor.point.steps == decided_at

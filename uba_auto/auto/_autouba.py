@@ -24,7 +24,8 @@ from torch import nn
 from .._distributed import Communicator, is_communication_failure
 from .._loaders import BatchStream
 from .._validation import check_int
-from ..probe import CurvatureEstimate, ProbeSettings, run_probe
+from ..phi import LINKS
+from ..probe import CurvatureEstimate, ProbeSettings, rule_for_link, run_probe
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import UBAScheduler
 from ._choice import (
@@ -211,6 +212,9 @@ class AutoUBA:
         kwargs = {**self.probe_kwargs, **overrides}
         if "max_hvps" not in kwargs:  # the user's max_hvps turns the plan off
             kwargs.setdefault("hvp_budget", hvp_budget(self.probe_share, len(batches)))
+        # The decision waits on sigma only where the link's phi moves with it.
+        flat = LINKS[self._settings.link].noise_flat_above
+        kwargs.setdefault("decision_rule", rule_for_link(flat))
         settings = ProbeSettings(num_batches=self.num_batches, **kwargs)
         return run_probe(
             self.model, batches, self.loss_fn, settings, self._comm, optimizer=optimizer

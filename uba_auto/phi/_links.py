@@ -179,6 +179,10 @@ class Link:
         curve: the unclamped φ as a function of κ and the edge fraction ``e``.
         reason: the reason text, from (name, curvature noise σ, κ, e).
         reads_edge: whether ``e`` enters the curve (otherwise it is ignored, and not reported).
+        noise_flat_above: the curvature noise σ at or above which φ no longer moves with σ
+            (the gated links: the gate, where φ is 2 whatever σ is); ``None``: φ may move with
+            σ anywhere. ``auto_uba`` lets its probe's decision stop waiting on σ well above it
+            (:func:`~uba_auto.probe.projected.rule_for_link`).
     """
 
     name: str
@@ -186,6 +190,7 @@ class Link:
     curve: Callable[[float, float | None], float]
     reason: Callable[[str, float, float, float | None], str]
     reads_edge: bool = False
+    noise_flat_above: float | None = None
 
     def __post_init__(self) -> None:
         if self.band not in ("minibatch", "budget"):
@@ -285,8 +290,15 @@ LINKS: Mapping[str, Link] = types.MappingProxyType(
     {
         link.name: link
         for link in (
-            Link("gated", "minibatch", _gated_curve, _gated_reason),
-            Link("gated-edge", "minibatch", _gated_edge_curve, _gated_edge_reason, True),
+            Link("gated", "minibatch", _gated_curve, _gated_reason, noise_flat_above=GATE_NOISE),
+            Link(
+                "gated-edge",
+                "minibatch",
+                _gated_edge_curve,
+                _gated_edge_reason,
+                True,
+                noise_flat_above=GATE_NOISE,
+            ),
             Link("calibrated", "minibatch", _calibrated_curve, _calibrated_reason),
             Link("chebyshev", "budget", _chebyshev_curve, _chebyshev_reason),
         )

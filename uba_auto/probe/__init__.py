@@ -20,7 +20,7 @@ PyHessian reference backend, ``method="pyhessian"``).
 
 from .api import probe_curvature
 from .estimate import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
-from .projected import DECISION_RULE, DecisionRule
+from .projected import DECISION_RULE, DecisionRule, rule_for_link
 from .run import run_probe
 from .settings import METHODS, ProbeSettings
 
@@ -32,5 +32,6 @@ __all__ = [
     "DecisionRule",
     "ProbeSettings",
     "probe_curvature",
+    "rule_for_link",
     "run_probe",
 ]

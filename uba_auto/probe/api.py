@@ -11,6 +11,7 @@ from torch import nn
 from .._distributed import resolve_process_group
 from ..curvature import device_of
 from .estimate import CurvatureEstimate
+from .projected import DECISION_RULE, DecisionRule
 from .run import run_probe
 from .settings import DEFAULT_GRAPH_MEMORY, ProbeSettings, check_model
 
@@ -46,6 +47,7 @@ def probe_curvature(
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY,
     compact_basis: bool = True,
     warm_start: bool | None = None,
+    decision_rule: DecisionRule = DECISION_RULE,
 ) -> CurvatureEstimate:
     r"""Estimate the extreme eigenvalues, trace and (optionally) spectral density of the curvature.
 
@@ -169,6 +171,10 @@ def probe_curvature(
             it), off otherwise. Turn it off when one batch may miss the top direction
             (curvature concentrated in a few examples: the decision can then stop before the
             run on the mean has found it, BENCHMARKS.md §1).
+        decision_rule: when a budgeted Lanczos probe (``hvp_budget``) knows enough for the φ
+            decision (:class:`~uba_auto.probe.DecisionRule`; default
+            :data:`~uba_auto.probe.DECISION_RULE`). ``auto_uba`` passes the rule of its link
+            (:func:`~uba_auto.probe.projected.rule_for_link`).
 
     Returns:
         A :class:`CurvatureEstimate`.
@@ -221,6 +227,7 @@ def probe_curvature(
         graph_memory=graph_memory,
         compact_basis=compact_basis,
         warm_start=warm_start,
+        decision_rule=decision_rule,
     )
     comm = resolve_process_group(process_group, device=device_of(model))
     return run_probe(model, loader, loss_fn, settings, comm, optimizer=optimizer)

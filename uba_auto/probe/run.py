@@ -38,7 +38,6 @@ from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
 from .bookkeeping import Ledger, Tracked, progress_bar
 from .estimate import CurvatureEstimate, condition_number, negative_mass
-from .projected import DECISION_RULE
 from .pyhessian import pyhessian_estimate
 from .settings import ProbeSettings, check_model
 from .steps import (
@@ -173,7 +172,7 @@ def run_probe(
                 budget_steps, steps = None, max_iters
                 if budgeted:  # the decision first, whatever the budget, then what it allows
                     budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
-                    steps = min(max_iters, max(budget_steps, DECISION_RULE.max_steps))
+                    steps = min(max_iters, max(budget_steps, settings.decision_rule.max_steps))
                 with ledger.part("extremes"):
                     found = projected_extremes(
                         batch_ops,
@@ -183,6 +182,7 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         budget_steps=budget_steps,
+                        rule=settings.decision_rule,
                         basis_dtype=basis_dtype,
                         v0=v0,
                     )

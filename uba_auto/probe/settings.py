@@ -11,6 +11,7 @@ from torch import nn
 from .._validation import check_int, check_positive_finite
 from ..curvature import ENGINES, MODES
 from ..curvature.graph_memory import check_graph_memory
+from .projected import DECISION_RULE, DecisionRule
 
 __all__ = ["CURVATURES", "DEFAULT_GRAPH_MEMORY", "METHODS", "ProbeSettings", "check_model"]
 
@@ -67,6 +68,7 @@ class ProbeSettings:
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY
     compact_basis: bool = True
     warm_start: bool | None = None
+    decision_rule: DecisionRule = DECISION_RULE
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -101,6 +103,11 @@ class ProbeSettings:
             raise TypeError(
                 f"warm_start must be True, False or None (on for a budgeted probe), got "
                 f"{self.warm_start!r}"
+            )
+        if not isinstance(self.decision_rule, DecisionRule):
+            raise TypeError(
+                "decision_rule must be a uba_auto.probe.DecisionRule (e.g. "
+                f"uba_auto.probe.DECISION_RULE), got {type(self.decision_rule).__name__}"
             )
         for name in ("trace", "density", "per_batch"):
             value = getattr(self, name)
@@ -168,5 +175,5 @@ class ProbeSettings:
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
         settings += (self.grad_clip, self.hvp_budget, self.graph_memory)
-        settings += (self.compact_basis, self.warm_start)
+        settings += (self.compact_basis, self.warm_start, self.decision_rule)
         return repr(settings)
