@@ -20,8 +20,10 @@ residual relative to the spectral scale r_m and the curvature noise σ_m along i
 prints the decision steps of the current rule and of the rule with the extra branch "stop at
 m ≥ 3 once r_m ≤ ρ and σ_m, σ_{m-1} ≥ M · gate" (the gated link's φ is 2 whatever σ is above
 its gate, 0.05), how often it fired, the worst later σ over σ at its stop, and how many runs
-later fell below the gate (a φ the branch would have got wrong). Nothing in the library uses the
-branch (BENCHMARKS.md §1 says why).
+later fell below the gate (a φ the branch would have got wrong). The branch as measured here
+(its ρ up to 0.5) was not shipped (BENCHMARKS.md §1 says why); what ships since 2026-12-07 for the
+gated links keeps the residual test at ``rtol`` and takes σ ≥ 4 × gate at two steps as settled
+(``DecisionRule.noise_ceiling``, BENCHMARKS.md §1, "A decision at two steps").
 """
 
 from __future__ import annotations
@@ -130,12 +132,18 @@ def record(which: str, steps: int) -> None:
 
 
 def current_stop(trace, rule: DecisionRule = DECISION_RULE) -> int:
-    """The step the shipped rule decides at (replayed), or the last step recorded."""
+    """The step ``rule`` decides at (replayed), or the last step recorded (the default: the plain
+    rule of ``probe_curvature``; ``auto_uba``'s gated links add a ``noise_ceiling``,
+    ``uba_auto.probe.rule_for_link``)."""
     previous = None
+    ceiling = rule.noise_ceiling
     for m, lam, res, sig in trace:
         settled = sig is None or (
             previous is not None
-            and abs(sig - previous) <= rule.noise_change * max(sig, rule.noise_floor)
+            and (
+                abs(sig - previous) <= rule.noise_change * max(sig, rule.noise_floor)
+                or (ceiling is not None and min(sig, previous) >= ceiling)
+            )
         )
         if m >= rule.min_steps and lam > 0 and settled and res <= rule.rtol:
             return m

@@ -228,3 +228,45 @@ def test_memory_arguments_are_checked():
     op = DenseOperator(torch.eye(4))
     with pytest.raises(TypeError, match="basis_dtype must be None"):
         lanczos(op, basis_dtype=torch.int32)
+
+
+class _Census(DenseOperator):
+    """A dense operator that counts, in every product, the distinct storages of length-``n``
+    vectors alive in the process (what a Lanczos run holds besides its compact rows)."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.most = 0
+
+    def _matvec(self, v):
+        import gc
+
+        n = self.size
+        storages = {
+            obj.untyped_storage().data_ptr()
+            for obj in gc.get_objects()
+            if isinstance(obj, torch.Tensor) and obj.dim() == 1 and obj.numel() == n
+        }
+        self.most = max(self.most, len(storages))
+        return super()._matvec(v)
+
+
+def test_the_decision_run_holds_four_vectors_of_the_parameters_size():
+    # Float32 with a compact basis, as auto_uba runs it: the two newest rows at full precision,
+    # the start vector (its normalised copy: the caller's is let go), the running sum of the
+    # batches' products, and nothing else at a product, however many steps the run takes. (Before
+    # 2026-12-07 the caller's start, a copy of it in the basis and the last step's unnormalised
+    # residual lived on as well.)
+    from uba_auto.probe.steps import projected_extremes
+
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen))[0]
+    mats = [q @ torch.diag(torch.linspace(-1.0, 3.0 + b, n)) @ q.T for b in range(3)]
+    ops = [_Census(m) for m in mats]
+    found = projected_extremes(
+        ops, [1 / 3] * 3, max_iters=12, tol=0.0, generator=gen, budget_steps=None,
+        basis_dtype=torch.float16, v0=torch.randn(n, generator=gen),
+    )  # fmt: skip
+    assert found.decision.reached and all(op.num_matvecs == 12 for op in ops)  # 12 steps run
+    assert max(op.most for op in ops) <= 4

@@ -375,7 +375,7 @@ class _CurvatureSequence:
         # sigma 0.5 -> 0.81 -> 0.92: far above a ceiling of 0.2, but moving by more than 10 %
         ([[0.5, 1.0, 1.5], [0.2, 1.0, 1.8], [0.1, 1.0, 1.94], [0.1, 1.0, 1.94]], 0.2, 2),
         ([[0.5, 1.0, 1.5], [0.2, 1.0, 1.8], [0.1, 1.0, 1.94], [0.1, 1.0, 1.94]], None, 4),
-        # sigma 0.1 -> 0.5: the first is under the ceiling, so only the change test can settle
+        # sigma 0.1 -> 0.5 -> 0.5: the ceiling does not fire at step 2 (0.1 is under it)
         ([[0.9, 1.0, 1.1], [0.5, 1.0, 1.5], [0.5, 1.0, 1.5]], 0.2, 3),
     ],
 )

@@ -126,7 +126,7 @@ class LanczosBasis:
             scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
             slot.copy_(v / scale)
             self._scales[self.rows] = scale
-            self._recent[self.rows] = v.clone()
+            self._recent[self.rows] = v  # kept, not copied: the solver never writes a row
             self._recent.pop(self.rows - 2, None)
         else:
             slot.copy_(v)
@@ -289,6 +289,7 @@ def run_lanczos(
             # clamp: an exact breakdown (w = 0) must not produce NaN before the next host check
             # finds it; the rows written after a breakdown are discarded there.
             basis.append(w / b.clamp_min(tiny))
+        del w  # not held through the next product (a vector of the operator's size)
 
         m = j + 1
         if m % check_every != 0 and m != max_steps:

@@ -111,7 +111,9 @@ def auto_uba(
             fitted, and 7-12 % worse than cosine on the demo's task, so not the default),
             ``"calibrated"`` (a power law in the curvature noise fitted to our study; it lost
             badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
-            :mod:`uba_auto.phi` and BENCHMARKS.md.
+            :mod:`uba_auto.phi` and BENCHMARKS.md. The link also sets when the probe's φ
+            decision stops (:func:`~uba_auto.probe.rule_for_link`: the gated links do not wait
+            for a curvature noise far above their gate to settle); ``decision_rule=`` overrides.
         phi_min, phi_max: the range φ is clamped to.
         curvature: ``"hessian"`` or ``"ggn"``.
         density: the spectral density for the report (pre-training probe only): ``None``
@@ -155,7 +157,7 @@ def auto_uba(
             sized down to the 2 % share (1 below about 1000 steps) kept much less of that gain
             on four of them (BENCHMARKS.md §2, finding 16).
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
-            ``mode``, ``dtype``).
+            ``mode``, ``dtype``, ``decision_rule``).
 
     Returns:
         An :class:`AutoUBA`.

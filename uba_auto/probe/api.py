@@ -174,7 +174,9 @@ def probe_curvature(
         decision_rule: when a budgeted Lanczos probe (``hvp_budget``) knows enough for the φ
             decision (:class:`~uba_auto.probe.DecisionRule`; default
             :data:`~uba_auto.probe.DECISION_RULE`). ``auto_uba`` passes the rule of its link
-            (:func:`~uba_auto.probe.projected.rule_for_link`).
+            (:func:`~uba_auto.probe.rule_for_link`). It stops the run on the mean of the
+            batches; the warm start on the first batch keeps its own stop
+            (:data:`~uba_auto.probe.steps.WARM_START_RULE`).
 
     Returns:
         A :class:`CurvatureEstimate`.

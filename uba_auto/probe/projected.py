@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._krylov import LanczosBasis
+from .._validation import check_int
 from ..linear_operator import SymmetricOperator
 
 __all__ = [
@@ -110,7 +111,9 @@ class DecisionRule:
     .. math::
 
         r_m \le \text{rtol}\,\max_i |\theta_i| \quad\text{and}\quad
-        |\sigma_m - \sigma_{m-1}| \le \text{noise\_change}\cdot\max(\sigma_m, \text{noise\_floor}).
+        \Big(|\sigma_m - \sigma_{m-1}|
+        \le \text{noise\_change}\cdot\max(\sigma_m, \text{noise\_floor})
+        \ \text{or}\ \min(\sigma_m, \sigma_{m-1}) \ge \text{noise\_ceiling}\Big).
 
     With one batch only the residual test applies. ``max_steps``: the decision is taken there at
     the latest (with a note), so a run whose σ keeps moving cannot spend the whole budget on it.
@@ -154,9 +157,7 @@ class DecisionRule:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("min_steps", "max_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.min_steps > self.max_steps:
             raise ValueError(
                 f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})"

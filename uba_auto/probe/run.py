@@ -157,7 +157,7 @@ def run_probe(
             top_curvature, decision = None, None
             if settings.method == "lanczos":
                 batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
-                v0 = None
+                starts = []  # the start vector, handed to the extremes without a name here
                 if settings.warm_starts(num_found):
                     start = functools.partial(
                         warm_start,
@@ -168,7 +168,9 @@ def run_probe(
                     )
                     # Batch 0 of op: kept exactly when a one-batch operator would keep it
                     # (graph_memory's room for a product), else recomputed.
-                    v0 = ledger.spend("start", Tracked(op.batch_operator(0), bar, 1), start)
+                    starts.append(
+                        ledger.spend("start", Tracked(op.batch_operator(0), bar, 1), start)
+                    )
                 budget_steps, steps = None, max_iters
                 if budgeted:  # the decision first, whatever the budget, then what it allows
                     budget_steps = max(0, settings.hvp_budget - ledger.num_hvps) // num_found
@@ -184,7 +186,7 @@ def run_probe(
                         budget_steps=budget_steps,
                         rule=settings.decision_rule,
                         basis_dtype=basis_dtype,
-                        v0=v0,
+                        v0=starts.pop() if starts else None,
                     )
                 ledger.hvps["extremes"] = sum(b.hvps for b in batch_ops)
                 ext, top_curvature, decision = found.extremes, found.top_curvature, found.decision

@@ -161,7 +161,7 @@ class ProbeSettings:
     def planned_hvps(self, num_found: int) -> int:
         """The most single-batch HVPs the main path can spend (the progress bar's total)."""
         if self.hvp_budget is not None:
-            return max(self.hvp_budget, 3 * num_found)
+            return max(self.hvp_budget, self.decision_rule.min_steps * num_found)
         budget = self.budget(num_found)
         per_batch_runs = self.per_batch and num_found > 1
         total = budget * (2 if per_batch_runs else 1) + (num_found if num_found > 1 else 0)

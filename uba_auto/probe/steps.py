@@ -192,6 +192,7 @@ def projected_extremes(
         return decided and (tol_met or theta.size >= budget_steps)
 
     start = gaussian_unit_vector(first, generator) if v0 is None else check_v0(v0, first)
+    del v0  # the normalised copy is what the run needs: the caller's vector may go (run_probe)
     res = solve_lanczos(
         first,
         start,
