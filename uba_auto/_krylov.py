@@ -85,12 +85,13 @@ class LanczosBasis:
 
     With a ``storage`` dtype narrower than ``dtype`` (a compact basis, :func:`compact_dtype`), each
     row is stored in it, scaled by its largest entry (so float16 neither overflows nor flushes to
-    zero), and the two newest rows are also kept in ``dtype``: the three-term recurrence (the
-    tridiagonal's coefficients, the next vector) is computed at full precision, and only the
-    re-orthogonalisation against the older rows, whose coefficients are at rounding level, and
-    the Ritz vectors (:meth:`combine`) see the storage's rounding (relative :math:`2^{-11}` per
-    entry in float16). Memory: ``rows * itemsize(storage) + 2 * itemsize(dtype)`` per entry
-    instead of ``rows * itemsize(dtype)``.
+    zero), except the two newest rows, which are kept in ``dtype`` only (a row is stored when it
+    leaves them): the three-term recurrence (the tridiagonal's coefficients, the next vector) is
+    computed at full precision, and only the re-orthogonalisation against the older rows, whose
+    coefficients are at rounding level, and the Ritz vectors (:meth:`combine`) see the storage's
+    rounding (relative :math:`2^{-11}` per entry in float16). Memory: ``(rows - 2) *
+    itemsize(storage) + 2 * itemsize(dtype)`` per entry instead of ``rows * itemsize(dtype)``
+    (plus the unused rows of the last block).
 
     The re-orthogonalisation (:meth:`orthogonalize`) forms the older rows' coefficients with one
     matrix-vector product in the storage dtype per block (the vector scaled into its range,
@@ -118,19 +119,26 @@ class LanczosBasis:
         self._recent: dict[int, Tensor] = {}
 
     def append(self, v: Tensor) -> None:
-        if self.rows == len(self.blocks) * self.block:
-            size = min(self.block, self.max_rows - self.rows)
-            self.blocks.append(torch.empty((size, self.n), dtype=self.storage, device=self.device))
-        slot = self.blocks[-1][self.rows % self.block]
         if self.compact:
-            scale = v.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
-            slot.copy_(v / scale)
-            self._scales[self.rows] = scale
-            self._recent[self.rows] = v  # kept, not copied: the solver never writes a row
-            self._recent.pop(self.rows - 2, None)
+            # Kept, not copied (the solver never writes a row); a row goes to the storage when it
+            # leaves the newest two, so the storage holds the older rows only.
+            self._recent[self.rows] = v
+            old = self.rows - 2
+            if old >= 0:
+                row = self._recent.pop(old)
+                scale = row.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+                self._slot(old).copy_(row / scale)
+                self._scales[old] = scale
         else:
-            slot.copy_(v)
+            self._slot(self.rows).copy_(v)
         self.rows += 1
+
+    def _slot(self, j: int) -> Tensor:
+        """Stored row ``j`` (the next one to store), its block allocated when ``j`` starts one."""
+        if j == len(self.blocks) * self.block:
+            size = min(self.block, self.max_rows - j)
+            self.blocks.append(torch.empty((size, self.n), dtype=self.storage, device=self.device))
+        return self.blocks[j // self.block][j % self.block]
 
     def _stored(self, j: int) -> Tensor:
         return self.blocks[j // self.block][j % self.block]
