@@ -3,6 +3,8 @@ float64 ground truth, the uncapped operator and the full-precision basis."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from uba_auto._krylov import LanczosBasis, compact_dtype
 from uba_auto.curvature import GGNOperator, HessianOperator
 from uba_auto.lanczos import lanczos
 from uba_auto.linear_operator import DenseOperator
+from uba_auto.probe.steps import projected_extremes
 
 
 def _partial_cap(op_class, problem, **kw):
@@ -231,24 +234,27 @@ def test_memory_arguments_are_checked():
         lanczos(op, basis_dtype=torch.int32)
 
 
+def _vector_storages(n):
+    """Storages of the live 1-D tensors of length ``n`` (``type()``, not ``isinstance``: the gc
+    also lists dead weak proxies, on which ``isinstance`` raises)."""
+    return {
+        obj.untyped_storage().data_ptr()
+        for obj in gc.get_objects()
+        if issubclass(type(obj), torch.Tensor) and obj.dim() == 1 and obj.numel() == n
+    }
+
+
 class _Census(DenseOperator):
     """A dense operator that counts, in every product, the distinct storages of length-``n``
-    vectors alive in the process (what a Lanczos run holds besides its compact rows)."""
+    vectors alive in the process (what a Lanczos run holds besides its compact rows) that were
+    not alive before the run (``before``)."""
 
-    def __init__(self, matrix):
+    def __init__(self, matrix, before):
         super().__init__(matrix)
-        self.most = 0
+        self.before, self.most = before, 0
 
     def _matvec(self, v):
-        import gc
-
-        n = self.size
-        storages = {
-            obj.untyped_storage().data_ptr()
-            for obj in gc.get_objects()
-            if isinstance(obj, torch.Tensor) and obj.dim() == 1 and obj.numel() == n
-        }
-        self.most = max(self.most, len(storages))
+        self.most = max(self.most, len(_vector_storages(self.size) - self.before))
         return super()._matvec(v)
 
 
@@ -258,13 +264,13 @@ def test_the_decision_run_holds_four_vectors_of_the_parameters_size():
     # batches' products, and nothing else at a product, however many steps the run takes. (Before
     # 2026-12-07 the caller's start, a copy of it in the basis and the last step's unnormalised
     # residual lived on as well.)
-    from uba_auto.probe.steps import projected_extremes
-
     gen = torch.Generator().manual_seed(0)
-    n = 64
+    n = 67
     q = torch.linalg.qr(torch.randn(n, n, generator=gen))[0]
     mats = [q @ torch.diag(torch.linspace(-1.0, 3.0 + b, n)) @ q.T for b in range(3)]
-    ops = [_Census(m) for m in mats]
+    gc.collect()
+    before = _vector_storages(n)  # whatever earlier tests left behind
+    ops = [_Census(m, before) for m in mats]
     found = projected_extremes(
         ops, [1 / 3] * 3, max_iters=12, tol=0.0, generator=gen, budget_steps=None,
         basis_dtype=torch.float16, v0=torch.randn(n, generator=gen),
