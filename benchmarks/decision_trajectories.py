@@ -136,16 +136,8 @@ def current_stop(trace, rule: DecisionRule = DECISION_RULE) -> int:
     rule of ``probe_curvature``; ``auto_uba``'s gated links add a ``noise_ceiling``,
     ``uba_auto.probe.rule_for_link``)."""
     previous = None
-    ceiling = rule.noise_ceiling
     for m, lam, res, sig in trace:
-        settled = sig is None or (
-            previous is not None
-            and (
-                abs(sig - previous) <= rule.noise_change * max(sig, rule.noise_floor)
-                or (ceiling is not None and min(sig, previous) >= ceiling)
-            )
-        )
-        if m >= rule.min_steps and lam > 0 and settled and res <= rule.rtol:
+        if m >= rule.min_steps and lam > 0 and rule.settled(sig, previous) and res <= rule.rtol:
             return m
         previous = sig
     return trace[-1][0]

@@ -138,7 +138,7 @@ class LanczosBasis:
         if j == len(self.blocks) * self.block:
             size = min(self.block, self.max_rows - j)
             self.blocks.append(torch.empty((size, self.n), dtype=self.storage, device=self.device))
-        return self.blocks[j // self.block][j % self.block]
+        return self._stored(j)
 
     def _stored(self, j: int) -> Tensor:
         return self.blocks[j // self.block][j % self.block]

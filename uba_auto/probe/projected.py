@@ -168,6 +168,17 @@ class DecisionRule:
         ):
             raise ValueError(f"noise_ceiling must be None (off) or a number > 0, got {ceiling!r}")
 
+    def settled(self, sigma: float | None, previous: float | None) -> bool:
+        """The σ half of the rule: σ at this step (``None``: one batch, nothing to settle) against
+        σ at the previous step (``None``: none yet)."""
+        if sigma is None:
+            return True
+        if previous is None:
+            return False
+        if abs(sigma - previous) <= self.noise_change * max(sigma, self.noise_floor):
+            return True
+        return self.noise_ceiling is not None and min(sigma, previous) >= self.noise_ceiling
+
 
 DECISION_RULE = DecisionRule()
 """The rule the probe uses (:class:`DecisionRule`'s defaults)."""
@@ -239,15 +250,7 @@ class DecisionMonitor:
         self._last = DecisionPoint(m, float(theta[-1]), sigma, residual, False)
         if m < self.rule.min_steps or not theta[-1] > 0:
             return False
-        ceiling = self.rule.noise_ceiling
-        settled = sigma is None or (
-            previous is not None
-            and (
-                abs(sigma - previous) <= self.rule.noise_change * max(sigma, self.rule.noise_floor)
-                or (ceiling is not None and min(sigma, previous) >= ceiling)
-            )
-        )
-        if residual <= self.rule.rtol and settled:
+        if residual <= self.rule.rtol and self.rule.settled(sigma, previous):
             self.point = DecisionPoint(m, float(theta[-1]), sigma, residual, True)
         elif m >= self.rule.max_steps:
             self.point = self._last
