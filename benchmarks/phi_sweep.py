@@ -58,6 +58,7 @@ import torch  # noqa: E402
 
 import uba_auto  # noqa: E402
 from benchmarks.tasks import (  # noqa: E402
+    HOLD_TEST_TASK_NAMES,
     HOLDOUT_TASK_NAMES,
     REPRESENTATIVE_TASK_NAMES,
     TASK_NAMES,
@@ -796,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks",
         nargs="+",
         default=None,
-        choices=TASK_NAMES + HOLDOUT_TASK_NAMES + REPRESENTATIVE_TASK_NAMES,
+        choices=TASK_NAMES + HOLDOUT_TASK_NAMES + REPRESENTATIVE_TASK_NAMES + HOLD_TEST_TASK_NAMES,
         help="default: the five calibration tasks (with --extend: every task of the file); the "
         "out-of-sample ones are "
         + " ".join(HOLDOUT_TASK_NAMES)

@@ -115,6 +115,7 @@ from benchmarks.vision_models import DigitsResNet, DigitsViT, random_translate
 
 __all__ = [
     "HELDOUT_REPRESENTATIVE_TASK_NAMES",
+    "HOLD_TEST_TASK_NAMES",
     "HOLDOUT_TASK_NAMES",
     "REPRESENTATIVE_TASK_NAMES",
     "TASK_NAMES",
@@ -866,6 +867,236 @@ def _vit_adamw() -> Task:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# The hold rule's test tasks (benchmarks/results/prereg_hold_rule.md): built and first trained after
+# that rule and its constant were committed; never used to fit anything.
+
+LSTM_CONTEXT = 32
+LSTM_HIDDEN = 128
+LSTM_EMBED = 32
+LSTM_BETAS = (0.9, 0.99)
+LSTM_WEIGHT_DECAY = 0.01
+DOC_MODULES = (
+    "collections", "itertools", "functools", "string", "textwrap", "json", "re", "random",
+    "statistics", "fractions", "decimal", "heapq", "bisect", "shutil", "pathlib", "argparse",
+    "logging", "datetime", "calendar", "difflib",
+)  # fmt: skip
+
+
+@functools.cache
+def _docstring_text() -> str:
+    """The docstrings of :data:`DOC_MODULES` and their public members, in a fixed order (the
+    text depends on the Python version; its hash is in the task's ``meta``)."""
+    import importlib
+    import inspect
+
+    parts: list[str] = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        objects = [module] + [
+            getattr(module, attr) for attr in sorted(vars(module)) if not attr.startswith("_")
+        ]
+        for obj in objects:
+            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+            if doc and doc not in parts:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+class CharLSTM(nn.Module):
+    """Embedding -> one LSTM layer -> linear read-out, every position predicted."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out)
+
+
+def _lstm_adamw() -> Task:
+    text = _docstring_text()
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(codes))
+    train_codes, held_codes = codes[:split], codes[split:]
+    c = LSTM_CONTEXT
+    x_train, y_train = train_codes[:-1].unfold(0, c, 1), train_codes[1:].unfold(0, c, 1)
+    x_held, y_held = held_codes[:-1].unfold(0, c, c), held_codes[1:].unfold(0, c, c)
+    num_vocab = len(vocab)
+
+    def optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        groups = adamw_param_groups(model, LSTM_WEIGHT_DECAY)
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=LSTM_BETAS, eps=1e-8)
+
+    return Task(
+        name="lstm_adamw",
+        description=(
+            f"char LSTM LM (emb{LSTM_EMBED}, 1 layer, hidden {LSTM_HIDDEN}, ctx {c}) on stdlib "
+            f"docstrings, AdamW {LSTM_BETAS} wd {LSTM_WEIGHT_DECAY:g}, 5% warm-up, clip 1, batch 32"
+        ),
+        kind="classification",
+        model_factory=functools.partial(CharLSTM, num_vocab, LSTM_EMBED, LSTM_HIDDEN),
+        loss_fn=lm_cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=32,
+        momentum=0.0,
+        budgets=(400, 1200),
+        expected_regime={400: "under-fit", 1200: "under-fit"},
+        # A common AdamW default for small recurrent LMs, the centre of the x0.25..x4 grid.
+        base_lr={400: 4e-3, 1200: 4e-3},
+        curve_eval_size=128,
+        train_eval_size=512,
+        optimizer_factory=optimizer,
+        optimizer_name=(
+            f"AdamW(betas={LSTM_BETAS}, eps=1e-8, weight_decay={LSTM_WEIGHT_DECAY:g} on the "
+            "linear read-out's weight, 0 elsewhere)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "num_chars": len(text),
+            "vocab_size": num_vocab,
+            "modules": list(DOC_MODULES),
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "heldout": "last 10% of the characters, non-overlapping windows",
+        },
+    )
+
+
+NOISY_FLIP = 0.15
+NOISY_TRAIN = 400
+NOISY_WEIGHT_DECAY = 0.01
+
+
+def _noisy_mlp_adamw() -> Task:
+    from sklearn.datasets import make_classification
+
+    # flip_y relabels that share of the examples at random: the held-out labels carry the same
+    # noise, so memorising the train set's wrong labels raises the held-out loss.
+    x, y = make_classification(
+        n_samples=2000,
+        n_features=20,
+        n_informative=10,
+        n_redundant=4,
+        n_classes=4,
+        flip_y=NOISY_FLIP,
+        class_sep=1.0,
+        random_state=DATA_SEED,
+    )
+    train, held = _split(len(y), NOISY_TRAIN)
+    x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
+    y_t = torch.tensor(y, dtype=torch.long)
+
+    def model() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(20, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4)
+        )
+
+    def optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        groups = adamw_param_groups(model, NOISY_WEIGHT_DECAY)
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
+
+    return Task(
+        name="noisy_mlp_adamw",
+        description=(
+            f"GELU MLP 20-256-256-4 on {NOISY_TRAIN} synthetic rows, {NOISY_FLIP:.0%} labels "
+            f"flipped, AdamW (0.9, 0.999) wd {NOISY_WEIGHT_DECAY:g}, 5% warm-up, batch 32"
+        ),
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_t[train],
+        x_heldout=x_held,
+        y_heldout=y_t[held],
+        batch_size=32,
+        momentum=0.0,
+        budgets=(300, 1500),
+        expected_regime={300: "over-fit", 1500: "over-fit"},
+        base_lr={300: 1e-3, 1500: 1e-3},
+        optimizer_factory=optimizer,
+        optimizer_name=(
+            f"AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay={NOISY_WEIGHT_DECAY:g} on the "
+            "weight matrices)"
+        ),
+        warmup_fraction=0.05,
+        meta={"flip_y": NOISY_FLIP, "generator": "sklearn make_classification, 4 classes"},
+    )
+
+
+BN_MLP_TRAIN = 3000
+BN_WEIGHT_DECAY = 5e-4
+
+
+def _bn_mlp_sgd() -> Task:
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=4000,
+        n_features=32,
+        n_informative=16,
+        n_redundant=8,
+        n_classes=8,
+        n_clusters_per_class=2,
+        flip_y=0.02,
+        class_sep=1.5,
+        random_state=DATA_SEED + 7,
+    )
+    train, held = _split(len(y), BN_MLP_TRAIN)
+    x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
+    y_t = torch.tensor(y, dtype=torch.long)
+
+    def model() -> nn.Module:
+        layers: list[nn.Module] = []
+        width = 32
+        for _ in range(3):
+            layers += [nn.Linear(width, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU()]
+            width = 128
+        return nn.Sequential(*layers, nn.Linear(128, 8))
+
+    def optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=peak_lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=BN_WEIGHT_DECAY,
+        )
+
+    return Task(
+        name="bn_mlp_sgd",
+        description=(
+            f"MLP 32-128-128-128-8 with BatchNorm on {BN_MLP_TRAIN} synthetic rows (8 classes), "
+            f"SGD Nesterov 0.9 wd {BN_WEIGHT_DECAY:g}, batch 64"
+        ),
+        kind="classification",
+        model_factory=model,
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_t[train],
+        x_heldout=x_held,
+        y_heldout=y_t[held],
+        batch_size=64,
+        momentum=0.0,  # unused: the task declares its optimizer
+        budgets=(400, 1600),
+        expected_regime={400: "under-fit", 1600: "over-fit"},
+        base_lr={400: 0.1, 1600: 0.1},
+        optimizer_factory=optimizer,
+        optimizer_name=(
+            f"SGD(momentum=0.9, nesterov=True, weight_decay={BN_WEIGHT_DECAY:g} on every parameter)"
+        ),
+        meta={"generator": "sklearn make_classification, 8 classes, 2 clusters each"},
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Task]] = {
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
@@ -899,6 +1130,16 @@ HELDOUT_REPRESENTATIVE_TASK_NAMES: tuple[str, ...] = tuple(_HELDOUT_REPRESENTATI
 the rule to test on them is written down)."""
 
 
+_HOLD_TEST_BUILDERS: dict[str, Callable[[], Task]] = {
+    "lstm_adamw": _lstm_adamw,
+    "noisy_mlp_adamw": _noisy_mlp_adamw,
+    "bn_mlp_sgd": _bn_mlp_sgd,
+}
+HOLD_TEST_TASK_NAMES: tuple[str, ...] = tuple(_HOLD_TEST_BUILDERS)
+"""The hold rule's test tasks (``benchmarks/results/prereg_hold_rule.md``): first trained after
+that rule was committed, kept out of every fit."""
+
+
 @functools.cache
 def get_task(name: str) -> Task:
     """The task called ``name``, built once per process."""
@@ -907,6 +1148,7 @@ def get_task(name: str) -> Task:
         **_HOLDOUT_BUILDERS,
         **_REPRESENTATIVE_BUILDERS,
         **_HELDOUT_REPRESENTATIVE_BUILDERS,
+        **_HOLD_TEST_BUILDERS,
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; valid names are {list(builders)}")
