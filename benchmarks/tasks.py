@@ -115,8 +115,8 @@ from benchmarks.vision_models import DigitsResNet, DigitsViT, random_translate
 
 __all__ = [
     "HELDOUT_REPRESENTATIVE_TASK_NAMES",
-    "HOLD_TEST_TASK_NAMES",
     "HOLDOUT_TASK_NAMES",
+    "HOLD_TEST_TASK_NAMES",
     "REPRESENTATIVE_TASK_NAMES",
     "TASK_NAMES",
     "Task",
