@@ -38,10 +38,10 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uba_auto
-from benchmarks.tasks import HOLDOUT_TASK_NAMES, get_task
-from benchmarks.train import train
+from benchmarks.tasks import HOLD_TEST_TASK_NAMES, HOLDOUT_TASK_NAMES, get_task
+from benchmarks.train import ScheduleSpec, train
 
-PHIS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+OUT_OF_SAMPLE = HOLDOUT_TASK_NAMES + HOLD_TEST_TASK_NAMES
 
 
 def _init_worker() -> None:
@@ -57,14 +57,21 @@ def _run(job: tuple) -> dict:
         twin = task.make_model(seed)
         twin.train()
         batches = list(itertools.islice(task.batches(seed), num_batches))
+        # A task with its own optimizer (AdamW, SGD with weight decay...) is probed with the
+        # twin's own optimizer, fresh like the real one before its first step (the probe reads
+        # its preconditioner and decay, on the twin's parameters); the real run then gets the
+        # UBA schedule of the phi chosen, the sweep's own schedule code for that phi. The plain
+        # SGD tasks keep auto_uba's scheduler on the real optimizer, as in the stored results.
+        own = task.optimizer_factory is not None
         t0 = time.perf_counter()
         auto = uba_auto.auto_uba(
             twin,
             batches,
             budget,
-            optimizer=opt,
+            optimizer=task.make_optimizer(twin, peak_lr) if own else opt,
             loss_fn=task.loss_fn,
             num_batches=num_batches,
+            warmup_steps=task.warmup_steps(budget),  # train() requires the task's warm-up
             link=link,
             density=False,
             per_batch=False,
@@ -77,7 +84,10 @@ def _run(job: tuple) -> dict:
             kappa=auto.report.kappa,
             probe_s=time.perf_counter() - t0,
             hvps=auto.report.estimate.num_hvps,
+            reason=auto.report.reason,
         )
+        if own:
+            return ScheduleSpec("uba", auto.phi).factory(budget, task.warmup_steps(budget))(opt)
         return auto.scheduler
 
     t0 = time.perf_counter()
@@ -147,7 +157,12 @@ def main() -> None:
                 if r["task"] == c["task"] and r["budget"] == c["budget"] and r["link"] == link
             ]
             sched = c["schedules"]
-            fixed = {p: sched[f"phi={p:g}"]["heldout_loss_mean"] for p in PHIS}
+            # the sweep's own grid (the wide sweeps reach 1/32)
+            fixed = {
+                float(k[4:]): v["heldout_loss_mean"]
+                for k, v in sched.items()
+                if k.startswith("phi=")
+            }
             best_phi = min(fixed, key=fixed.get)
             auto_loss = statistics.mean(r["heldout"] for r in mine)
             cos = sched["cosine"]["heldout_loss_mean"]
@@ -155,7 +170,7 @@ def main() -> None:
             gap_cos = auto_loss / cos - 1
             within += gap_best <= 0.01
             not_worse += gap_cos <= 0.01
-            part = split["out-of-sample" if c["task"] in HOLDOUT_TASK_NAMES else "calibration"]
+            part = split["out-of-sample" if c["task"] in OUT_OF_SAMPLE else "calibration"]
             part[0] += gap_best <= 0.01
             part[1] += gap_cos <= 0.01
             part[2] += 1
@@ -193,10 +208,10 @@ def main() -> None:
                     "tasks_within_1pct_in_both_budgets": sum(
                         ok
                         for t, ok in task_ok.items()
-                        if (t in HOLDOUT_TASK_NAMES) == (name == "out-of-sample")
+                        if (t in OUT_OF_SAMPLE) == (name == "out-of-sample")
                     ),
                     "num_tasks": sum(
-                        (t in HOLDOUT_TASK_NAMES) == (name == "out-of-sample") for t in task_ok
+                        (t in OUT_OF_SAMPLE) == (name == "out-of-sample") for t in task_ok
                     ),
                 }
                 for name, (w, nw, n) in split.items()

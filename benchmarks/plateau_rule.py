@@ -375,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         help="heldout mode: take the grid's runs of a cell from these earlier heldout results "
         "(the same task, budget, peak and seeds) and train only the rule",
     )
+    parser.add_argument(
+        "--peaks-from",
+        type=Path,
+        default=None,
+        metavar="SWEEP.json",
+        help="heldout mode: each cell's peak rate from this phi_sweep result (its cosine-tuned "
+        "peak for the task and budget) instead of the task's base_lr",
+    )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -409,10 +417,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cells.append((cell["task"], cell["budget"], cell["peak_lr"], cell))
     else:
+        tuned = {}
+        if args.peaks_from is not None:
+            sweep = json.loads(args.peaks_from.read_text())
+            tuned = {(c["task"], c["budget"]): c["peak_lr"] for c in sweep["cells"]}
         for name in args.tasks or T.HELDOUT_REPRESENTATIVE_TASK_NAMES:
             task = T.get_task(name)
             for budget in args.budgets or sorted(task.base_lr):
-                cells.append((name, budget, task.base_lr[budget], None))
+                if args.peaks_from is not None and (name, budget) not in tuned:
+                    parser.error(f"{args.peaks_from} has no cell {name}/{budget}")
+                peak = tuned.get((name, budget), task.base_lr[budget])
+                cells.append((name, budget, peak, None))
     reused = _reusable_grids(args.reuse_grid, args.seeds)
     for name, budget, peak, _ in cells:
         grid = [g for g in GRID if not args.grid or g.label in args.grid or g.label == "phi=2"]

@@ -469,3 +469,44 @@ def test_equal_cost_rule_runs_fit_training_and_every_check_in_the_budget(name, b
     assert steps + cost(steps) <= budget
     assert all(s + cost(s) > budget for s in range(steps + 1, budget + 1))
     assert R.check_cost(task, steps, 8) == pytest.approx(cost(steps))
+
+
+def test_hold_test_tasks_are_new_and_classified_as_the_preregistration_says():
+    """The hold rule's test tasks (benchmarks/results/prereg_hold_rule.md): in no other registry,
+    and each a self-stabilising run of the kind it was built to test."""
+    from benchmarks.tasks import (
+        HELDOUT_REPRESENTATIVE_TASK_NAMES,
+        HOLD_TEST_TASK_NAMES,
+        HOLDOUT_TASK_NAMES,
+        TASK_NAMES,
+    )
+    from uba_auto.phi import self_stabilising
+
+    assert HOLD_TEST_TASK_NAMES == ("lstm_adamw", "noisy_mlp_adamw", "bn_mlp_sgd")
+    others = (
+        set(TASK_NAMES)
+        | set(HOLDOUT_TASK_NAMES)
+        | set(REPRESENTATIVE_TASK_NAMES)
+        | set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
+    )
+    assert not others & set(HOLD_TEST_TASK_NAMES)
+    kinds = {}
+    for name in HOLD_TEST_TASK_NAMES:
+        task = get_task(name)
+        model = task.make_model(0)
+        kinds[name] = self_stabilising(
+            model, task.make_optimizer(model, task.base_lr[task.budgets[0]])
+        )
+        x, y = next(task.batches(0))
+        assert torch.isfinite(task.loss_fn(model(x), y))
+    assert kinds["lstm_adamw"].startswith("AdamW is an adaptive")
+    assert kinds["noisy_mlp_adamw"].startswith("AdamW is an adaptive")
+    assert (
+        kinds["bn_mlp_sgd"].startswith("SGD with weight decay 0.0005")
+        and "BatchNorm1d" in (kinds["bn_mlp_sgd"])
+    )
+    # The calibration SGD tasks are not self-stabilising: the hold link leaves their phi alone.
+    for name in TASK_NAMES:
+        task = get_task(name)
+        model = task.make_model(0)
+        assert self_stabilising(model, task.make_optimizer(model, 0.1)) is None, name

@@ -228,7 +228,7 @@ def test_choose_phi_one_batch_is_treated_as_full_batch(estimate):
 
 
 def test_links_registry_names_and_immutability():
-    assert list(P.LINKS) == ["gated", "gated-edge", "calibrated", "chebyshev"]
+    assert list(P.LINKS) == ["gated", "gated-edge", "hold", "calibrated", "chebyshev"]
     assert all(isinstance(link, P.Link) and link.name == name for name, link in P.LINKS.items())
     with pytest.raises(TypeError):
         P.LINKS["mine"] = P.LINKS["gated"]  # type: ignore[index]

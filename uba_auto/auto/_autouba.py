@@ -24,7 +24,7 @@ from torch import nn
 from .._distributed import Communicator, is_communication_failure
 from .._loaders import BatchStream
 from .._validation import check_int
-from ..phi import LINKS
+from ..phi import LINKS, self_stabilising
 from ..probe import CurvatureEstimate, ProbeSettings, rule_for_link, run_probe
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import UBAScheduler
@@ -275,8 +275,9 @@ class AutoUBA:
                 [peak.value] * len(optimizer.param_groups), settings.lr_min, settings.lr_min_ratio
             )
         edge = edge_fraction(est, as_pair(stability, peak), peak)  # the limit at the peak rate
+        stabiliser = self_stabilising(self.model, optimizer)
         try:
-            choice, error = choose(est, settings, peak, edge, settings.budget), None
+            choice, error = choose(est, settings, peak, edge, settings.budget, stabiliser), None
         except Exception as err:
             choice, error = None, err
         phi = None if choice is None else choice.phi
@@ -296,6 +297,7 @@ class AutoUBA:
             peak=peak,
             stability=stability,
             edge=edge,
+            stabiliser=stabiliser,
             seconds=time.perf_counter() - t0,
             notes=notes,
             probe_share=cost / settings.budget,
@@ -348,7 +350,7 @@ class AutoUBA:
                 "restart the budget at step 0 while the report's history goes on)"
             )
         settings = self._settings
-        state = adopt_optimizer(self._state, settings, optimizer)
+        state = adopt_optimizer(self._state, settings, optimizer, self.model)
         # Every rank builds its scheduler once: agree that phi is the same everywhere (a rank
         # whose optimizer differs could have re-chosen it differently above).
         error = agree_phi(self._comm, settings, None, state.phi, "building the scheduler")
@@ -444,7 +446,9 @@ class AutoUBA:
             batches = self._batches.draw(settings.num_batches)
             est = self._probe(batches, self._reestimation_optimizer(), density=False)
             remaining = settings.budget - step
-            choice = choose(est, settings, state.peak, state.edge_fraction, remaining)
+            choice = choose(
+                est, settings, state.peak, state.edge_fraction, remaining, state.stabiliser
+            )
         except Exception as err:  # a failed probe must never stop training
             if is_communication_failure(err):
                 raise  # the process group is broken: training cannot go on either

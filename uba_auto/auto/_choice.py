@@ -21,6 +21,7 @@ from ..phi import (
     PhiChoice,
     choose_phi,
     optimizer_stability,
+    self_stabilising,
     stability_fraction,
     stability_limit,
 )
@@ -193,10 +194,12 @@ def choose(
     peak: PeakRate,
     edge: float | None,
     remaining: int,
+    stabiliser: str | None = None,
 ) -> PhiChoice:
     """φ for ``remaining`` steps from ``estimate``, at the ``peak`` rate and ``edge`` fraction;
     under the validation plateau rule (``settings.plateau``) the rule's starting φ, with what the
-    link would have chosen in its reason (:func:`held_for_plateau`)."""
+    link would have chosen in its reason (:func:`held_for_plateau`). ``stabiliser``: for the
+    hold link (:func:`~uba_auto.phi.self_stabilising`)."""
     choice = choose_phi(
         estimate,
         peak_lr=peak.value,
@@ -205,6 +208,8 @@ def choose(
         phi_min=settings.phi_min,
         phi_max=settings.phi_max,
         edge_fraction=edge,
+        stabiliser=stabiliser,
+        warmup_steps=settings.warmup_steps,
     )
     return held_for_plateau(choice) if settings.plateau else choice
 
@@ -239,6 +244,11 @@ def phi_signal(choice: PhiChoice, settings: AutoSettings) -> str:
             "budget); the curvature is for this report"
         )
     link = LINKS[choice.link]
+    if choice.held_by is not None:
+        return (
+            "the optimizer and the model's normalisation layers (a self-stabilising run: hold "
+            "link), and the peak rate's share of the stability limit (its guard)"
+        )
     if choice.kappa is None:
         return f"nothing measured it could use ({choice.reason}): phi = {choice.phi:g}, cosine"
     if link.band == "budget":
@@ -292,6 +302,7 @@ def initial_state(
     peak: PeakRate,
     stability: OptimizerStability | None,
     edge: float | None,
+    stabiliser: str | None = None,
     seconds: float,
     notes: list[str],
     probe_share: float,
@@ -347,6 +358,7 @@ def initial_state(
         choice_warnings=tuple(choice.warnings),
         stability=as_pair(stability, peak),
         edge_fraction=edge,
+        stabiliser=stabiliser,
     )
 
 
@@ -354,7 +366,14 @@ def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
     """The pre-training φ chosen again for ``state``'s peak rate and edge (before any
     scheduler): the first record and the report follow, the old choice's warnings go."""
     report = state.report
-    choice = choose(report.estimate, settings, state.peak, state.edge_fraction, settings.budget)
+    choice = choose(
+        report.estimate,
+        settings,
+        state.peak,
+        state.edge_fraction,
+        settings.budget,
+        state.stabiliser,
+    )
     first = replace(report.history[0], kappa=choice.kappa, phi=choice.phi)
     kept = tuple(w for w in report.warnings if w not in state.choice_warnings)
     report = replace(
@@ -368,11 +387,14 @@ def _rechoose_initial(state: AutoState, settings: AutoSettings) -> AutoState:
     return replace(state, report=report, choice_warnings=tuple(choice.warnings))
 
 
-def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) -> AutoState:
+def adopt_optimizer(
+    state: AutoState, settings: AutoSettings, optimizer: Any, model: Any = None
+) -> AutoState:
     """``state`` after the first optimizer: its largest group rate replaces an assumed peak, and
     its stability limit (when the estimate measured the curvature it sees) goes to the report and
     to the gated-edge link. φ is chosen again if that changes anything and the choice is still
-    open (no re-estimation ran, the run is not resumed).
+    open (no re-estimation ran, the run is not resumed). ``model``: the trained module, for the
+    hold link's :func:`~uba_auto.phi.self_stabilising` (read when the state has none yet).
 
     Raises:
         ValueError: if ``lr_min`` exceeds a group's rate of an optimizer met only now.
@@ -393,9 +415,13 @@ def adopt_optimizer(state: AutoState, settings: AutoSettings, optimizer: Any) ->
             extra = stability_warning(rows, peak, settings.warmup_steps)
             report = replace(report, **rows, warnings=(*report.warnings, *extra))
             changed = changed or LINKS[settings.link].reads_edge
+    stabiliser = state.stabiliser
+    if open_choice and stabiliser is None:
+        stabiliser = self_stabilising(model, optimizer)
+        changed = changed or (stabiliser is not None and LINKS[settings.link].holds)
     if not changed:
-        return replace(state, stability=pair, report=report)
-    state = replace(state, peak=peak, stability=pair, report=report)
+        return replace(state, stability=pair, report=report, stabiliser=stabiliser)
+    state = replace(state, peak=peak, stability=pair, report=report, stabiliser=stabiliser)
     if open_choice:
         edge = edge_fraction(state.report.estimate, pair, peak)
         return _rechoose_initial(replace(state, edge_fraction=edge), settings)

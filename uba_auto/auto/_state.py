@@ -167,6 +167,8 @@ class AutoState:
             (:func:`~uba_auto.phi.optimizer_stability`), for the report and the gated-edge link
             (``None`` while unknown).
         edge_fraction: the peak rate as a fraction of that limit at init (``None`` if unknown).
+        stabiliser: why the run is self-stabilising (:func:`~uba_auto.phi.self_stabilising`,
+            read by the hold link), ``None`` if it is not or while no optimizer is known.
         pending_scheduler: a resumed scheduler's state, until ``make_scheduler`` loads it.
     """
 
@@ -176,6 +178,7 @@ class AutoState:
     choice_warnings: tuple[str, ...] = ()
     stability: tuple[float, float] | None = None
     edge_fraction: float | None = None
+    stabiliser: str | None = None
     pending_scheduler: Mapping[str, Any] | None = None
 
     @property
@@ -216,6 +219,7 @@ class AutoState:
             "choice_warnings": list(self.choice_warnings),
             "stability": None if self.stability is None else list(self.stability),
             "edge_fraction": self.edge_fraction,
+            "stabiliser": self.stabiliser,
             "settings": settings.to_dict(),
         }
 
@@ -247,6 +251,7 @@ class AutoState:
             choice_warnings=tuple(state.get("choice_warnings", ())),
             stability=None if stability is None else (float(stability[0]), float(stability[1])),
             edge_fraction=state.get("edge_fraction"),
+            stabiliser=state.get("stabiliser"),
             pending_scheduler=state["scheduler"],
         )
 

@@ -26,6 +26,11 @@ peak rate η can act on in T steps (:math:`\lambda_{+}` the smallest positive ei
   :math:`\ell` the :func:`stability_limit` of ``torch.optim.SGD``, :math:`\eta\lambda < 2(1+\beta)`
   for heavy-ball momentum β, and :math:`w` its weight decay). The caller measures e once, at
   initialisation; without it (no SGD optimizer known) the link is the gated one, and says so.
+* ``"hold"``: φ = :data:`HOLD_LINK_PHI` (1/4, the rate held near its peak) for a
+  self-stabilising run (:func:`self_stabilising`: an adaptive optimizer, or a normalisation layer
+  with weight decay), unless the run has no warm-up and its peak starts at or past the
+  optimizer's stability limit (e ≥ :data:`HOLD_EDGE_GUARD`); otherwise the gated φ.
+  Pre-registered and tested on tasks kept out of its choice: BENCHMARKS.md, §2.
 * ``"calibrated"``: :math:`\varphi = 2 ((\kappa_{mb} - 1)/(\kappa_c - 1))^{p}`, with
   :math:`\kappa_c` = :data:`KAPPA_COSINE` and :math:`p` = :data:`SENSITIVITY` fitted by
   ``benchmarks/calibrate_phi.py``: more spread, larger φ (earlier decay); :math:`\kappa_c` is
@@ -48,11 +53,14 @@ selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_va
 """
 
 from ._bands import budget_condition_number, minibatch_condition_number
+from ._hold import ADAPTIVE_OPTIMIZERS, NORMALISERS, self_stabilising
 from ._links import (
     EDGE_FRACTION,
     EDGE_PHI,
     FALLBACK_PHI,
     GATE_NOISE,
+    HOLD_EDGE_GUARD,
+    HOLD_LINK_PHI,
     KAPPA_COSINE,
     LINKS,
     PHI_MAX,
@@ -76,12 +84,16 @@ from ._stability import (
 )
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
     "EDGE_FRACTION",
     "EDGE_PHI",
     "FALLBACK_PHI",
     "GATE_NOISE",
+    "HOLD_EDGE_GUARD",
+    "HOLD_LINK_PHI",
     "KAPPA_COSINE",
     "LINKS",
+    "NORMALISERS",
     "PHI_MAX",
     "PHI_MIN",
     "SENSITIVITY",
@@ -100,6 +112,7 @@ __all__ = [
     "phi_from_condition_number",
     "plateau_check_steps",
     "plateau_decision",
+    "self_stabilising",
     "stability_fraction",
     "stability_limit",
 ]

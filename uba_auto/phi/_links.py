@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .._validation import check_positive_finite
@@ -42,6 +42,14 @@ adaptive optimizer the same share of its own limit (on the preconditioned curvat
 untested."""
 EDGE_PHI = 1.0
 """The gated-edge link's φ for a peak rate far below the stability edge."""
+HOLD_LINK_PHI = 0.25
+"""The hold link's φ for a self-stabilising run (:func:`~uba_auto.phi.self_stabilising`).
+Pre-registered (``benchmarks/results/prereg_hold_rule.md``): of 1/32, 1/8, 1/4, 1/2 and 1, the
+smallest mean regret over the six swept cells of such runs (gpt_adamw, vit_adamw, resnet_bn at
+two budgets each)."""
+HOLD_EDGE_GUARD = 1.0
+"""Without a warm-up, the hold link gives the gated φ when the peak rate at initialisation is at
+least this share of the optimizer's stability limit (the limit itself: a theory constant)."""
 
 
 # The curves: unclamped φ of κ and the edge fraction (read by the gated-edge link only).
@@ -128,6 +136,9 @@ class PhiChoice:
     reason: str
     warnings: tuple[str, ...] = field(default=())
     edge_fraction: float | None = None
+    held_by: str | None = None
+    """The hold link's reason to hold the rate (the run's :func:`~uba_auto.phi.self_stabilising`
+    text) when it did; ``None`` for every other choice."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,8 @@ class Link:
             (the gated links: the gate, where φ is 2 whatever σ is); ``None``: φ may move with
             σ anywhere. ``auto_uba`` lets its probe's decision stop waiting on σ well above it
             (:func:`~uba_auto.probe.projected.rule_for_link`).
+        holds: the hold link: φ = :data:`HOLD_LINK_PHI` for a self-stabilising run (the
+            ``stabiliser`` argument), else the curve's φ; see :meth:`__call__`.
     """
 
     name: str
@@ -191,6 +204,7 @@ class Link:
     reason: Callable[[str, float, float, float | None], str]
     reads_edge: bool = False
     noise_flat_above: float | None = None
+    holds: bool = False
 
     def __post_init__(self) -> None:
         if self.band not in ("minibatch", "budget"):
@@ -220,9 +234,32 @@ class Link:
         phi_min: float = PHI_MIN,
         phi_max: float = PHI_MAX,
         edge_fraction: float | None = None,
+        stabiliser: str | None = None,
+        warmup_steps: int = 0,
     ) -> PhiChoice:
         """Choose φ from measured numbers (see :func:`choose_phi` for the arguments)."""
-        edge = edge_fraction if self.reads_edge else None
+        choice = self._from_curve(
+            inputs,
+            peak_lr=peak_lr,
+            budget=budget,
+            phi_min=phi_min,
+            phi_max=phi_max,
+            edge=(edge_fraction if self.reads_edge else None),
+        )
+        if not self.holds:
+            return choice
+        return _hold(choice, phi_min, phi_max, stabiliser, warmup_steps)
+
+    def _from_curve(
+        self,
+        inputs: LinkInputs,
+        *,
+        peak_lr: float | None,
+        budget: int,
+        phi_min: float,
+        phi_max: float,
+        edge: float | None,
+    ) -> PhiChoice:
         lam = inputs.lambda_max
         if not (math.isfinite(lam) and lam > 0):
             note = (
@@ -280,6 +317,47 @@ class Link:
         return PhiChoice(phi, raw, clamped, kappa, kind, self.name, why, tuple(notes), edge)
 
 
+def _hold(
+    choice: PhiChoice, phi_min: float, phi_max: float, stabiliser: str | None, warmup_steps: int
+) -> PhiChoice:
+    """The hold link's choice: :data:`HOLD_LINK_PHI` for a self-stabilising run, unless it has no
+    warm-up and starts at its stability edge; else ``choice`` (the gated curve's), said why."""
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if stabiliser is not None and not isinstance(stabiliser, str):
+        raise TypeError(f"stabiliser must be a str or None, got {type(stabiliser).__name__}")
+    gated = f"the gated curve reads phi = {choice.phi:.4g} ({choice.reason})"
+    edge = choice.edge_fraction
+    at_edge = not warmup_steps and edge is not None and edge >= HOLD_EDGE_GUARD
+    if stabiliser is None or at_edge:
+        why = (
+            "not a self-stabilising run (no adaptive optimizer, no normalisation layer with "
+            "weight decay, or no optimizer given)"
+            if stabiliser is None
+            else f"{stabiliser}, but without a warm-up the peak rate starts at {edge:.3g} of the "
+            f"optimizer's stability limit (>= {HOLD_EDGE_GUARD:g}): a held rate is unsafe"
+        )
+        return replace(choice, reason=f"hold link: {why}; {gated}")
+    phi = min(max(HOLD_LINK_PHI, phi_min), phi_max)
+    notes = []
+    if phi != HOLD_LINK_PHI:
+        notes.append(f"phi {HOLD_LINK_PHI:g} clamped to {phi:g} (range [{phi_min:g}, {phi_max:g}])")
+    return replace(
+        choice,
+        phi=phi,
+        phi_unclamped=HOLD_LINK_PHI,
+        clamped=phi != HOLD_LINK_PHI,
+        held_by=stabiliser,
+        reason=(
+            f"hold link: {stabiliser}: a self-stabilising run, so the rate is held near its peak "
+            f"(phi = {HOLD_LINK_PHI:g}); {gated}"
+        ),
+        # the curve's notes about sigma (few batches, a clamp) are about a phi not used; a
+        # fallback's note (no positive curvature) is kept: the report should still say it
+        warnings=tuple(w for w in choice.warnings if choice.kappa is None) + tuple(notes),
+    )
+
+
 def _fallback(link: str, reason: str, notes: list[str], edge: float | None) -> PhiChoice:
     return PhiChoice(
         FALLBACK_PHI, FALLBACK_PHI, False, None, "none (fallback)", link, reason, tuple(notes), edge
@@ -298,6 +376,15 @@ LINKS: Mapping[str, Link] = types.MappingProxyType(
                 _gated_edge_reason,
                 True,
                 noise_flat_above=GATE_NOISE,
+            ),
+            Link(
+                "hold",
+                "minibatch",
+                _gated_curve,
+                _gated_reason,
+                True,
+                noise_flat_above=GATE_NOISE,
+                holds=True,
             ),
             Link("calibrated", "minibatch", _calibrated_curve, _calibrated_reason),
             Link("chebyshev", "budget", _chebyshev_curve, _chebyshev_reason),
@@ -374,6 +461,8 @@ def choose_phi(
     phi_min: float = PHI_MIN,
     phi_max: float = PHI_MAX,
     edge_fraction: float | None = None,
+    stabiliser: str | None = None,
+    warmup_steps: int = 0,
 ) -> PhiChoice:
     """Choose φ from a :class:`~uba_auto.probe.CurvatureEstimate` (the links: :mod:`uba_auto.phi`).
 
@@ -388,7 +477,11 @@ def choose_phi(
         phi_min, phi_max: the clamp.
         edge_fraction: for the gated-edge link, the peak rate's distance to the stability edge at
             initialisation (:func:`stability_fraction`); ``None`` when the optimizer is unknown or
-            not SGD, which turns the edge gate off (said in the reason).
+            not SGD, which turns the edge gate off (said in the reason). The hold link reads it
+            too, for its guard.
+        stabiliser: for the hold link, why the run is self-stabilising
+            (:func:`~uba_auto.phi.self_stabilising`), or ``None`` (it is not, or unknown).
+        warmup_steps: the run's warm-up length (the hold link's edge guard applies without one).
     """
     return LINKS[check_link(link)](
         link_inputs(estimate),
@@ -397,4 +490,6 @@ def choose_phi(
         phi_min=phi_min,
         phi_max=phi_max,
         edge_fraction=edge_fraction,
+        stabiliser=stabiliser,
+        warmup_steps=warmup_steps,
     )
