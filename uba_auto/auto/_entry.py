@@ -109,8 +109,11 @@ def auto_uba(
             18 cells of our study), ``"gated-edge"`` (also φ = 1 when, with
             ``torch.optim.SGD``, the peak rate is under 3.8 % of the stability limit at init;
             fitted, and 7-12 % worse than cosine on the demo's task, so not the default),
-            ``"calibrated"`` (a power law in the curvature noise fitted to our study; it lost
-            badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
+            ``"hold"`` (φ = 1/4 for a self-stabilising run: an adaptive optimizer, or a
+            normaliser with weight decay, :func:`~uba_auto.phi.self_stabilising`; else the gated
+            φ; pre-registered and 1-25 % worse than cosine in 3 of 6 test cells, so not the
+            default), ``"calibrated"`` (a power law in the curvature noise fitted to our
+            study; it lost badly there) or ``"chebyshev"`` (the theory-only link φ = 2κ); see
             :mod:`uba_auto.phi` and BENCHMARKS.md. The link also sets when the probe's φ
             decision stops (:func:`~uba_auto.probe.rule_for_link`: the gated links do not wait
             for a curvature noise far above their gate to settle); ``decision_rule=`` overrides.
