@@ -510,3 +510,24 @@ def test_hold_test_tasks_are_new_and_classified_as_the_preregistration_says():
         task = get_task(name)
         model = task.make_model(0)
         assert self_stabilising(model, task.make_optimizer(model, 0.1)) is None, name
+
+
+def test_generalisation_share_of_progress_on_known_curves():
+    """G(f) of benchmarks/generalisation_signal.py: 1 when the held-out loss falls as the training
+    loss does, 0 when it stays, negative when it rises, NaN when training did not fall."""
+    import math
+
+    from benchmarks.generalisation_signal import share_of_progress
+
+    steps = list(range(0, 101, 10))
+    train = [math.exp(-0.1 * i) for i in range(11)]
+
+    def run(held):
+        return dict(curve_steps=steps, budget=100, curve_train_loss=train, curve_heldout_loss=held)
+
+    assert share_of_progress(run(train), 0.3) == pytest.approx(1.0)
+    assert share_of_progress(run([1.0] * 11), 0.3) == pytest.approx(0.0)
+    rising = [math.exp(0.05 * i) for i in range(11)]
+    assert share_of_progress(run(rising), 0.3) == pytest.approx(-0.5)
+    flat = dict(run(train), curve_train_loss=[1.0] * 11)
+    assert math.isnan(share_of_progress(flat, 0.3))
