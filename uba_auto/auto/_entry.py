@@ -156,9 +156,10 @@ def auto_uba(
             nor under a process group of more than one rank.
         val_batches: validation batches per check (8). Fewer cost less but decide worse: at
             equal total cost (the checks' forward passes taken from the training budget), 8
-            batches still beat cosine on all five held-out cells of our benchmark; batches
-            sized down to the 2 % share (1 below about 1000 steps) kept much less of that gain
-            on four of them (BENCHMARKS.md §2, finding 16).
+            batches still beat cosine on all five held-out cells of our benchmark as first
+            measured; batches sized down to the 2 % share (1 below about 1000 steps) kept much
+            less of that gain on four of them (BENCHMARKS.md §2, finding 16; the image cells'
+            figures did not reproduce on another machine, finding 20).
         **probe_kwargs: passed to :func:`~uba_auto.probe.probe_curvature` (e.g. ``max_hvps``,
             ``mode``, ``dtype``, ``decision_rule``).
 
