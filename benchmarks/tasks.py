@@ -92,8 +92,18 @@ One 1200-step run at ``base_lr`` on one thread: 21 s of CPU time for ``resnet_bn
 there); the results are bit-reproducible for a fixed thread count (the timing runs repeated the
 sweep's losses exactly).
 
+The hold rule's test tasks (:data:`HOLD_TEST_TASK_NAMES`;
+``benchmarks/results/prereg_hold_rule.md``) were built after that rule was committed:
+``lstm_adamw`` (a char LSTM LM on the docstrings of 20 stdlib modules, AdamW, warm-up,
+clipping), ``noisy_mlp_adamw`` (a GELU MLP on 400 synthetic rows with 15 % flipped labels,
+AdamW: built to over-fit) and ``bn_mlp_sgd`` (an MLP with BatchNorm on 3000 synthetic rows,
+Nesterov SGD with weight decay). Their ``base_lr`` is a common default for the optimizer, the
+centre of the sweep's grid; the tuned peaks are in ``benchmarks/results/phi_sweep_hold_test.json``.
+One run takes 0.5-18 s on one thread here.
+
 Use :func:`get_task` (cached per process), :data:`TASK_NAMES`, :data:`HOLDOUT_TASK_NAMES`,
-:data:`REPRESENTATIVE_TASK_NAMES` or :data:`HELDOUT_REPRESENTATIVE_TASK_NAMES`.
+:data:`REPRESENTATIVE_TASK_NAMES`, :data:`HELDOUT_REPRESENTATIVE_TASK_NAMES` or
+:data:`HOLD_TEST_TASK_NAMES`.
 """
 
 from __future__ import annotations
