@@ -99,7 +99,7 @@ clipping), ``noisy_mlp_adamw`` (a GELU MLP on 400 synthetic rows with 15 % flipp
 AdamW: built to over-fit) and ``bn_mlp_sgd`` (an MLP with BatchNorm on 3000 synthetic rows,
 Nesterov SGD with weight decay). Their ``base_lr`` is a common default for the optimizer, the
 centre of the sweep's grid; the tuned peaks are in ``benchmarks/results/phi_sweep_hold_test.json``.
-One run takes 0.5-18 s on one thread here.
+One run took 0.4-15 s of wall time on one thread here (the sweep, 2 workers on 2 cores).
 
 Use :func:`get_task` (cached per process), :data:`TASK_NAMES`, :data:`HOLDOUT_TASK_NAMES`,
 :data:`REPRESENTATIVE_TASK_NAMES`, :data:`HELDOUT_REPRESENTATIVE_TASK_NAMES` or
