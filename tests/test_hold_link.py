@@ -46,6 +46,10 @@ def test_adagrad_and_a_subclass_count_nadam_does_not():
     assert self_stabilising(None, torch.optim.Adagrad(params)).startswith("Adagrad is an adaptive")
     assert self_stabilising(None, MyAdamW(params)).startswith("MyAdamW is an adaptive")
     assert self_stabilising(_mlp(), torch.optim.NAdam(params)) is None  # not classified
+    # nor through the normaliser branch, which is derived for SGD-family updates only
+    normed = _mlp(nn.LayerNorm(5))
+    for cls in (torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax):
+        assert self_stabilising(normed, cls(normed.parameters(), weight_decay=1e-2)) is None
 
 
 @pytest.mark.parametrize(
@@ -121,7 +125,8 @@ def test_self_stabilising_holds_whatever_sigma(noise):
     assert choice.phi == HOLD_LINK_PHI == 0.25 and not choice.clamped
     assert choice.held_by == ADAM and choice.link == "hold"
     assert choice.reason.startswith(f"hold link: {ADAM}: a self-stabilising run")
-    assert choice.warnings == ()  # sigma's notes are about a phi not used
+    # sigma's notes are about a phi not used; the unchecked edge guard is said
+    assert [w for w in choice.warnings if "edge guard" not in w] == []
 
 
 def test_hold_is_clamped_and_says_so():
@@ -138,8 +143,30 @@ def test_edge_guard_applies_without_a_warm_up_only():
     assert HOLD(_inputs(0.3), warmup_steps=10, **at_edge).phi == 0.25
     below = HOLD(_inputs(0.3), peak_lr=0.1, budget=100, edge_fraction=0.99, stabiliser=ADAM)
     assert below.phi == 0.25 and below.edge_fraction == 0.99
-    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
         HOLD(_inputs(0.3), warmup_steps=-1, **at_edge)
+
+
+@pytest.mark.parametrize("link", ["hold", "gated", "gated-edge", "calibrated"])
+def test_every_link_checks_the_new_arguments(link):
+    kw = dict(peak_lr=0.1, budget=100)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        LINKS[link](_inputs(0.3), warmup_steps=-1, **kw)
+    with pytest.raises(TypeError, match="warmup_steps must be an int"):
+        LINKS[link](_inputs(0.3), warmup_steps=2.5, **kw)
+    with pytest.raises(TypeError, match="stabiliser must be a str or None"):
+        LINKS[link](_inputs(0.3), stabiliser=5, **kw)
+    # the other links ignore a stabiliser: the same choice with or without one
+    if link != "hold":
+        assert LINKS[link](_inputs(0.3), stabiliser=ADAM, **kw) == LINKS[link](_inputs(0.3), **kw)
+
+
+def test_an_unknown_edge_without_a_warm_up_holds_and_says_the_guard_was_not_checked():
+    choice = HOLD(_inputs(0.3), peak_lr=0.1, budget=100, stabiliser=ADAM)
+    assert choice.phi == 0.25
+    assert any("edge guard could not be checked" in w for w in choice.warnings)
+    warm = HOLD(_inputs(0.3), peak_lr=0.1, budget=100, stabiliser=ADAM, warmup_steps=5)
+    assert not any("edge guard" in w for w in warm.warnings)
 
 
 def test_no_positive_curvature_keeps_the_fallback_note():
@@ -228,3 +255,21 @@ def test_a_run_at_its_edge_without_norms_never_holds():
     auto = auto_uba(model, problem.batches, 400, **kw)
     assert auto._state.stabiliser is None
     assert auto.report.estimate.curvature_noise >= GATE_NOISE and auto.phi == 2.0
+
+
+def test_auto_uba_guards_a_run_at_its_edge_without_a_warm_up():
+    """Adam at a peak far past its stability limit and no warm-up: the hold link gives the gated
+    phi when the optimizer is given to auto_uba (its limit known), and holds with a warning when
+    it is met only at make_scheduler (the preconditioned curvature was not measured)."""
+    problem, model = _problem()
+    kw = dict(loss_fn=problem.loss, link="hold", **CHEAP)
+    given = auto_uba(
+        model, problem.batches, 400, optimizer=torch.optim.Adam(model.parameters(), lr=10.0), **kw
+    )
+    assert given.report.edge_fraction >= 1 and given.phi == 2.0
+    assert "stability limit (>= 1): a held rate is unsafe" in given.report.reason
+    late = auto_uba(model, problem.batches, 400, **kw)
+    late.make_scheduler(torch.optim.Adam(model.parameters(), lr=10.0))
+    assert late.phi == 0.25 and late.report.edge_fraction is None
+    assert any("edge guard could not be checked" in w for w in late.report.warnings)
+    assert "could not be checked" in late.report.phi_signal

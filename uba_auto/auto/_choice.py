@@ -245,10 +245,15 @@ def phi_signal(choice: PhiChoice, settings: AutoSettings) -> str:
         )
     link = LINKS[choice.link]
     if choice.held_by is not None:
-        return (
-            "the optimizer and the model's normalisation layers (a self-stabilising run: hold "
-            "link), and the peak rate's share of the stability limit (its guard)"
+        guard = (
+            "; the edge guard is off with a warm-up"
+            if settings.warmup_steps
+            else "; the peak rate's share of the stability limit was its guard"
+            if choice.edge_fraction is not None
+            else "; its edge guard could not be checked (stability limit unknown)"
         )
+        who = f"the run's optimizer and model, a self-stabilising run: {choice.held_by}"
+        return f"{who} (hold link){guard}"
     if choice.kappa is None:
         return f"nothing measured it could use ({choice.reason}): phi = {choice.phi:g}, cosine"
     if link.band == "budget":

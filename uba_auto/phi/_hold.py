@@ -10,11 +10,11 @@ pull built in, and there the study's swept cells all wanted the rate held (BENCH
   preconditioned sharpness rides its limit instead of running past it (Cohen et al. 2022,
   "Adaptive gradient methods at the edge of stability");
 * a model with a **normalisation layer** (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) trained
-  by an SGD-family optimizer with **weight decay** on some param group: the weights before a
-  normaliser are scale-invariant, their curvature falls as their norm grows, and weight decay
-  settles that norm at an equilibrium instead of letting the effective rate run away (Li & Arora
-  2019, "An exponential learning rate schedule for deep learning"; Wan et al. 2021, "Spherical
-  motion dynamics").
+  by ``torch.optim.SGD`` (or a subclass) with **weight decay** on some param group: the weights
+  before a normaliser are scale-invariant, their curvature falls as their norm grows, and weight
+  decay settles that norm at an equilibrium instead of letting the effective rate run away (Li &
+  Arora 2019, "An exponential learning rate schedule for deep learning"; Wan et al. 2021,
+  "Spherical motion dynamics").
 
 :func:`self_stabilising` says which, in words, or ``None``. The rule and its constant were
 pre-registered (``benchmarks/results/prereg_hold_rule.md``) before the tasks it was tested on ran.
@@ -83,8 +83,8 @@ def self_stabilising(model: nn.Module | None, optimizer: Any) -> str | None:
     name = type(optimizer).__name__
     if isinstance(optimizer, ADAPTIVE_OPTIMIZERS):
         return f"{name} is an adaptive optimizer (per-coordinate preconditioner)"
-    if model is None:
-        return None
+    if model is None or not isinstance(optimizer, torch.optim.SGD):
+        return None  # the normaliser branch is derived for SGD-family updates only
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     decay = _decays(optimizer)

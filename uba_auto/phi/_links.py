@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .._validation import check_positive_finite
+from .._validation import check_int, check_positive_finite
 from ._bands import budget_condition_number, minibatch_condition_number
 
 if TYPE_CHECKING:
@@ -238,6 +238,9 @@ class Link:
         warmup_steps: int = 0,
     ) -> PhiChoice:
         """Choose φ from measured numbers (see :func:`choose_phi` for the arguments)."""
+        warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if stabiliser is not None and not isinstance(stabiliser, str):
+            raise TypeError(f"stabiliser must be a str or None, got {type(stabiliser).__name__}")
         choice = self._from_curve(
             inputs,
             peak_lr=peak_lr,
@@ -322,10 +325,6 @@ def _hold(
 ) -> PhiChoice:
     """The hold link's choice: :data:`HOLD_LINK_PHI` for a self-stabilising run, unless it has no
     warm-up and starts at its stability edge; else ``choice`` (the gated curve's), said why."""
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if stabiliser is not None and not isinstance(stabiliser, str):
-        raise TypeError(f"stabiliser must be a str or None, got {type(stabiliser).__name__}")
     gated = f"the gated curve reads phi = {choice.phi:.4g} ({choice.reason})"
     edge = choice.edge_fraction
     at_edge = not warmup_steps and edge is not None and edge >= HOLD_EDGE_GUARD
@@ -342,6 +341,12 @@ def _hold(
     notes = []
     if phi != HOLD_LINK_PHI:
         notes.append(f"phi {HOLD_LINK_PHI:g} clamped to {phi:g} (range [{phi_min:g}, {phi_max:g}])")
+    if not warmup_steps and edge is None:
+        notes.append(
+            "hold link: the edge guard could not be checked (the optimizer's stability limit on "
+            "the curvature it sees is unknown: pass the optimizer to auto_uba, or use a warm-up); "
+            "without a warm-up a held rate at a peak past that limit is unsafe"
+        )
     return replace(
         choice,
         phi=phi,
@@ -425,6 +430,8 @@ def phi_from_condition_number(
     ``link="gated-edge"``: the same, capped at :data:`EDGE_PHI` when ``edge_fraction``
     (:func:`~uba_auto.phi.stability_fraction`) is below :data:`EDGE_FRACTION`; with
     ``edge_fraction=None`` (unknown) it equals the gated link.
+    ``link="hold"``: the gated curve (its hold depends on the run's optimizer and model, which
+    only :func:`choose_phi` reads).
     ``link="chebyshev"``: :math:`\varphi = 2\kappa` (κ of a curvature band, see
     :func:`~uba_auto.phi.budget_condition_number`). ``link="calibrated"``:
     :math:`\varphi = 2((\kappa - 1)/(\kappa_c - 1))^p` with κ the minibatch condition number
