@@ -660,10 +660,30 @@ GPT_BETAS = (0.9, 0.95)
 GPT_WEIGHT_DECAY = 0.1
 
 
+def _adamw(
+    model: nn.Module, peak_lr: float, *, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
+    """AdamW with decay on the linear layers' weight matrices only (:func:`adamw_param_groups`),
+    eps 1e-8: the recipe every AdamW task here shares, with its own decay and betas."""
+    groups = adamw_param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=betas, eps=1e-8)
+
+
+def _lm_windows(codes: Tensor, context: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_held, y_held)`` of a next-token LM on ``codes``: the first 90 % for
+    training, every window (views; row i is tokens i .. i + C - 1, its targets shifted by one),
+    the last 10 % held out in non-overlapping windows, so each held-out token is predicted once."""
+    split = int(0.9 * len(codes))
+    train_codes, held_codes = codes[:split], codes[split:]
+    c = context
+    x_train, y_train = train_codes[:-1].unfold(0, c, 1), train_codes[1:].unfold(0, c, 1)
+    x_held, y_held = held_codes[:-1].unfold(0, c, c), held_codes[1:].unfold(0, c, c)
+    return x_train, y_train, x_held, y_held
+
+
 def _gpt_adamw_optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
     """AdamW as in common GPT recipes: decay on the linear layers' weight matrices only."""
-    groups = adamw_param_groups(model, GPT_WEIGHT_DECAY)
-    return torch.optim.AdamW(groups, lr=peak_lr, betas=GPT_BETAS, eps=1e-8)
+    return _adamw(model, peak_lr, weight_decay=GPT_WEIGHT_DECAY, betas=GPT_BETAS)
 
 
 def _gpt_model() -> nn.Module:
@@ -673,13 +693,8 @@ def _gpt_model() -> nn.Module:
 def _gpt_adamw() -> Task:
     data = _char_text().encode("utf-8")
     codes = torch.tensor(list(data), dtype=torch.long)
-    split = int(0.9 * len(codes))
-    train_codes, held_codes = codes[:split], codes[split:]
     c = GPT_CONTEXT
-    # Train: every window (views; row i is bytes i .. i + C - 1, its targets shifted by one).
-    # Held-out: non-overlapping windows, so each held-out byte is predicted once.
-    x_train, y_train = train_codes[:-1].unfold(0, c, 1), train_codes[1:].unfold(0, c, 1)
-    x_held, y_held = held_codes[:-1].unfold(0, c, c), held_codes[1:].unfold(0, c, c)
+    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
     return Task(
         name="gpt_adamw",
         description=(
@@ -836,8 +851,7 @@ def _vit_model() -> nn.Module:
 
 def _vit_optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
     """AdamW as in ViT / DeiT recipes: decay on the linear layers' weight matrices only."""
-    groups = adamw_param_groups(model, VIT_WEIGHT_DECAY)
-    return torch.optim.AdamW(groups, lr=peak_lr, betas=VIT_BETAS, eps=1e-8)
+    return _adamw(model, peak_lr, weight_decay=VIT_WEIGHT_DECAY, betas=VIT_BETAS)
 
 
 def _vit_adamw() -> Task:
@@ -932,16 +946,9 @@ def _lstm_adamw() -> Task:
     vocab = sorted(set(text))
     index = {c: i for i, c in enumerate(vocab)}
     codes = torch.tensor([index[c] for c in text], dtype=torch.long)
-    split = int(0.9 * len(codes))
-    train_codes, held_codes = codes[:split], codes[split:]
     c = LSTM_CONTEXT
-    x_train, y_train = train_codes[:-1].unfold(0, c, 1), train_codes[1:].unfold(0, c, 1)
-    x_held, y_held = held_codes[:-1].unfold(0, c, c), held_codes[1:].unfold(0, c, c)
+    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
     num_vocab = len(vocab)
-
-    def optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
-        groups = adamw_param_groups(model, LSTM_WEIGHT_DECAY)
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=LSTM_BETAS, eps=1e-8)
 
     return Task(
         name="lstm_adamw",
@@ -964,7 +971,9 @@ def _lstm_adamw() -> Task:
         base_lr={400: 4e-3, 1200: 4e-3},
         curve_eval_size=128,
         train_eval_size=512,
-        optimizer_factory=optimizer,
+        optimizer_factory=functools.partial(
+            _adamw, weight_decay=LSTM_WEIGHT_DECAY, betas=LSTM_BETAS
+        ),
         optimizer_name=(
             f"AdamW(betas={LSTM_BETAS}, eps=1e-8, weight_decay={LSTM_WEIGHT_DECAY:g} on the "
             "linear read-out's weight, 0 elsewhere)"
@@ -1010,10 +1019,6 @@ def _noisy_mlp_adamw() -> Task:
             nn.Linear(20, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4)
         )
 
-    def optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
-        groups = adamw_param_groups(model, NOISY_WEIGHT_DECAY)
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
-
     return Task(
         name="noisy_mlp_adamw",
         description=(
@@ -1032,7 +1037,9 @@ def _noisy_mlp_adamw() -> Task:
         budgets=(300, 1500),
         expected_regime={300: "over-fit", 1500: "over-fit"},
         base_lr={300: 1e-3, 1500: 1e-3},
-        optimizer_factory=optimizer,
+        optimizer_factory=functools.partial(
+            _adamw, weight_decay=NOISY_WEIGHT_DECAY, betas=(0.9, 0.999)
+        ),
         optimizer_name=(
             f"AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay={NOISY_WEIGHT_DECAY:g} on the "
             "weight matrices)"

@@ -90,12 +90,11 @@ def self_stabilising(model: nn.Module | None, optimizer: Any) -> str | None:
     decay = _decays(optimizer)
     if not decay > 0:
         return None
-    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NORMALISERS)})
-    if not kinds:
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, NORMALISERS)]
+    if not norms:
         return None
-    count = sum(isinstance(m, NORMALISERS) for m in model.modules())
-    layers = "layer" if count == 1 else "layers"
+    layers = "layer" if len(norms) == 1 else "layers"
     return (
-        f"{name} with weight decay {decay:g} on a model with {count} normalisation {layers} "
-        f"({', '.join(kinds)})"
+        f"{name} with weight decay {decay:g} on a model with {len(norms)} normalisation {layers} "
+        f"({', '.join(sorted(set(norms)))})"
     )
