@@ -1,7 +1,8 @@
 """The probe's warm start, measured: decision steps, products, accuracy and budget share (issue 13).
 
     python benchmarks/warm_start.py accuracy {cells|heldout|models}   # -> results/warm_start_*.json
-    python benchmarks/warm_start.py share [--models mlp,cnn,transformer] [--repeats 3]
+    python benchmarks/warm_start.py share [--models mlp,cnn,transformer] [--repeats 3] \
+        [--compare warm|micro]
 
 ``auto_uba``'s budgeted probe (8 batches) starts its Lanczos run on the mean of the batches from
 the top Ritz vector of the first batch alone (``probe_curvature(warm_start=None)``: on when
@@ -14,7 +15,9 @@ of the 8-batch mean, converged or nearly): HVPs, decision step, relative error o
 and the gated link's φ from each σ. ``share`` times, interleaved and per repeat, one training
 step (SGD momentum, one batch) and ``auto_uba`` with and without the warm start on the probe
 benchmark's models, and prints the probe's wall time over 5000 training steps (the issue's
-"≤ 2 % of a 5000-step budget").
+"≤ 2 % of a 5000-step budget"); ``--compare micro`` times, the same way, the warm probe with its
+recomputed batches whole (``micro_batches=False``) and split (the default,
+:mod:`uba_auto.curvature.micro_batches`) instead.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _phi(sigma):
     return 2.0 if sigma is None else phi_from_condition_number(minibatch_condition_number(sigma))
 
 
-def _probe(model, batches, budget, optimizer, loss_fn, seed, warm):
+def _probe(model, batches, budget, optimizer, loss_fn, seed, warm, **probe_kwargs):
     # The probe leaves model and optimizer as it found them (tests/test_state.py), so the two
     # runs of one row see the same state.
     with warnings.catch_warnings():
@@ -53,7 +56,7 @@ def _probe(model, batches, budget, optimizer, loss_fn, seed, warm):
         t = time.perf_counter()
         auto = uba_auto.auto_uba(
             model, batches, budget, optimizer=optimizer, loss_fn=loss_fn, num_batches=len(batches),
-            progress=False, seed=seed, warm_start=None if warm else False,
+            progress=False, seed=seed, warm_start=None if warm else False, **probe_kwargs,
         )  # fmt: skip
         wall = time.perf_counter() - t
     est = auto.report.estimate
@@ -117,29 +120,39 @@ def _summary(rows):
         )
 
 
-def share(models: list[str], repeats: int) -> None:
+COMPARISONS = {
+    # name: ((label, warm start, probe keywords), the other variant) -> "second / first" ratio
+    "warm": (("cold", False, {}), ("warm", True, {})),
+    "micro": (("whole", True, {"micro_batches": False}), ("split", True, {})),
+}
+"""What ``share --compare`` puts side by side: the cold and the warm start (both with the default
+micro-batches), or batches whole and split (both warm)."""
+
+
+def share(models: list[str], repeats: int, compare: str = "warm") -> None:
     from benchmarks import probe_models as pm
     from benchmarks.probe_benchmark import _time_calls, train_step
 
     torch.manual_seed(0)
+    variants = COMPARISONS[compare]
+    (first, *_), (second, *_) = variants
     rows = {}
     for name in models:
         model = pm.make_model(name)
         data = pm.batches(name, 8)
-        per = {"step_s": [], "cold_s": [], "warm_s": []}
+        per = {"step_s": [], f"{first}_s": [], f"{second}_s": []}
         for rep in range(repeats):
             trained = copy.deepcopy(model)
             opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
             step = functools.partial(train_step, trained, opt, data[0])
             per["step_s"].append(_time_calls(step, torch.device("cpu"), seconds=3.0))
-            order = ("cold", "warm") if rep % 2 == 0 else ("warm", "cold")
-            for key in order:
-                r = _probe(model, data, BUDGET, None, pm.loss_fn, 0, warm=key == "warm")
+            for key, warm, kwargs in variants if rep % 2 == 0 else variants[::-1]:
+                r = _probe(model, data, BUDGET, None, pm.loss_fn, 0, warm, **kwargs)
                 per[f"{key}_s"].append(r["wall_s"])
                 per[key] = r
         step_s = statistics.median(per["step_s"])
         rows[name] = per
-        for key in ("cold", "warm"):
+        for key in (first, second):
             shares = [t / (BUDGET * s) for t, s in zip(per[f"{key}_s"], per["step_s"], strict=True)]
             r = per[key]
             print(
@@ -150,13 +163,14 @@ def share(models: list[str], repeats: int) -> None:
                 f"{r['lambda_max']:.5g}, sigma {r['sigma']:.4f}, phi {r['phi']:.3f}",
                 flush=True,
             )
-        ratio = [w / c for w, c in zip(per["warm_s"], per["cold_s"], strict=True)]
+        ratio = [w / c for w, c in zip(per[f"{second}_s"], per[f"{first}_s"], strict=True)]
         print(
-            f"{name:12s} warm / cold wall time per repeat: "
+            f"{name:12s} {second} / {first} wall time per repeat: "
             f"{', '.join(f'{x:.2f}' for x in ratio)}; one training step {1e3 * step_s:.2f} ms",
             flush=True,
         )
-    out = ROOT / "benchmarks/results/warm_start_share.json"
+    suffix = "" if compare == "warm" else f"_{compare}"
+    out = ROOT / f"benchmarks/results/warm_start_share{suffix}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "models": rows}, indent=1))
 
 
@@ -168,12 +182,13 @@ def main() -> None:
     sh = sub.add_parser("share")
     sh.add_argument("--models", default="mlp,cnn,transformer")
     sh.add_argument("--repeats", type=int, default=3)
+    sh.add_argument("--compare", choices=sorted(COMPARISONS), default="warm")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cmd == "accuracy":
         accuracy(args.which)
     else:
-        share(args.models.split(","), args.repeats)
+        share(args.models.split(","), args.repeats, args.compare)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ class AllReducedOperator(SymmetricOperator):
         self.model, self.loss, self.mode = local_op.model, local_op.loss, local_op.mode
         self.engine, self.cache_graph = local_op.engine, local_op.cache_graph
         self.cached_batches = local_op.cached_batches
+        self.micro_batches = local_op.micro_batches
+        self.micro_batch_note = local_op.micro_batch_note
         self.batch_set: BatchSet = local_op.batch_set
         self.batches, self.num_batches = local_op.batches, local_op.num_batches
         self.batch_sizes = local_op.batch_sizes

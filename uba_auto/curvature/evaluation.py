@@ -62,6 +62,8 @@ class Evaluation:
         policy: the mode policy.
         graph_memory: the cap on cached gradient graphs, in estimated training steps
             (:mod:`~uba_auto.curvature.graph_memory`); ``None``: every batch's graph is kept.
+        micro_batches: under that cap, recompute a batch's product in micro-batches where its
+            loss is the mean of theirs (:mod:`~uba_auto.curvature.micro_batches`).
     """
 
     operator: str
@@ -72,6 +74,7 @@ class Evaluation:
     point: ParameterPoint
     policy: ModePolicy
     graph_memory: float | None = None
+    micro_batches: bool = True
     # Batches whose gradient graph was checked for @once_differentiable Functions: the graph's
     # structure does not change between products, so once per batch is enough.
     _checked: set[int] = field(default_factory=set, init=False, repr=False)
@@ -87,12 +90,13 @@ class Evaluation:
         param_bytes = point.size * point.dtype.itemsize
         return GraphCache(self.graph_memory, resident, param_bytes)
 
-    def batch_loss(self, index: int, trainable: Mapping[str, Tensor]) -> Tensor:
-        """Batch ``index``'s scalar loss with the probed parameters set to ``trainable``."""
+    def batch_loss(self, index: int, trainable: Mapping[str, Tensor], batch: Any = None) -> Tensor:
+        """Batch ``index``'s scalar loss with the probed parameters set to ``trainable``; with
+        ``batch``, that batch's loss instead (a micro-batch of batch ``index``)."""
         return loss_at(
             self.point.with_buffers(trainable),
             self.model,
-            self.batches[index],
+            self.batches[index] if batch is None else batch,
             self.loss,
             batch_index=index,
         )
@@ -173,12 +177,16 @@ class BatchCurvature:
         gradient: ``terms -> Σ c ∇ℓ_b`` (no graph attached).
         cached: the batches whose graphs the engine keeps (the others are recomputed in every
             product, or need no graph).
+        parts: recomputed batches whose product runs in micro-batches -> how many.
+        micro_batch_note: why recomputed batches that would have been split were not.
     """
 
     batch_losses: Tensor
     product: Callable[[Tensor, Terms], Tensor]
     gradient: Callable[[Terms], Tensor]
     cached: tuple[int, ...] = ()
+    parts: Mapping[int, int] = field(default_factory=dict)
+    micro_batch_note: str | None = None
 
 
 Engine = Callable[[Evaluation], BatchCurvature]

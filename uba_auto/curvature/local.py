@@ -59,6 +59,10 @@ class LocalOperator(SymmetricOperator):
         model, loss, mode, engine, cache_graph: as built.
         cached_batches: the batches (indices into this operator's batches) whose gradient graphs
             the engine keeps; the others are recomputed in every product.
+        micro_batches: per batch, the number of micro-batches its recomputed product runs in (1:
+            whole; see :mod:`~uba_auto.curvature.micro_batches`).
+        micro_batch_note: why recomputed batches that would have been split were not, or
+            ``None``.
         batch_set, batches, num_batches, batch_sizes: the batches this operator sums.
         global_batch_sizes: ``batch_sizes`` (no process group here).
         batch_losses: each batch's loss at the point, a 1-D tensor.
@@ -105,6 +109,8 @@ class LocalOperator(SymmetricOperator):
         self.global_batch_sizes = list(self.batch_sizes)
         self._indices = indices
         self.cached_batches = tuple(k for k, i in enumerate(indices) if i in set(curvature.cached))
+        self.micro_batches = tuple(curvature.parts.get(i, 1) for i in indices)
+        self.micro_batch_note = curvature.micro_batch_note
         self._gradient: Tensor | None = None
 
     def _matvec(self, v: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ def build_operator(
     params: Iterable[Any] | None = None,
     cache_graph: bool = True,
     graph_memory: float | None = None,
+    micro_batches: bool = True,
     comm: Communicator | None,
 ) -> LocalOperator | AllReducedOperator:
     """The curvature operator of ``model``'s mean loss, for an already resolved process group.
@@ -85,12 +86,20 @@ def build_operator(
         if not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be a bool, got {type(cache_graph).__name__}")
         cap = check_graph_memory(graph_memory)
+        if not isinstance(micro_batches, bool):
+            raise TypeError(
+                f"micro_batches must be a bool (True: recompute a batch's product in micro-"
+                f"batches under graph_memory where its loss allows), got "
+                f"{type(micro_batches).__name__}"
+            )
         point = ParameterPoint(inner, params, dtype)
         policy = ModePolicy.of(inner, mode, device=point.device, operator=name)
         batch_set = as_batch_set(batches, device=point.device, dtype=point.cast)
         for i, batch in enumerate(batch_set.batches):
             check_batch_form(batch, loss, i)
-        evaluation = Evaluation(name, engine, inner, batch_set, loss, point, policy, cap)
+        evaluation = Evaluation(
+            name, engine, inner, batch_set, loss, point, policy, cap, micro_batches
+        )
         curvature_of_batches = _ENGINES[curvature][engine, cache_graph](evaluation)
         return LocalOperator(evaluation, curvature_of_batches, cache_graph=cache_graph)
 
@@ -119,6 +128,7 @@ class _PublicOperator(SymmetricOperator):
         params: Iterable[Any] | None = None,
         cache_graph: bool = True,
         graph_memory: float | None = None,
+        micro_batches: bool = True,
         process_group: Any = "auto",
     ) -> None:
         super().__init__()
@@ -133,6 +143,7 @@ class _PublicOperator(SymmetricOperator):
             params=params,
             cache_graph=cache_graph,
             graph_memory=graph_memory,
+            micro_batches=micro_batches,
             comm=resolve_process_group(process_group),
         )
 
@@ -224,6 +235,14 @@ class HessianOperator(_PublicOperator):
             twice the parameters' bytes; the other batches are recomputed in every product (see
             :mod:`uba_auto.curvature.graph_memory`, and :attr:`cached_batches`). ``None``
             (default): every graph is kept. :func:`~uba_auto.probe_curvature` caps at 2.5.
+        micro_batches: under a ``graph_memory`` cap, rebuild the product of a batch whose
+            graph is not kept in the fewest micro-batches whose graph fits the cap (twice over),
+            one at a time, where the batch's loss is the example-weighted mean of its parts'
+            (checked at the point: the losses of every split batch and the first one's
+            gradient; BatchNorm on batch statistics, in-batch negatives or a mean over unequal
+            token counts fail it and stay whole). The same product, a fraction of its memory
+            (:mod:`uba_auto.curvature.micro_batches`; :attr:`micro_batches`,
+            :attr:`micro_batch_note`). ``False``: every batch whole.
         process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
             than one rank, the operator is the curvature of the loss on the global batch: global
             batch :math:`b` is the union of every rank's batch :math:`b`, each rank's part
@@ -245,6 +264,10 @@ class HessianOperator(_PublicOperator):
         batch_set: the batches, as a :class:`~uba_auto._batches.BatchSet`.
         cached_batches: the batches whose gradient graphs are kept (this rank's); the others
             are recomputed in every product.
+        micro_batches: per batch, the number of micro-batches its recomputed product runs in
+            (1: whole).
+        micro_batch_note: why recomputed batches that would have been split were not, or
+            ``None``.
         num_matvecs: products computed so far.
 
     Methods: :meth:`matvec`, ``gradient()`` and ``loss_value()`` (of :math:`\sum_b c_b \ell_b`, no

@@ -47,7 +47,8 @@ class Preconditioner:
 
 _FORWARDED = frozenset(
     "param_names param_shapes num_batches batch_sizes global_batch_sizes batch_losses batch_set "
-    "batches model loss mode engine cache_graph cached_batches coefficients".split()
+    "batches model loss mode engine cache_graph cached_batches micro_batches micro_batch_note "
+    "coefficients".split()
 )
 
 

@@ -45,6 +45,7 @@ def probe_curvature(
     grad_clip: float | None = None,
     hvp_budget: int | None = None,
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY,
+    micro_batches: bool = True,
     compact_basis: bool = True,
     warm_start: bool | None = None,
     decision_rule: DecisionRule = DECISION_RULE,
@@ -154,6 +155,12 @@ def probe_curvature(
             CNN, small transformer, ResNet-18) no graph fits, at any number of batches, and
             every product is recomputed. ``None``: keep every graph (the fastest products,
             memory growing with ``num_batches``).
+        micro_batches: rebuild a recomputed batch's product in the fewest micro-batches whose
+            graph fits ``graph_memory`` (twice over), one at a time, where the batch's loss is
+            the example-weighted mean of its parts' (checked at the point; BatchNorm on batch
+            statistics, in-batch negatives or a mean over unequal token counts fail the check
+            and stay whole): the same product, a fraction of its memory
+            (:mod:`uba_auto.curvature.micro_batches`). ``False``: batches whole.
         compact_basis: store the Lanczos bases of the extremes and of the per-batch runs
             (``method="lanczos"``; the density's short runs keep theirs) in half
             the working precision (float16 for float32, float32 for float64), with the two
@@ -227,6 +234,7 @@ def probe_curvature(
         grad_clip=grad_clip,
         hvp_budget=hvp_budget,
         graph_memory=graph_memory,
+        micro_batches=micro_batches,
         compact_basis=compact_basis,
         warm_start=warm_start,
         decision_rule=decision_rule,

@@ -109,6 +109,7 @@ def run_probe(
             dtype=settings.dtype,
             params=None if optimizer is None else optimizer_param_names(model, optimizer),
             graph_memory=settings.graph_memory,
+            micro_batches=settings.micro_batches,
             comm=comm,
         )
         preconditioner = None

@@ -66,6 +66,7 @@ class ProbeSettings:
     grad_clip: float | None = None
     hvp_budget: int | None = None
     graph_memory: float | None = DEFAULT_GRAPH_MEMORY
+    micro_batches: bool = True
     compact_basis: bool = True
     warm_start: bool | None = None
     decision_rule: DecisionRule = DECISION_RULE
@@ -97,6 +98,8 @@ class ProbeSettings:
         if self.hvp_budget is not None:
             store("hvp_budget", check_int("hvp_budget", self.hvp_budget, minimum=0))
         store("graph_memory", check_graph_memory(self.graph_memory))
+        if not isinstance(self.micro_batches, bool):
+            raise TypeError(f"micro_batches must be a bool, got {self.micro_batches!r}")
         if not isinstance(self.compact_basis, bool):
             raise TypeError(f"compact_basis must be a bool, got {self.compact_basis!r}")
         if not (self.warm_start is None or isinstance(self.warm_start, bool)):
@@ -174,6 +177,6 @@ class ProbeSettings:
         settings = (self.num_batches, self.max_hvps, self.tol, self.method, self.curvature)
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
-        settings += (self.grad_clip, self.hvp_budget, self.graph_memory)
+        settings += (self.grad_clip, self.hvp_budget, self.graph_memory, self.micro_batches)
         settings += (self.compact_basis, self.warm_start, self.decision_rule)
         return repr(settings)
