@@ -14,7 +14,7 @@ from _state_checks import assert_state_unchanged, snapshot_state
 from torch import nn
 
 from uba_auto import probe_curvature
-from uba_auto.curvature import HessianOperator, ModelLoss
+from uba_auto.curvature import HessianOperator, ModelLoss, micro_batches
 from uba_auto.curvature.micro_batches import (
     gradients_agree,
     losses_agree,
@@ -24,6 +24,13 @@ from uba_auto.curvature.micro_batches import (
 from uba_auto.probe import ProbeSettings
 
 Pair = namedtuple("Pair", "x y")
+
+
+@pytest.fixture(autouse=True)
+def _split_small_graphs(monkeypatch, request):
+    # The test models' graphs are a few KiB, under the floor below which nothing is split.
+    if "keeps_the_floor" not in request.node.name:
+        monkeypatch.setattr(micro_batches, "MIN_SPLIT_BYTES", 0)
 
 
 def test_split_batch_slices_every_tensor_with_the_leading_dimension():
@@ -50,6 +57,16 @@ def test_split_batch_refuses_what_it_cannot_tell():
     assert len(split_batch((x, x), 10)) == 4  # at most one example per part
     with pytest.raises(TypeError, match="parts must be an int"):
         split_batch((x, x), 2.0)
+
+
+def test_a_graph_under_the_floor_keeps_the_floor_and_stays_whole():
+    mib = 2**20
+    assert micro_batch_parts(4 * mib - 1, 0.1 * mib) == 1
+    assert micro_batch_parts(4 * mib, 0.1 * mib) == 80
+    problem = make_problem("tanh_mlp", num_batches=2)
+    op = HessianOperator(problem.model, problem.batches, problem.loss, graph_memory=0.5)
+    assert op.cached_batches == () and op.micro_batches == (1, 1)
+    assert op.micro_batch_note is None  # nothing refused: nothing worth splitting
 
 
 def test_parts_are_the_fewest_whose_graph_fits_twice():

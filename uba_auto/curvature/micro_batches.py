@@ -37,7 +37,8 @@ graph, and one gradient of the first one's parts: about a product, once.
 How many parts: the fewest, :math:`k = \lceil 2 S / (\text{graph\_memory}\cdot T) \rceil`, with
 :math:`S` the first recomputed batch's measured graph and :math:`T` the training-step estimate:
 the room-for-one-product rule of :class:`~uba_auto.curvature.graph_memory.GraphCache` applied to
-one micro-batch's graph. At most one example per part. A batch splits along the leading dimension
+one micro-batch's graph; a graph under :data:`MIN_SPLIT_BYTES` is left whole. At most one
+example per part. A batch splits along the leading dimension
 of its tensors, which must all have the same one (tensors without a dimension, or with a leading
 1 that broadcasts beside them, are shared by every part); anything else is left whole.
 """
@@ -56,6 +57,7 @@ from torch import Tensor
 __all__ = [
     "GRADIENT_RTOL",
     "LOSS_RTOL",
+    "MIN_SPLIT_BYTES",
     "MicroBatchPlan",
     "micro_batch_parts",
     "split_batch",
@@ -64,6 +66,13 @@ __all__ = [
 LOSS_RTOL = 256
 """A split batch's loss must equal the weighted mean of its parts' to this many machine epsilons
 (relative): summing in another order moves a float32 mean of 10^4-10^5 terms by a few."""
+
+MIN_SPLIT_BYTES = 4 * 2**20
+"""A graph under 4 MiB is never split: there each part's fixed cost (a forward and two backward
+calls) outweighs what the split saves. Measured side by side (``python benchmarks/warm_start.py
+share --compare micro``, 2-core CPU, 2026-12-07), the default probe's wall time split ÷ whole:
+the MLP (a 0.7 MiB graph per batch) 1.19-1.32, the CNN (7.5 MiB) 0.72-0.90, the transformer
+(161 MiB) 0.91-0.96."""
 
 GRADIENT_RTOL = 8
 """The first split batch's gradient must equal the weighted mean of its parts' to this many square
@@ -136,17 +145,21 @@ def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]] | None:
 
 
 def micro_batch_parts(graph_bytes: int, cap_bytes: float) -> int:
-    """The fewest parts whose graph, twice over, fits the cap: ``ceil(2 S / cap)``, at least 1.
+    """The fewest parts whose graph, twice over, fits the cap: ``ceil(2 S / cap)``, at least 1;
+    1 for a graph under :data:`MIN_SPLIT_BYTES`.
 
     Args:
         graph_bytes: :math:`S`, the bytes of one whole batch's gradient graph.
         cap_bytes: ``graph_memory`` times the training-step estimate, in bytes.
 
     Example:
-        >>> micro_batch_parts(161, 207.0), micro_batch_parts(50, 207.0)
+        >>> MiB = 2**20
+        >>> micro_batch_parts(161 * MiB, 207.0 * MiB), micro_batch_parts(50 * MiB, 207.0 * MiB)
         (2, 1)
+        >>> micro_batch_parts(MiB, 0.1 * MiB)  # too small to be worth a slower product
+        1
     """
-    if cap_bytes <= 0 or graph_bytes <= 0:
+    if cap_bytes <= 0 or graph_bytes <= 0 or graph_bytes < MIN_SPLIT_BYTES:
         return 1
     return max(1, math.ceil(2 * graph_bytes / cap_bytes))
 

@@ -240,7 +240,8 @@ class HessianOperator(_PublicOperator):
             one at a time, where the batch's loss is the example-weighted mean of its parts'
             (checked at the point: the losses of every split batch and the first one's
             gradient; BatchNorm on batch statistics, in-batch negatives or a mean over unequal
-            token counts fail it and stay whole). The same product, a fraction of its memory
+            token counts fail it and stay whole; so does a graph under 4 MiB, where splitting
+            costs more time than it saves memory). The same product, a fraction of its memory
             (:mod:`uba_auto.curvature.micro_batches`; :attr:`micro_batches`,
             :attr:`micro_batch_note`). ``False``: every batch whole.
         process_group: ``"auto"`` (default): when ``torch.distributed`` is initialised with more
