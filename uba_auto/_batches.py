@@ -8,7 +8,7 @@ Which forms a batch may take, and how one batch becomes one scalar loss, is
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,9 @@ __all__ = [
     "batch_size_of",
     "collect_batches",
     "floating_leaves",
+    "map_tensors",
     "move_batch",
+    "tensor_leaves",
     "with_floating_leaves",
 ]
 
@@ -63,6 +65,35 @@ class BatchSet:
         )
 
 
+def tensor_leaves(obj: Any) -> Iterator[Tensor]:
+    """The tensors of a nested structure of tuples, lists and mappings, depth first, in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensor_leaves(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from tensor_leaves(item)
+
+
+def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``obj`` with every tensor replaced by ``fn(tensor)``, in :func:`tensor_leaves` order.
+
+    Tuples (also named tuples) and lists are rebuilt with their type, mappings as a ``dict``;
+    other objects are returned as they are.
+    """
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(item, fn) for item in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(item, fn) for item in obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """Return ``batch`` with every tensor moved to ``device``, recursively.
 
@@ -82,31 +113,16 @@ def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = Non
         >>> b[0].dtype, b[1].dtype
         (torch.float64, torch.int64)
     """
-    if isinstance(batch, Tensor):
-        cast = dtype if dtype is not None and batch.is_floating_point() else None
-        return batch.to(device=device, dtype=cast)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_batch(b, device, dtype) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(b, device, dtype) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
-    return batch
+
+    def move(t: Tensor) -> Tensor:
+        cast = dtype if dtype is not None and t.is_floating_point() else None
+        return t.to(device=device, dtype=cast)
+
+    return map_tensors(batch, move)
 
 
 def _first_tensor(obj: Any) -> Tensor | None:
-    if isinstance(obj, Tensor):
-        return obj
-    values: Iterable[Any] = ()
-    if isinstance(obj, (tuple, list)):
-        values = obj
-    elif isinstance(obj, Mapping):
-        values = obj.values()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
+    return next(tensor_leaves(obj), None)
 
 
 def batch_size_of(batch: Any) -> int | None:
@@ -229,23 +245,9 @@ def floating_leaves(obj: Any) -> list[Tensor]:
     place and fails with "ZeroTensors are immutable" (pytorch/pytorch#123996, open as of torch
     2.13); a materialised zero costs little and gives the same product.
     """
-    if isinstance(obj, Tensor):
-        return [obj] if obj.is_floating_point() else []
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in floating_leaves(item)]
-    if isinstance(obj, Mapping):
-        return [t for item in obj.values() for t in floating_leaves(item)]
-    return []
+    return [t for t in tensor_leaves(obj) if t.is_floating_point()]
 
 
 def with_floating_leaves(obj: Any, leaves: Iterator[Tensor]) -> Any:
     """``obj`` with its floating tensors replaced, in :func:`floating_leaves` order."""
-    if isinstance(obj, Tensor):
-        return next(leaves) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(with_floating_leaves(item, leaves) for item in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(with_floating_leaves(item, leaves) for item in obj)
-    if isinstance(obj, Mapping):
-        return {k: with_floating_leaves(v, leaves) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: next(leaves) if t.is_floating_point() else t)

@@ -65,7 +65,6 @@ def _cached(ev: Evaluation) -> BatchCurvature:
             # A refused graph goes with its last reference, here.
             del loss, grad
     plan = _micro_batch_plan(ev, cache, losses, refused) if refused else MicroBatchPlan()
-    del refused
     recompute = _recomputed(ev, plan)
 
     def product(v: Tensor, terms: Terms) -> Tensor:

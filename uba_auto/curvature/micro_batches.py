@@ -47,18 +47,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from uba_auto._batches import map_tensors, tensor_leaves
+
 __all__ = [
     "GRADIENT_RTOL",
     "LOSS_RTOL",
     "MIN_SPLIT_BYTES",
     "MicroBatchPlan",
+    "gradients_agree",
+    "losses_agree",
     "micro_batch_parts",
     "split_batch",
 ]
@@ -79,29 +83,6 @@ GRADIENT_RTOL = 8
 roots of machine epsilon (relative, in norm): 2.8e-3 in float32, 1.2e-7 in float64. The
 per-example gradients of a mean nearly cancel near a minimum, so the rounding of their sum, relative
 to the mean, grows there; a coupling between examples moves the gradient by far more."""
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from _tensors(item)
-
-
-def _sliced(obj: Any, n: int, start: int, stop: int) -> Any:
-    if isinstance(obj, Tensor):
-        return obj[start:stop] if obj.ndim > 0 and obj.shape[0] == n else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_sliced(item, n, start, stop) for item in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_sliced(item, n, start, stop) for item in obj)
-    if isinstance(obj, Mapping):
-        return {k: _sliced(v, n, start, stop) for k, v in obj.items()}
-    return obj
 
 
 def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]] | None:
@@ -130,7 +111,7 @@ def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]] | None:
     """
     if isinstance(parts, bool) or not isinstance(parts, int):
         raise TypeError(f"parts must be an int, got {type(parts).__name__}")
-    sizes = {int(t.shape[0]) for t in _tensors(batch) if t.ndim > 0}
+    sizes = {int(t.shape[0]) for t in tensor_leaves(batch) if t.ndim > 0}
     if len(sizes) > 1:
         sizes.discard(1)  # a leading 1 beside n examples broadcasts (a per-batch scale)
     if parts < 2 or len(sizes) != 1:
@@ -141,7 +122,11 @@ def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]] | None:
         return None
     # Near-equal parts, the larger ones first.
     bounds = [0, *(math.ceil(j * n / parts) for j in range(1, parts)), n]
-    return [(_sliced(batch, n, a, b), (b - a) / n) for a, b in itertools.pairwise(bounds)]
+
+    def sliced(a: int, b: int) -> Any:
+        return map_tensors(batch, lambda t: t[a:b] if t.ndim > 0 and t.shape[0] == n else t)
+
+    return [(sliced(a, b), (b - a) / n) for a, b in itertools.pairwise(bounds)]
 
 
 def micro_batch_parts(graph_bytes: int, cap_bytes: float) -> int:
