@@ -62,6 +62,7 @@ from benchmarks.tasks import (  # noqa: E402
     HOLDOUT_TASK_NAMES,
     REPRESENTATIVE_TASK_NAMES,
     TASK_NAMES,
+    TREND_TEST_TASK_NAMES,
     get_task,
 )
 from benchmarks.train import ScheduleSpec, probe_at_init, train  # noqa: E402
@@ -797,7 +798,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks",
         nargs="+",
         default=None,
-        choices=TASK_NAMES + HOLDOUT_TASK_NAMES + REPRESENTATIVE_TASK_NAMES + HOLD_TEST_TASK_NAMES,
+        choices=TASK_NAMES
+        + HOLDOUT_TASK_NAMES
+        + REPRESENTATIVE_TASK_NAMES
+        + HOLD_TEST_TASK_NAMES
+        + TREND_TEST_TASK_NAMES,
         help="default: the five calibration tasks (with --extend: every task of the file); the "
         "out-of-sample ones are "
         + " ".join(HOLDOUT_TASK_NAMES)

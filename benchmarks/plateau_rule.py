@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 
 import uba_auto
 from benchmarks import tasks as T
+from benchmarks import trend_rule as TR
 from benchmarks.midrun_signals import spearman
 from benchmarks.train import ScheduleSpec, evaluate, train
 from uba_auto.auto._plan import validation_batches, validation_plan
@@ -96,8 +97,10 @@ def run_one(
     val_batches: int,
     equal_cost: bool = False,
     product_batches: int | None = None,
+    rule: str = "plateau",
 ) -> dict:
-    """One run: under the plateau rule (``spec`` None) or under a fixed schedule ``spec``.
+    """One run: under the rule ``rule`` (``spec`` None: ``"plateau"``, or ``"trend"``,
+    ``benchmarks/trend_rule.py``) or under a fixed schedule ``spec``.
 
     With ``equal_cost`` a rule run trains :func:`equal_cost_steps` steps instead of ``budget``
     (its whole schedule fitted to them), so that training and every check it could make together
@@ -116,22 +119,40 @@ def run_one(
     warmup = task.warmup_steps(budget)
     total = budget - 1
     checks = set(P.plateau_check_steps(total, warmup)) if spec is None else set()
-    box: dict = {"switched": None, "reason": None, "test": math.inf}
+    box: dict = {"switched": None, "reason": None, "test": math.inf, "done": False}
+    box["cooled"] = box["cool_reason"] = None
     history: list[list[float]] = []
     log: list[dict] = []
+    trend = TR.TrendRule(total) if rule == "trend" else None
 
     def factory(opt):
+        start_phi = TR.START_PHI if trend is not None else P.HOLD_PHI
         box["sched"] = uba_auto.UBAScheduler(
-            opt, total_steps=total, phi=P.HOLD_PHI, warmup_steps=warmup
+            opt, total_steps=total, phi=start_phi, warmup_steps=warmup
         )
         return box["sched"]
+
+    def trend_check(step, losses):
+        action, why = trend.check(step, losses)
+        log.append({"step": step, "loss": sum(losses) / len(losses), "state": trend.state})
+        if action == "hold":
+            TR.restart(box["sched"], TR.HOLD_PHI)
+            box["switched"], box["reason"] = step, why
+        elif action == "cool":
+            TR.restart(box["sched"], TR.COOL_PHI)
+            box["cooled"], box["cool_reason"] = step, why
+        if action in ("cool", "stop"):
+            box["done"] = True
 
     def callback(step, model, opt):
         if step == budget:
             box["test"], _ = evaluate(task, model, xt, yt)
-        if box["switched"] is not None or step not in checks:
+        if box["done"] or step not in checks:
             return
         history.append(_batch_losses(task, model, batches))
+        if trend is not None:
+            trend_check(step, history[-1])
+            return
         d = P.plateau_decision(history)
         log.append(
             {
@@ -144,10 +165,11 @@ def run_one(
         if d.plateaued:
             box["sched"].set_phi(P.COOL_PHI)
             box["switched"], box["reason"] = step, d.reason
+            box["done"] = True
 
     result = train(task, spec if spec is not None else factory, budget, seed, peak_lr, callback)
     out = result.to_dict()
-    out["label"] = "plateau" if spec is None else spec.label
+    out["label"] = rule if spec is None else spec.label
     out["budget"], out["trained_steps"] = cell_budget, budget
     out["final_test_loss"] = (
         box["test"] if math.isfinite(box["test"]) and not result.diverged else None
@@ -155,17 +177,35 @@ def run_one(
     if spec is None:
         examples = task.batch_size or task.num_train
         out.update(
-            schedule="plateau",
+            schedule=rule,
             switched_at=box["switched"],
             switched_at_fraction=None if box["switched"] is None else box["switched"] / budget,
             reason=box["reason"],
+            held_fraction=_held_fraction(rule, box["switched"], box["cooled"], budget),
             checks=log,
             num_val_evals=len(history),
             val_cost_gradient_equivalents=len(history) * xv.shape[0] / (3 * examples),
         )
+        if rule == "trend":
+            out.update(
+                cooled_at=box["cooled"],
+                cooled_at_fraction=None if box["cooled"] is None else box["cooled"] / budget,
+                cool_reason=box["cool_reason"],
+            )
     for key in ("curve_steps", "curve_train_loss", "curve_lr"):
         out.pop(key, None)
     return out
+
+
+def _held_fraction(rule: str, held: int | None, cooled: int | None, budget: int) -> float:
+    """How long a rule run held the rate high, as a fraction of the budget: the plateau rule
+    holds from the start to its switch (1 without one); the trend rule from its hold to its
+    cool-down or the end (0 without a hold)."""
+    if rule == "plateau":
+        return 1.0 if held is None else held / budget
+    if held is None:
+        return 0.0
+    return ((budget if cooled is None else cooled) - held) / budget
 
 
 def validation_set(
@@ -209,12 +249,12 @@ def equal_cost_steps(task: T.Task, budget: int, product_batches: int | None) -> 
 
 
 def _job(args: tuple) -> dict:
-    name, spec, budget, seed, peak, val_batches, overrides, equal_cost, product_batches = args
+    name, spec, budget, seed, peak, val_batches, overrides, equal_cost, product_batches, rule = args
     torch.set_num_threads(1)
     for key, value in overrides.items():  # exploring the rule's constants (--set)
-        setattr(P, key, value)
+        setattr(TR if rule == "trend" and hasattr(TR, key) else P, key, value)
     task = T.get_task(name)
-    return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches)
+    return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches, rule)
 
 
 def _stored_cells(paths: list[Path]) -> list[dict]:
@@ -261,9 +301,9 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, se
 
 
-def _summarise(cell_runs: dict[str, list[dict]], key: str) -> dict:
-    """Per cell: every schedule's paired difference vs cosine (phi=2) and the rule's gap to the
-    best φ of the grid, on loss ``key``."""
+def _summarise(cell_runs: dict[str, list[dict]], key: str, rule: str = "plateau") -> dict:
+    """Per cell: every schedule's paired difference vs cosine (phi=2) and the rule's (runs
+    labelled ``rule``) gap to the best φ of the grid, on loss ``key``."""
 
     def losses(label):
         runs = sorted(cell_runs[label], key=lambda r: r["seed"])
@@ -273,8 +313,8 @@ def _summarise(cell_runs: dict[str, list[dict]], key: str) -> dict:
     table = {label: _paired(losses(label), cos)[0] for label in cell_runs}
     uba = {k: statistics.fmean(losses(k)) for k in cell_runs if k.startswith("phi=")}
     best = min(uba, key=uba.get)
-    rule_vs_best = _paired(losses("plateau"), losses(best))
-    rule_vs_cos = _paired(losses("plateau"), cos)
+    rule_vs_best = _paired(losses(rule), losses(best))
+    rule_vs_cos = _paired(losses(rule), cos)
     gain_best = _paired(losses(best), cos)[0]
     return {
         "vs_cosine": table,
@@ -284,7 +324,11 @@ def _summarise(cell_runs: dict[str, list[dict]], key: str) -> dict:
         "rule_vs_cosine": rule_vs_cos[0],
         "rule_vs_cosine_se": rule_vs_cos[1],
         "share_of_gain_captured": (rule_vs_cos[0] / gain_best) if gain_best < 0 else None,
-        "switched_at_fraction": [r["switched_at_fraction"] for r in cell_runs["plateau"]],
+        "switched_at_fraction": [r["switched_at_fraction"] for r in cell_runs[rule]],
+        "held_fraction": [
+            r.get("held_fraction", _held_fraction(rule, r["switched_at"], None, r["budget"]))
+            for r in cell_runs[rule]
+        ],
     }
 
 
@@ -305,7 +349,12 @@ def table(result: dict) -> str:
         if share is not None:
             shares.append(share)
         switched = ", ".join("—" if f is None else f"{f:.2f}" for f in h["switched_at_fraction"])
-        held.append(statistics.fmean(1.0 if f is None else f for f in h["switched_at_fraction"]))
+        held.append(
+            statistics.fmean(
+                h.get("held_fraction")
+                or [1.0 if f is None else f for f in h["switched_at_fraction"]]
+            )
+        )
         best_phis.append(math.log(float(h["best_phi"].removeprefix("phi="))))
         lines.append(
             f"| {cell['task']} | {cell['budget']} | {h['best_phi'].removeprefix('phi=')} | "
@@ -325,8 +374,9 @@ def table(result: dict) -> str:
     if n > 2:
         rho = spearman(held, best_phis)
         lines.append(
-            f"Spearman(log best φ, how long the rule held: mean switch fraction, 1 without a "
-            f"switch) = {rho:+.2f} over {n} cells (the rule moves with the task when negative)."
+            f"Spearman(log best φ, how long the rule held the rate: the share of the budget "
+            f"between its hold and its cool-down) = {rho:+.2f} over {n} cells (the rule moves "
+            "with the task when negative)."
         )
     return "\n".join(lines)
 
@@ -334,6 +384,13 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("calibration", "heldout"), default="calibration")
+    parser.add_argument(
+        "--rule",
+        choices=("plateau", "trend"),
+        default="plateau",
+        help="the plateau rule (uba_auto.phi, the library's) or the trend rule "
+        "(benchmarks/trend_rule.py, pre-registered in results/prereg_trend_rule.md)",
+    )
     parser.add_argument("--sweeps", nargs="*", type=Path, default=DEFAULT_SWEEPS)
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--budgets", nargs="*", type=int, default=None)
@@ -437,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append(
                 (
                     *(name, spec, budget, seed, peak, args.val_batches, overrides),
-                    *(args.equal_cost, _product_batches(args, name, budget)),
+                    *(args.equal_cost, _product_batches(args, name, budget), args.rule),
                 )
             )
     ctx = mp.get_context("spawn")
@@ -464,13 +521,13 @@ def main(argv: list[str] | None = None) -> int:
                 by_label.setdefault(label, grid_runs)
             by_label["cosine"] = by_label["phi=2"]
         entry = {"task": name, "budget": budget, "peak_lr": peak}
-        entry["heldout"] = _summarise(by_label, "final_heldout_loss")
+        entry["heldout"] = _summarise(by_label, "final_heldout_loss", args.rule)
         if stored is None:
-            entry["test"] = _summarise(by_label, "final_test_loss")
-        entry["rule_runs"] = by_label["plateau"]
+            entry["test"] = _summarise(by_label, "final_test_loss", args.rule)
+        entry["rule_runs"] = by_label[args.rule]
         if stored is None:
             entry["grid_runs"] = {
-                k: v for k, v in by_label.items() if k not in ("plateau", "cosine")
+                k: v for k, v in by_label.items() if k not in ("plateau", "trend", "cosine")
             }
         out_cells.append(entry)
         headline = entry["test"] if stored is None else entry["heldout"]
@@ -486,7 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": "python " + " ".join(sys.argv),
         "mode": args.mode,
-        "rule": {k: overrides.get(k, getattr(P, k)) for k in P.__all__ if k.isupper()},
+        "rule_name": args.rule,
+        "rule": {k: overrides.get(k, getattr(P, k)) for k in P.__all__ if k.isupper()}
+        | (
+            {k: overrides.get(k, getattr(TR, k)) for k in dir(TR) if k.isupper()}
+            if args.rule == "trend"
+            else {}
+        ),
         "seeds": args.seeds,
         "val_batches": args.val_batches,
         "equal_cost": args.equal_cost,

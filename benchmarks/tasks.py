@@ -129,6 +129,7 @@ __all__ = [
     "HOLD_TEST_TASK_NAMES",
     "REPRESENTATIVE_TASK_NAMES",
     "TASK_NAMES",
+    "TREND_TEST_TASK_NAMES",
     "Task",
     "get_task",
 ]
@@ -1114,6 +1115,239 @@ def _bn_mlp_sgd() -> Task:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# The trend rule's test tasks (benchmarks/results/prereg_trend_rule.md): written after that rule and
+# its constant were committed, first trained (beyond one timing run) after the choice; never used
+# to fit anything.
+
+CODE_MODULES = (
+    "textwrap", "difflib", "fractions", "heapq", "bisect", "calendar", "shlex", "colorsys",
+    "statistics", "string", "glob", "fnmatch", "graphlib", "numbers", "queue", "sched",
+)  # fmt: skip
+CODE_CONTEXT = 48
+CODE_D_MODEL = 64
+CODE_LAYERS = 2
+CODE_HEADS = 4
+NOISY_DIGITS_SIGMA = 1.0
+MIXER_D_MODEL = 64
+MIXER_WEIGHT_DECAY = 0.05
+NOISY_CNN_WIDTHS = (16, 32, 64)
+
+
+@functools.cache
+def _code_text() -> str:
+    """The source code of :data:`CODE_MODULES`, concatenated in that order (it depends on the
+    Python version; its hash is in the task's ``meta``)."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in CODE_MODULES)
+
+
+def _gpt_code_model() -> nn.Module:
+    return TinyGPT(256, CODE_CONTEXT, CODE_D_MODEL, CODE_LAYERS, CODE_HEADS)
+
+
+def _gpt_code_adamw() -> Task:
+    data = _code_text().encode("utf-8")
+    codes = torch.tensor(list(data), dtype=torch.long)
+    c = CODE_CONTEXT
+    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
+    return Task(
+        name="gpt_code_adamw",
+        description=(
+            f"GPT decoder (d{CODE_D_MODEL}, {CODE_LAYERS} layers, {CODE_HEADS} heads, ctx {c}) "
+            f"byte LM on the source of {len(CODE_MODULES)} stdlib modules, AdamW (0.9, 0.95) "
+            "wd 0.1, 5% warm-up, clip 1, batch 16"
+        ),
+        kind="classification",
+        model_factory=_gpt_code_model,
+        loss_fn=lm_cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=16,
+        momentum=0.0,
+        budgets=(300, 900),
+        expected_regime={300: "under-fit", 900: "under-fit"},
+        # A common AdamW peak for small GPTs (nanoGPT's small configs: 1e-3 .. 6e-3), the centre
+        # of the x0.25 .. x4 grid; not tuned before the rule was fixed.
+        base_lr={300: 3e-3, 900: 3e-3},
+        curve_eval_size=128,
+        train_eval_size=512,
+        optimizer_factory=_gpt_adamw_optimizer,
+        optimizer_name=(
+            f"AdamW(betas={GPT_BETAS}, eps=1e-8, weight_decay={GPT_WEIGHT_DECAY} on the linear "
+            "weight matrices, 0 on biases/LayerNorm/embeddings)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "num_bytes": len(data),
+            "modules": list(CODE_MODULES),
+            "context": c,
+            "d_model": CODE_D_MODEL,
+            "num_layers": CODE_LAYERS,
+            "num_heads": CODE_HEADS,
+            "text_sha256": hashlib.sha256(data).hexdigest()[:16],
+            "heldout": "last 10% of the bytes, non-overlapping windows",
+        },
+    )
+
+
+@functools.cache
+def _noisy_digit_images() -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """:func:`_digit_images` with fixed Gaussian pixel noise (std :data:`NOISY_DIGITS_SIGMA` in
+    standardised units, one draw per example from :data:`DATA_SEED`) on train and held-out images
+    alike: a harder task, whose held-out loss is not set by a handful of examples."""
+    x_train, y_train, x_held, y_held, background = _digit_images()
+    gen = torch.Generator().manual_seed(DATA_SEED + 11)
+    noise = torch.randn(x_train.shape[0] + x_held.shape[0], *x_train.shape[1:], generator=gen)
+    sigma = NOISY_DIGITS_SIGMA
+    x_train = x_train + sigma * noise[: x_train.shape[0]]
+    x_held = x_held + sigma * noise[x_train.shape[0] :]
+    return x_train, y_train, x_held, y_held, background
+
+
+def _noisy_digit_task(**fields) -> Task:
+    """A classification task on the noisy digit images: batch 64, translation augmentation."""
+    x_train, y_train, x_held, y_held, background = _noisy_digit_images()
+    return Task(
+        kind="classification",
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=IMAGE_BATCH,
+        momentum=0.0,  # unused: the tasks declare their optimizer
+        augment=_translate_augment(background),
+        augment_name=_TRANSLATE_NAME,
+        **fields,
+    )
+
+
+class NoisyDigitsCNN(nn.Module):
+    """Three 3x3 conv-BatchNorm-ReLU layers (the last two with stride 2), global average pooling,
+    a linear head: a VGG-style CNN."""
+
+    def __init__(self, widths: tuple[int, int, int] = NOISY_CNN_WIDTHS) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _cnn_bn_noisy_sgd() -> Task:
+    widths = "-".join(str(w) for w in NOISY_CNN_WIDTHS)
+    return _noisy_digit_task(
+        name="cnn_bn_noisy_sgd",
+        description=(
+            f"VGG-style CNN ({widths}, BatchNorm) on 1200 noisy digits (pixel noise std "
+            f"{NOISY_DIGITS_SIGMA:g}), translation augmentation, SGD Nesterov 0.9 wd "
+            f"{RESNET_WEIGHT_DECAY:g}, batch {IMAGE_BATCH}"
+        ),
+        model_factory=NoisyDigitsCNN,
+        budgets=(300, 1200),
+        expected_regime={300: "under-fit", 1200: "over-fit"},
+        # The classic SGD peak for BatchNorm CNNs (0.1), the centre of the grid; not tuned before
+        # the rule was fixed.
+        base_lr={300: 0.1, 1200: 0.1},
+        optimizer_factory=_resnet_optimizer,
+        optimizer_name=(
+            f"SGD(momentum=0.9, nesterov=True, weight_decay={RESNET_WEIGHT_DECAY:g} on every "
+            "parameter)"
+        ),
+        meta={
+            "widths": list(NOISY_CNN_WIDTHS),
+            "pixel_noise_std": NOISY_DIGITS_SIGMA,
+            "image_size": 8,
+            "heldout": "597 noisy digits (the rest of the 1797)",
+            "batchnorm": "batch statistics in training, running statistics in evaluation",
+        },
+    )
+
+
+class _MixerBlock(nn.Module):
+    def __init__(self, tokens: int, d_model: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.tokens = nn.Sequential(
+            nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens)
+        )
+        self.norm2 = nn.LayerNorm(d_model)
+        self.channels = nn.Sequential(
+            nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, tokens, d)
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class DigitsMixer(nn.Module):
+    """An MLP-Mixer (Tolstikhin et al. 2021) on 8x8 images: 2x2 patches (16 tokens), a linear
+    patch embedding, two pre-LayerNorm mixer blocks (token- and channel-mixing GELU MLPs of twice
+    the width), mean pooling, LayerNorm, a linear head."""
+
+    def __init__(self, d_model: int = MIXER_D_MODEL, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, d_model)
+        self.blocks = nn.Sequential(*(_MixerBlock(16, d_model) for _ in range(num_blocks)))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        patches = x.reshape(b, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(b, 16, 4)
+        return self.head(self.norm(self.blocks(self.embed(patches))).mean(dim=1))
+
+
+def _mixer_adamw() -> Task:
+    return _noisy_digit_task(
+        name="mixer_adamw",
+        description=(
+            f"MLP-Mixer (2x2 patches, 16 tokens, d{MIXER_D_MODEL}, 2 blocks) on 1200 noisy "
+            f"digits, translation augmentation, AdamW (0.9, 0.999) wd {MIXER_WEIGHT_DECAY:g}, "
+            f"5% warm-up, clip 1, batch {IMAGE_BATCH}"
+        ),
+        model_factory=DigitsMixer,
+        budgets=(400, 1200),
+        expected_regime={400: "under-fit", 1200: "over-fit"},
+        # A common AdamW peak for small vision models, the centre of the grid; not tuned before
+        # the rule was fixed.
+        base_lr={400: 2e-3, 1200: 2e-3},
+        optimizer_factory=functools.partial(
+            _adamw, weight_decay=MIXER_WEIGHT_DECAY, betas=(0.9, 0.999)
+        ),
+        optimizer_name=(
+            f"AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay={MIXER_WEIGHT_DECAY:g} on the "
+            "linear weight matrices, 0 on biases/LayerNorm)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "d_model": MIXER_D_MODEL,
+            "num_blocks": 2,
+            "pixel_noise_std": NOISY_DIGITS_SIGMA,
+            "heldout": "597 noisy digits (the rest of the 1797)",
+        },
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Task]] = {
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
@@ -1156,6 +1390,15 @@ HOLD_TEST_TASK_NAMES: tuple[str, ...] = tuple(_HOLD_TEST_BUILDERS)
 """The hold rule's test tasks (``benchmarks/results/prereg_hold_rule.md``): first trained after
 that rule was committed, kept out of every fit."""
 
+_TREND_TEST_BUILDERS: dict[str, Callable[[], Task]] = {
+    "gpt_code_adamw": _gpt_code_adamw,
+    "cnn_bn_noisy_sgd": _cnn_bn_noisy_sgd,
+    "mixer_adamw": _mixer_adamw,
+}
+TREND_TEST_TASK_NAMES: tuple[str, ...] = tuple(_TREND_TEST_BUILDERS)
+"""The trend rule's test tasks (``benchmarks/results/prereg_trend_rule.md``): first trained after
+that rule's constant was chosen and committed, kept out of every fit."""
+
 
 @functools.cache
 def get_task(name: str) -> Task:
@@ -1166,6 +1409,7 @@ def get_task(name: str) -> Task:
         **_REPRESENTATIVE_BUILDERS,
         **_HELDOUT_REPRESENTATIVE_BUILDERS,
         **_HOLD_TEST_BUILDERS,
+        **_TREND_TEST_BUILDERS,
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; valid names are {list(builders)}")

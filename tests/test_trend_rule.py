@@ -1,0 +1,152 @@
+"""The trend rule of benchmarks/trend_rule.py (pre-registered in
+benchmarks/results/prereg_trend_rule.md): its restarted schedule against the closed form, its
+decisions on prescribed validation losses, its test tasks, and a run that never holds being the
+cosine run bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import uba_auto
+from benchmarks import trend_rule as TR
+from benchmarks.tasks import (
+    HELDOUT_REPRESENTATIVE_TASK_NAMES,
+    HOLD_TEST_TASK_NAMES,
+    HOLDOUT_TASK_NAMES,
+    REPRESENTATIVE_TASK_NAMES,
+    TASK_NAMES,
+    TREND_TEST_TASK_NAMES,
+    DigitsMixer,
+    get_task,
+)
+
+
+def _uba_fraction(s: float, phi: float) -> float:
+    return 1.0 / (1.0 + (phi / 2.0) * math.tan(math.pi * s / 2.0) ** 2)
+
+
+def _scheduler(total: int, warmup: int, peak: float = 0.5, lr_min: float = 0.01):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    return opt, uba_auto.UBAScheduler(
+        opt, total_steps=total, phi=2.0, warmup_steps=warmup, lr_min=lr_min
+    )
+
+
+@pytest.mark.parametrize("phi", [1 / 32, 2.0, 16.0])
+def test_restart_follows_a_fresh_uba_curve_from_the_current_rate(phi):
+    total, warmup, t0, low = 200, 10, 83, 0.01
+    opt, sched = _scheduler(total, warmup, lr_min=low)
+    for _ in range(t0):
+        opt.step()
+        sched.step()
+    now = sched.get_last_lr()[0]
+    before = [sched.lr_at(t)[0] for t in range(t0 + 1)]
+    TR.restart(sched, phi)
+    assert [sched.lr_at(t)[0] for t in range(t0 + 1)] == before  # the past and t0 untouched
+    for t in range(t0 + 1, total + 5):
+        s = min(1.0, (t - t0) / (total - t0))
+        expected = low + (now - low) * _uba_fraction(s, phi)
+        assert sched.lr_at(t)[0] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert sched.lr_at(total)[0] == pytest.approx(low, rel=1e-12)
+    # ...and the stepping scheduler gives the same rates.
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(sched.lr_at(t0 + 1)[0], rel=1e-15)
+
+
+def _steps(total: int) -> list[int]:
+    from uba_auto.phi._plateau import plateau_check_steps
+
+    return plateau_check_steps(total)
+
+
+def _run(total: int, loss_at) -> list[tuple[int, str | None]]:
+    rule, actions = TR.TrendRule(total), []
+    for step in _steps(total):
+        action, _ = rule.check(step, [loss_at(step / total)])
+        actions.append((step, action))
+        if action in ("cool", "stop"):
+            break
+    return actions
+
+
+def test_a_run_still_falling_fast_at_40_percent_holds_there():
+    # loss = exp(-f): a relative gain of 1 - exp(-0.1) = 9.5 % per tenth of the budget.
+    actions = _run(399, lambda f: math.exp(-f))
+    holds = [step for step, a in actions if a == "hold"]
+    assert holds == [160]  # the first check at 40 % of 399 steps (nominal 159.6)
+    assert all(a is None for step, a in actions if step > 160)  # still falling: no cool-down
+
+
+def test_a_run_that_slowed_down_stays_on_cosine_and_stops_after_the_window():
+    # 2 % per tenth: below HOLD_GAIN = 3 %.
+    actions = _run(399, lambda f: math.exp(-0.2 * f))
+    assert "hold" not in [a for _, a in actions]
+    last_step, last = actions[-1]
+    assert last == "stop" and last_step / 399 > TR.DECISION_TO
+
+
+def test_no_hold_when_the_loss_is_recovering_from_a_spike():
+    # Falls fast, but an earlier check (at 20 %) was lower than the decision checks.
+    def loss(f):
+        return 0.5 if abs(f - 0.2) < 0.01 else math.exp(-f)
+
+    assert "hold" not in [a for _, a in _run(399, loss)]
+
+
+def test_a_held_run_cools_down_at_its_plateau():
+    # Falls fast to 45 %, then flat: the plateau test fires once its window (4 checks, 10 %)
+    # starts at 45 %, at the check of 55 %.
+    actions = _run(399, lambda f: math.exp(-min(f, 0.45)))
+    kinds = [(s, a) for s, a in actions if a is not None]
+    assert kinds[0] == (160, "hold")
+    assert kinds[1] == (round(0.55 * 399), "cool")
+
+
+def test_a_non_finite_loss_never_holds():
+    actions = _run(399, lambda f: math.nan if f > 0.3 else math.exp(-f))
+    assert "hold" not in [a for _, a in actions]
+
+
+def test_trend_test_tasks_are_new_and_build():
+    others = (
+        set(TASK_NAMES)
+        | set(HOLDOUT_TASK_NAMES)
+        | set(REPRESENTATIVE_TASK_NAMES)
+        | set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
+        | set(HOLD_TEST_TASK_NAMES)
+    )
+    assert TREND_TEST_TASK_NAMES == ("gpt_code_adamw", "cnn_bn_noisy_sgd", "mixer_adamw")
+    assert not others & set(TREND_TEST_TASK_NAMES)
+    for name in TREND_TEST_TASK_NAMES:
+        task = get_task(name)
+        model = task.make_model(0)
+        x, y = next(task.batches(0))
+        assert torch.isfinite(task.loss_fn(model(x), y)), name
+
+
+def test_mixer_patches_are_the_images_2x2_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 8, 8)
+    b = x.shape[0]
+    patches = x.reshape(b, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(b, 16, 4)
+    expected = x.unfold(2, 2, 2).unfold(3, 2, 2).reshape(b, 16, 4)  # row-major blocks
+    assert torch.equal(patches, expected)
+    assert DigitsMixer()(x).shape == (3, 10)
+
+
+def test_a_trend_run_that_never_holds_is_the_cosine_run_bit_for_bit(monkeypatch):
+    from benchmarks import plateau_rule as R
+    from benchmarks.train import ScheduleSpec
+
+    monkeypatch.setattr(TR, "HOLD_GAIN", math.inf)
+    task = get_task("diabetes_mlp")
+    peak = task.base_lr[200]
+    rule = R.run_one(task, None, 200, 0, peak, 8, rule="trend")
+    cosine = R.run_one(task, ScheduleSpec("uba", 2.0), 200, 0, peak, 8)
+    assert rule["switched_at"] is None and rule["held_fraction"] == 0.0
+    assert rule["final_heldout_loss"] == cosine["final_heldout_loss"]
+    assert rule["final_test_loss"] == cosine["final_test_loss"]
