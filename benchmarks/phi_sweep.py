@@ -359,7 +359,9 @@ def _best_phi_fields(schedules: dict[str, dict]) -> dict:
     return {
         "best_phi": best_phi,
         "best_phi_interpolated": _interpolated_best_phi(phi_means),
-        "best_phi_margin_over_runner_up": (sorted(phi_means)[1] - best_loss) / best_loss,
+        "best_phi_margin_over_runner_up": (
+            (sorted(phi_means)[1] - best_loss) / best_loss if len(phi_means) > 1 else None
+        ),
         "best_phi_std_over_loss": best["heldout_loss_std"] / best_loss,
         "best_schedule": ranked[0],
         "schedule_ranking": ranked,

@@ -257,6 +257,50 @@ def _job(args: tuple) -> dict:
     return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches, rule)
 
 
+LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""The cosine peak-rate grid around ``task.base_lr`` of ``--tune-peaks`` (``phi_sweep.py``'s)."""
+
+
+def _cosine_job(args: tuple) -> dict:
+    name, budget, seed, lr = args
+    torch.set_num_threads(1)
+    task = T.get_task(name)
+    run = train(task, ScheduleSpec("cosine"), budget, seed, lr)
+    return {"task": name, "budget": budget, "seed": seed, "lr": lr,
+            "final_heldout_loss": run.final_heldout_loss}  # fmt: skip
+
+
+def tune_peaks(pool, names: list[str], budgets: list[int] | None, seeds: list[int]) -> dict:
+    """``(task, budget) -> {"peak_lr", "sweep"}``: the cosine peak of ``phi_sweep.py``'s protocol,
+    ``base_lr`` x :data:`LR_MULTIPLIERS` with the lowest mean held-out loss (whole held-out set)
+    over ``seeds``, trained with the ``cosine`` baseline schedule as the sweep does."""
+    cells = [(n, b) for n in names for b in (budgets or sorted(T.get_task(n).base_lr))]
+    jobs = [
+        (n, b, s, T.get_task(n).base_lr[b] * m)
+        for n, b in cells
+        for m in LR_MULTIPLIERS
+        for s in seeds
+    ]
+    runs = pool.map(_cosine_job, jobs, chunksize=1)
+    out = {}
+    for n, b in cells:
+        sweep = {}
+        for m in LR_MULTIPLIERS:
+            lr = T.get_task(n).base_lr[b] * m
+            losses = [
+                r["final_heldout_loss"]
+                for r in runs
+                if (r["task"], r["budget"], r["lr"]) == (n, b, lr)
+            ]
+            finite = [x for x in losses if x is not None and math.isfinite(x)]
+            sweep[m] = statistics.fmean(losses) if len(finite) == len(losses) else math.inf
+        best = min(LR_MULTIPLIERS, key=sweep.get)
+        out[(n, b)] = {"peak_lr": T.get_task(n).base_lr[b] * best, "multiplier": best,
+                       "sweep": {str(m): v for m, v in sweep.items()}}  # fmt: skip
+        print(f"{n:>22} {b:>5}  cosine peak x{best:g} = {out[(n, b)]['peak_lr']:g}", flush=True)
+    return out
+
+
 def _stored_cells(paths: list[Path]) -> list[dict]:
     cells = []
     for path in paths:
@@ -433,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         "(the same task, budget, peak and seeds) and train only the rule",
     )
     parser.add_argument(
+        "--tune-peaks",
+        action="store_true",
+        help="heldout mode: tune each cell's cosine peak first (base_lr x 0.25 .. 4, 3 seeds, "
+        "the phi_sweep protocol; tune_peaks) and run the rule and the grid there",
+    )
+    parser.add_argument(
         "--peaks-from",
         type=Path,
         default=None,
@@ -466,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["WINDOW"] = int(overrides["WINDOW"])
     start = time.perf_counter()
     jobs, cells = [], []
+    tuning: dict = {}
     if args.mode == "calibration":
         for cell in _stored_cells(args.sweeps):
             if args.tasks and cell["task"] not in args.tasks:
@@ -475,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
             cells.append((cell["task"], cell["budget"], cell["peak_lr"], cell))
     else:
         tuned = {}
-        if args.peaks_from is not None:
+        if args.tune_peaks:
+            with mp.get_context("spawn").Pool(args.workers) as pool:
+                tuning = tune_peaks(pool, args.tasks, args.budgets, args.seeds)
+            tuned = {key: v["peak_lr"] for key, v in tuning.items()}
+        elif args.peaks_from is not None:
             sweep = json.loads(args.peaks_from.read_text())
             tuned = {(c["task"], c["budget"]): c["peak_lr"] for c in sweep["cells"]}
         for name in args.tasks or T.HELDOUT_REPRESENTATIVE_TASK_NAMES:
@@ -556,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "product_validation": args.product_validation,
         "auto_validation": args.auto_validation,
         "wall_time_s": time.perf_counter() - start,
+        "peak_tuning": {f"{n}/{b}": v for (n, b), v in tuning.items()},
         "cells": out_cells,
     }
     args.out.write_text(json.dumps(result, indent=1, default=lambda v: None))

@@ -82,8 +82,9 @@ def test_a_run_still_falling_fast_at_40_percent_holds_there():
 
 
 def test_a_run_that_slowed_down_stays_on_cosine_and_stops_after_the_window():
-    # 2 % per tenth: below HOLD_GAIN = 3 %.
-    actions = _run(399, lambda f: math.exp(-0.2 * f))
+    # 1 % per tenth: below HOLD_GAIN.
+    assert TR.HOLD_GAIN > 0.01
+    actions = _run(399, lambda f: math.exp(-0.1 * f))
     assert "hold" not in [a for _, a in actions]
     last_step, last = actions[-1]
     assert last == "stop" and last_step / 399 > TR.DECISION_TO
