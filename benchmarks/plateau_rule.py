@@ -48,6 +48,7 @@ import uba_auto
 from benchmarks import tasks as T
 from benchmarks import trend_rule as TR
 from benchmarks.midrun_signals import spearman
+from benchmarks.phi_sweep import LR_MULTIPLIERS
 from benchmarks.train import ScheduleSpec, evaluate, train
 from uba_auto.auto._plan import validation_batches, validation_plan
 from uba_auto.phi import _plateau as P
@@ -257,10 +258,6 @@ def _job(args: tuple) -> dict:
     return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches, rule)
 
 
-LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
-"""The cosine peak-rate grid around ``task.base_lr`` of ``--tune-peaks`` (``phi_sweep.py``'s)."""
-
-
 def _cosine_job(args: tuple) -> dict:
     name, budget, seed, lr = args
     torch.set_num_threads(1)
@@ -273,7 +270,9 @@ def _cosine_job(args: tuple) -> dict:
 def tune_peaks(pool, names: list[str], budgets: list[int] | None, seeds: list[int]) -> dict:
     """``(task, budget) -> {"peak_lr", "sweep"}``: the cosine peak of ``phi_sweep.py``'s protocol,
     ``base_lr`` x :data:`LR_MULTIPLIERS` with the lowest mean held-out loss (whole held-out set)
-    over ``seeds``, trained with the ``cosine`` baseline schedule as the sweep does."""
+    over ``seeds``, trained with the ``cosine`` baseline schedule as the sweep does.
+    (``phi_sweep.py`` tunes the same way, but only together with its probes and its baselines at
+    the tuned peak, which a rule's test does not need.)"""
     cells = [(n, b) for n in names for b in (budgets or sorted(T.get_task(n).base_lr))]
     jobs = [
         (n, b, s, T.get_task(n).base_lr[b] * m)
@@ -370,7 +369,10 @@ def _summarise(cell_runs: dict[str, list[dict]], key: str, rule: str = "plateau"
         "share_of_gain_captured": (rule_vs_cos[0] / gain_best) if gain_best < 0 else None,
         "switched_at_fraction": [r["switched_at_fraction"] for r in cell_runs[rule]],
         "held_fraction": [
-            r.get("held_fraction", _held_fraction(rule, r["switched_at"], None, r["budget"]))
+            r.get(
+                "held_fraction",
+                _held_fraction(rule, r["switched_at"], None, r.get("trained_steps", r["budget"])),
+            )
             for r in cell_runs[rule]
         ],
     }
@@ -417,10 +419,14 @@ def table(result: dict) -> str:
     )
     if n > 2:
         rho = spearman(held, best_phis)
+        held_what = (
+            "the share of the budget between its hold and its cool-down"
+            if result.get("rule_name") == "trend"
+            else "mean switch fraction, 1 without a switch"
+        )
         lines.append(
-            f"Spearman(log best φ, how long the rule held the rate: the share of the budget "
-            f"between its hold and its cool-down) = {rho:+.2f} over {n} cells (the rule moves "
-            "with the task when negative)."
+            f"Spearman(log best φ, how long the rule held the rate: {held_what}) = {rho:+.2f} "
+            f"over {n} cells (the rule moves with the task when negative)."
         )
     return "\n".join(lines)
 
@@ -528,7 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         tuned = {}
         if args.tune_peaks:
             with mp.get_context("spawn").Pool(args.workers) as pool:
-                tuning = tune_peaks(pool, args.tasks, args.budgets, args.seeds)
+                tuning = tune_peaks(
+                    pool,
+                    args.tasks or list(T.HELDOUT_REPRESENTATIVE_TASK_NAMES),
+                    args.budgets,
+                    args.seeds,
+                )
             tuned = {key: v["peak_lr"] for key, v in tuning.items()}
         elif args.peaks_from is not None:
             sweep = json.loads(args.peaks_from.read_text())
@@ -599,7 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(sys.argv),
         "mode": args.mode,
         "rule_name": args.rule,
-        "rule": {k: overrides.get(k, getattr(P, k)) for k in P.__all__ if k.isupper()}
+        "rule": {
+            k: overrides.get(k, getattr(P, k))
+            for k in P.__all__
+            if k.isupper() and not (args.rule == "trend" and hasattr(TR, k))
+        }
         | (
             {k: overrides.get(k, getattr(TR, k)) for k in dir(TR) if k.isupper()}
             if args.rule == "trend"

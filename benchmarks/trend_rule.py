@@ -30,7 +30,7 @@ DECISION_TO = 0.45
 HOLD_GAIN = 0.02
 """Smallest relative gain of the validation loss over the window that counts as still progressing
 (chosen from {0.02, 0.03} on 25 calibration cells by the prereg's rule: both worse than cosine
-by more than 1 % in 1 cell, mean rule vs cosine -0.95 % against -0.72 %)."""
+by more than 1 % in 1 cell, mean rule vs cosine -0.94 % against -0.72 %)."""
 HOLD_PHI = 1 / 32
 """φ of the restarted curve after a hold: the rate stays near its level until the last ~15 %."""
 COOL_PHI = 2.0
@@ -42,7 +42,12 @@ START_PHI = 2.0
 def restart(sched: uba_auto.UBAScheduler, phi: float) -> None:
     """From the scheduler's current step ``t0`` on, a fresh UBA decay with ``phi`` that starts at
     each group's rate at ``t0`` and ends at its ``lr_min`` at ``total_steps``:
-    ``η_t = η_min + (η_t0 − η_min) f_φ((t − t0) / (T − t0))``. The rate at ``t0`` is unchanged."""
+    ``η_t = η_min + (η_t0 − η_min) f_φ((t − t0) / (T − t0))``. The rate at ``t0`` is unchanged.
+
+    A benchmark device, not resumable: it replaces the scheduler's private plans and leaves its
+    segments and ``phi_history`` alone, so ``state_dict``/``load_state_dict`` or a later
+    ``set_phi`` go back to the curve without the restart. The benchmark's runs never checkpoint.
+    """
     t0, total = sched.last_epoch, sched.total_steps
     if t0 >= total:
         return

@@ -35,6 +35,24 @@ def _scheduler(total: int, warmup: int, peak: float = 0.5, lr_min: float = 0.01)
     )
 
 
+def test_restart_is_per_param_group():
+    # Two groups with their own peak and lr_min: each restarts from its own current rate.
+    a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.5}, {"params": [b], "lr": 0.1}])
+    total, t0, lows = 120, 50, [0.02, 0.001]
+    sched = uba_auto.UBAScheduler(opt, total_steps=total, phi=2.0, warmup_steps=6, lr_min=lows)
+    for _ in range(t0):
+        opt.step()
+        sched.step()
+    now = sched.get_last_lr()
+    TR.restart(sched, 1 / 32)
+    for t in (t0 + 1, 90, total):
+        s = (t - t0) / (total - t0)
+        for g in range(2):
+            expected = lows[g] + (now[g] - lows[g]) * _uba_fraction(s, 1 / 32)
+            assert sched.lr_at(t)[g] == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("phi", [1 / 32, 2.0, 16.0])
 def test_restart_follows_a_fresh_uba_curve_from_the_current_rate(phi):
     total, warmup, t0, low = 200, 10, 83, 0.01
@@ -91,9 +109,14 @@ def test_a_run_that_slowed_down_stays_on_cosine_and_stops_after_the_window():
 
 
 def test_no_hold_when_the_loss_is_recovering_from_a_spike():
-    # Falls fast, but an earlier check (at 20 %) was lower than the decision checks.
+    # Falls fast (9.5 % per tenth), but an earlier check (at 20 %) was lower than the decision
+    # checks, by less than the plateau test's 25 % spike: only guard (c) refuses the hold.
     def loss(f):
-        return 0.5 if abs(f - 0.2) < 0.01 else math.exp(-f)
+        return 0.6 if abs(f - 0.2) < 0.01 else math.exp(-f)
+
+    from uba_auto.phi._plateau import MAX_RISE
+
+    assert math.exp(-0.45) < (1 + MAX_RISE) * 0.6
 
     assert "hold" not in [a for _, a in _run(399, loss)]
 
