@@ -174,3 +174,23 @@ def test_a_trend_run_that_never_holds_is_the_cosine_run_bit_for_bit(monkeypatch)
     assert rule["switched_at"] is None and rule["held_fraction"] == 0.0
     assert rule["final_heldout_loss"] == cosine["final_heldout_loss"]
     assert rule["final_test_loss"] == cosine["final_test_loss"]
+
+
+def test_the_plateau_rule_runs_as_stored_through_the_two_rule_harness():
+    # benchmarks/plateau_rule.py now drives two rules; its plateau runs must be those stored in
+    # benchmarks/results/plateau_calibration.json (diabetes_mlp/200, seed 0: switch at step 40).
+    import json
+    from pathlib import Path
+
+    from benchmarks import plateau_rule as R
+
+    stored = json.loads(
+        (Path(R.__file__).parent / "results" / "plateau_calibration.json").read_text()
+    )
+    cell = next(c for c in stored["cells"] if (c["task"], c["budget"]) == ("diabetes_mlp", 200))
+    run = next(r for r in cell["rule_runs"] if r["seed"] == 0)
+    task = get_task("diabetes_mlp")
+    mine = R.run_one(task, None, 200, 0, cell["peak_lr"], stored["val_batches"], rule="plateau")
+    assert mine["label"] == "plateau" and mine["switched_at"] == run["switched_at"] == 40
+    assert mine["final_heldout_loss"] == run["final_heldout_loss"]
+    assert mine["held_fraction"] == 40 / 200
