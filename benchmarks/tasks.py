@@ -101,9 +101,18 @@ Nesterov SGD with weight decay). Their ``base_lr`` is a common default for the o
 centre of the sweep's grid; the tuned peaks are in ``benchmarks/results/phi_sweep_hold_test.json``.
 One run took 0.4-15 s of wall time on one thread here (the sweep, 2 workers on 2 cores).
 
+The trend rule's test tasks (:data:`TREND_TEST_TASK_NAMES`;
+``benchmarks/results/prereg_trend_rule.md``) were written after that rule's constant was chosen
+and first trained in its test: ``gpt_code_adamw`` (a GPT byte LM on the source code of 16 stdlib
+modules, AdamW, warm-up, clipping; the text depends on the Python version, its hash is in
+``meta``), ``cnn_bn_noisy_sgd`` (a VGG-style BatchNorm CNN on the digits with fixed pixel noise,
+Nesterov SGD with weight decay) and ``mixer_adamw`` (an MLP-Mixer on the same noisy digits,
+AdamW). Their ``base_lr`` is a common default, the centre of the grid; the tuned peaks are in
+``benchmarks/results/trend/test.json`` (``peak_tuning``). A step took 6-15 ms on one thread.
+
 Use :func:`get_task` (cached per process), :data:`TASK_NAMES`, :data:`HOLDOUT_TASK_NAMES`,
-:data:`REPRESENTATIVE_TASK_NAMES`, :data:`HELDOUT_REPRESENTATIVE_TASK_NAMES` or
-:data:`HOLD_TEST_TASK_NAMES`.
+:data:`REPRESENTATIVE_TASK_NAMES`, :data:`HELDOUT_REPRESENTATIVE_TASK_NAMES`,
+:data:`HOLD_TEST_TASK_NAMES` or :data:`TREND_TEST_TASK_NAMES`.
 """
 
 from __future__ import annotations
