@@ -50,7 +50,7 @@ from benchmarks import trend_rule as TR
 from benchmarks.midrun_signals import spearman
 from benchmarks.phi_sweep import LR_MULTIPLIERS
 from benchmarks.train import ScheduleSpec, evaluate, train
-from uba_auto.auto._plan import validation_batches, validation_plan
+from uba_auto.auto._plan import validation_batches, validation_cost, validation_plan
 from uba_auto.phi import _plateau as P
 
 AUTO_PROBE_FRACTION = 0.02
@@ -116,10 +116,11 @@ def run_one(
     batches = _chunks(xv, yv, val_batches if product_batches is None else product_batches)
     cell_budget = budget
     if spec is None and equal_cost:
-        budget = equal_cost_steps(task, budget, product_batches)
+        budget = equal_cost_steps(task, budget, product_batches, rule)
     warmup = task.warmup_steps(budget)
     total = budget - 1
-    checks = set(P.plateau_check_steps(total, warmup)) if spec is None else set()
+    steps_of = TR.check_steps if rule == "trend" else P.plateau_check_steps
+    checks = set(steps_of(total, warmup)) if spec is None else set()
     box: dict = {"switched": None, "reason": None, "test": math.inf, "done": False}
     box["cooled"] = box["cool_reason"] = None
     history: list[list[float]] = []
@@ -230,21 +231,26 @@ def check_cost(task: T.Task, budget: int, product_batches: int | None) -> float:
     return _check_cost(task, budget, size)
 
 
-def _check_cost(task: T.Task, budget: int, size: int) -> float:
+def _check_cost(task: T.Task, budget: int, size: int, rule: str = "plateau") -> float:
     # auto_uba's own arithmetic, with the validation set counted in training batches.
     if budget <= 1:
         return 0.0
     batches = size / (task.batch_size or task.num_train)
+    if rule == "trend":
+        checks = len(TR.check_steps(budget - 1, task.warmup_steps(budget)))
+        return validation_cost(checks, batches)
     return validation_plan(budget, task.warmup_steps(budget), batches)[1]
 
 
-def equal_cost_steps(task: T.Task, budget: int, product_batches: int | None) -> int:
+def equal_cost_steps(
+    task: T.Task, budget: int, product_batches: int | None, rule: str = "plateau"
+) -> int:
     """The most training steps ``s`` with ``s + check_cost(task, s) <= budget`` (at least 1):
     the rule's run at the cost of ``budget`` steps of a schedule that checks nothing, in the
     worst case of every check made (the rule cannot know in advance when it will switch)."""
     size = validation_set(task, product_batches)[0][0].shape[0]
     for steps in range(budget, 1, -1):
-        if steps + _check_cost(task, steps, size) <= budget:
+        if steps + _check_cost(task, steps, size, rule) <= budget:
             return steps
     return 1
 

@@ -37,6 +37,20 @@ COOL_PHI = 2.0
 """φ of the restarted curve after the hold's plateau: cosine from the current rate."""
 START_PHI = 2.0
 """φ the run starts with: cosine."""
+FIRST_CHECK: float | None = None
+"""Exploration only (``--set FIRST_CHECK=0.3``, after the test): make no check before this
+fraction of the budget, so that fewer checks are paid for; ``None``, the pre-registered rule:
+every check of the plateau rule's schedule."""
+
+
+def check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
+    """The steps the rule checks at: the plateau rule's (``plateau_check_steps``), from
+    :data:`FIRST_CHECK` on when that is set (with the decision window's half-step slack)."""
+    steps = P.plateau_check_steps(total_steps, warmup_steps)
+    if FIRST_CHECK is None:
+        return steps
+    slack = 0.5 / total_steps + 1e-9
+    return [s for s in steps if s / total_steps >= FIRST_CHECK - slack]
 
 
 def restart(sched: uba_auto.UBAScheduler, phi: float) -> None:
