@@ -194,3 +194,23 @@ def test_the_plateau_rule_runs_as_stored_through_the_two_rule_harness():
     assert mine["label"] == "plateau" and mine["switched_at"] == run["switched_at"] == 40
     assert mine["final_heldout_loss"] == run["final_heldout_loss"]
     assert mine["held_fraction"] == 40 / 200
+
+
+def test_first_check_drops_the_early_checks_and_what_they_cost(monkeypatch):
+    from benchmarks import plateau_rule as R
+    from uba_auto.phi._plateau import plateau_check_steps
+
+    task = get_task("gpt_code_adamw")
+    full = TR.check_steps(299, task.warmup_steps(300))
+    assert full == plateau_check_steps(299, task.warmup_steps(300))  # None: the pre-registered
+    steps_full = R.equal_cost_steps(task, 300, 8, "trend")
+    assert steps_full == R.equal_cost_steps(task, 300, 8)  # the plateau rule's arithmetic
+    monkeypatch.setattr(TR, "FIRST_CHECK", 0.3)
+    late = TR.check_steps(299, task.warmup_steps(300))
+    assert late == [s for s in full if s >= 89] and late[0] / 299 >= 0.3 - 0.5 / 299
+    steps_late = R.equal_cost_steps(task, 300, 8, "trend")
+    assert steps_late > steps_full  # fewer checks charged, more training steps
+    # Exactly the most steps whose training plus every check still fits in the budget.
+    (xv, _), _ = R.validation_set(task, 8)
+    assert steps_late + R._check_cost(task, steps_late, xv.shape[0], "trend") <= 300
+    assert steps_late + 1 + R._check_cost(task, steps_late + 1, xv.shape[0], "trend") > 300
