@@ -138,6 +138,7 @@ __all__ = [
     "HOLD_TEST_TASK_NAMES",
     "REPRESENTATIVE_TASK_NAMES",
     "TASK_NAMES",
+    "TREND30_TEST_TASK_NAMES",
     "TREND_TEST_TASK_NAMES",
     "Task",
     "get_task",
@@ -918,14 +919,14 @@ DOC_MODULES = (
 
 
 @functools.cache
-def _docstring_text() -> str:
-    """The docstrings of :data:`DOC_MODULES` and their public members, in a fixed order (the
-    text depends on the Python version; its hash is in the task's ``meta``)."""
+def _docstring_text(modules: tuple[str, ...] = DOC_MODULES) -> str:
+    """The docstrings of ``modules`` (:data:`DOC_MODULES`) and their public members, in a fixed
+    order (the text depends on the Python version; its hash is in the task's ``meta``)."""
     import importlib
     import inspect
 
     parts: list[str] = []
-    for name in DOC_MODULES:
+    for name in modules:
         module = importlib.import_module(name)
         objects = [module] + [
             getattr(module, attr) for attr in sorted(vars(module)) if not attr.startswith("_")
@@ -1357,6 +1358,221 @@ def _mixer_adamw() -> Task:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# The test tasks of the trend rule checking from 30 % (benchmarks/results/prereg_trend_from30.md):
+# written after that file was committed; never used to fit anything.
+
+GRU_MODULES = (
+    "email.message", "http.client", "urllib.parse", "csv", "sqlite3", "unittest.case",
+    "asyncio.tasks", "zipfile", "tarfile", "configparser", "threading", "subprocess",
+    "inspect", "typing", "dataclasses", "enum",
+)  # fmt: skip
+GRU_CONTEXT = 24
+GRU_HIDDEN = 96
+SEQ_LENGTH = 16
+SEQ_VOCAB = 12
+SEQ_CLASSES = 4
+SEQ_LABEL_NOISE = 0.1
+SEQ_D_MODEL = 48
+RESMLP_WIDTH = 128
+
+
+class CharGRU(nn.Module):
+    """Embedding -> one GRU layer -> linear read-out, every position predicted."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.gru = nn.GRU(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(self.embed(x))
+        return self.head(out)
+
+
+def _gru_docs_adamw() -> Task:
+    text = _docstring_text(GRU_MODULES)
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
+    c = GRU_CONTEXT
+    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
+    return Task(
+        name="gru_docs_adamw",
+        description=(
+            f"char GRU LM (emb 32, 1 layer, hidden {GRU_HIDDEN}, ctx {c}) on the docstrings of "
+            f"{len(GRU_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
+            "clip 1, batch 32"
+        ),
+        kind="classification",
+        model_factory=functools.partial(CharGRU, len(vocab), 32, GRU_HIDDEN),
+        loss_fn=lm_cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=32,
+        momentum=0.0,
+        budgets=(500, 1500),
+        expected_regime={500: "under-fit", 1500: "under-fit"},
+        # The common AdamW default of small recurrent LMs, the centre of the grid; not tuned
+        # before the rule was fixed.
+        base_lr={500: 4e-3, 1500: 4e-3},
+        curve_eval_size=128,
+        train_eval_size=512,
+        optimizer_factory=functools.partial(_adamw, weight_decay=0.01, betas=(0.9, 0.99)),
+        optimizer_name=(
+            "AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 on the linear read-out's "
+            "weight, 0 elsewhere)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "num_chars": len(text),
+            "vocab_size": len(vocab),
+            "modules": list(GRU_MODULES),
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "heldout": "last 10% of the characters, non-overlapping windows",
+        },
+    )
+
+
+class SeqClassifier(nn.Module):
+    """Token and learned position embeddings, pre-LayerNorm transformer encoder layers (GELU),
+    mean pooling, LayerNorm, a linear head."""
+
+    def __init__(self, vocab: int, length: int, d_model: int, classes: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(length, d_model))
+        layer = nn.TransformerEncoderLayer(
+            d_model, 4, 2 * d_model, dropout=0.0, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.tok(x) + self.pos)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def _seq_transformer_adamw() -> Task:
+    gen = torch.Generator().manual_seed(DATA_SEED + 21)
+    n = 6000
+    x = torch.randint(0, SEQ_VOCAB, (n, SEQ_LENGTH), generator=gen)
+    counts = torch.stack([(x == k).sum(dim=1) for k in range(SEQ_CLASSES)], dim=1)
+    y = counts.argmax(dim=1)  # the most frequent of tokens 0-3 (ties: the lowest)
+    flip = torch.rand(n, generator=gen) < SEQ_LABEL_NOISE
+    y = torch.where(flip, torch.randint(0, SEQ_CLASSES, (n,), generator=gen), y)
+    train, held = _split(n, 4000)
+    return Task(
+        name="seq_transformer_adamw",
+        description=(
+            f"transformer encoder (d{SEQ_D_MODEL}, 2 layers, 4 heads, mean pooling) classifying "
+            f"synthetic sequences ({SEQ_LENGTH} tokens of {SEQ_VOCAB}: which of tokens 0-3 is "
+            f"most frequent, {SEQ_LABEL_NOISE:.0%} labels random), AdamW (0.9, 0.999) wd 0.05, "
+            "5% warm-up, clip 1, batch 64"
+        ),
+        kind="classification",
+        model_factory=functools.partial(
+            SeqClassifier, SEQ_VOCAB, SEQ_LENGTH, SEQ_D_MODEL, SEQ_CLASSES
+        ),
+        loss_fn=F.cross_entropy,
+        x_train=x[train],
+        y_train=y[train],
+        x_heldout=x[held],
+        y_heldout=y[held],
+        batch_size=64,
+        momentum=0.0,
+        budgets=(500, 1500),
+        expected_regime={500: "under-fit", 1500: "under-fit"},
+        # A common AdamW peak for small transformers, the centre of the grid; not tuned before
+        # the rule was fixed.
+        base_lr={500: 1e-3, 1500: 1e-3},
+        optimizer_factory=functools.partial(_adamw, weight_decay=0.05, betas=(0.9, 0.999)),
+        optimizer_name=(
+            "AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05 on the linear weight "
+            "matrices, 0 on biases/LayerNorm/embeddings)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={"generator": "uniform tokens; label the argmax count of tokens 0-3, 10% random"},
+    )
+
+
+class ResMLP(nn.Module):
+    """A linear stem, three residual blocks ``x + W2 relu(BN(W1 x))`` with BatchNorm, a head."""
+
+    def __init__(self, features: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Linear(features, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(width, width, bias=False),
+                nn.BatchNorm1d(width),
+                nn.ReLU(),
+                nn.Linear(width, width),
+            )
+            for _ in range(3)
+        )
+        self.head = nn.Sequential(nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def _resmlp_bn_sgd() -> Task:
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=8000,
+        n_features=40,
+        n_informative=20,
+        n_redundant=10,
+        n_classes=10,
+        n_clusters_per_class=2,
+        flip_y=0.05,
+        class_sep=1.2,
+        random_state=DATA_SEED + 31,
+    )
+    train, held = _split(len(y), 6000)
+    x_train, x_held = _standardise(x[train.numpy()], x[held.numpy()])
+    y_t = torch.tensor(y, dtype=torch.long)
+    return Task(
+        name="resmlp_bn_sgd",
+        description=(
+            f"residual MLP (width {RESMLP_WIDTH}, 3 blocks, BatchNorm) on 6000 synthetic rows "
+            f"(10 classes), SGD Nesterov 0.9 wd {BN_WEIGHT_DECAY:g}, batch 128"
+        ),
+        kind="classification",
+        model_factory=functools.partial(ResMLP, 40, RESMLP_WIDTH, 10),
+        loss_fn=F.cross_entropy,
+        x_train=x_train,
+        y_train=y_t[train],
+        x_heldout=x_held,
+        y_heldout=y_t[held],
+        batch_size=128,
+        momentum=0.0,  # unused: the task declares its optimizer
+        budgets=(400, 1600),
+        expected_regime={400: "under-fit", 1600: "over-fit"},
+        # The classic SGD peak for BatchNorm nets, the centre of the grid; not tuned before the
+        # rule was fixed.
+        base_lr={400: 0.1, 1600: 0.1},
+        optimizer_factory=_resnet_optimizer,
+        optimizer_name=(
+            f"SGD(momentum=0.9, nesterov=True, weight_decay={RESNET_WEIGHT_DECAY:g} on every "
+            "parameter)"
+        ),
+        meta={"generator": "sklearn make_classification, 10 classes, 2 clusters each"},
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Task]] = {
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
@@ -1408,6 +1624,14 @@ TREND_TEST_TASK_NAMES: tuple[str, ...] = tuple(_TREND_TEST_BUILDERS)
 """The trend rule's test tasks (``benchmarks/results/prereg_trend_rule.md``): first trained after
 that rule's constant was chosen and committed, kept out of every fit."""
 
+_TREND30_TEST_BUILDERS: dict[str, Callable[[], Task]] = {
+    "gru_docs_adamw": _gru_docs_adamw,
+    "seq_transformer_adamw": _seq_transformer_adamw,
+    "resmlp_bn_sgd": _resmlp_bn_sgd,
+}
+TREND30_TEST_TASK_NAMES: tuple[str, ...] = tuple(_TREND30_TEST_BUILDERS)
+"""The test tasks of the trend rule checking from 30 % (``prereg_trend_from30.md``)."""
+
 
 @functools.cache
 def get_task(name: str) -> Task:
@@ -1419,6 +1643,7 @@ def get_task(name: str) -> Task:
         **_HELDOUT_REPRESENTATIVE_BUILDERS,
         **_HOLD_TEST_BUILDERS,
         **_TREND_TEST_BUILDERS,
+        **_TREND30_TEST_BUILDERS,
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; valid names are {list(builders)}")
