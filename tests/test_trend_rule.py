@@ -18,6 +18,7 @@ from benchmarks.tasks import (
     HOLDOUT_TASK_NAMES,
     REPRESENTATIVE_TASK_NAMES,
     TASK_NAMES,
+    TREND30_TEST_TASK_NAMES,
     TREND_TEST_TASK_NAMES,
     DigitsMixer,
     get_task,
@@ -150,6 +151,29 @@ def test_trend_test_tasks_are_new_and_build():
         model = task.make_model(0)
         x, y = next(task.batches(0))
         assert torch.isfinite(task.loss_fn(model(x), y)), name
+
+
+def test_the_fourth_set_is_new_and_builds():
+    seen = (
+        set(TASK_NAMES)
+        | set(HOLDOUT_TASK_NAMES)
+        | set(REPRESENTATIVE_TASK_NAMES)
+        | set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
+        | set(HOLD_TEST_TASK_NAMES)
+        | set(TREND_TEST_TASK_NAMES)
+    )
+    assert TREND30_TEST_TASK_NAMES == ("gru_docs_adamw", "seq_transformer_adamw", "resmlp_bn_sgd")
+    assert not seen & set(TREND30_TEST_TASK_NAMES)
+    for name in TREND30_TEST_TASK_NAMES:
+        task = get_task(name)
+        x, y = next(task.batches(0))
+        assert torch.isfinite(task.loss_fn(task.make_model(0)(x), y)), name
+    # The sequence labels: the most frequent of tokens 0-3, except the 10 % drawn at random.
+    task = get_task("seq_transformer_adamw")
+    x, y = task.x_train, task.y_train
+    counts = torch.stack([(x == k).sum(dim=1) for k in range(4)], dim=1)
+    agree = (counts.argmax(dim=1) == y).float().mean().item()
+    assert 0.9 < agree < 0.95  # 10 % random labels, a quarter of which land on the right class
 
 
 def test_mixer_patches_are_the_images_2x2_blocks():
