@@ -374,13 +374,7 @@ def _summarise(cell_runs: dict[str, list[dict]], key: str, rule: str = "plateau"
         "rule_vs_cosine_se": rule_vs_cos[1],
         "share_of_gain_captured": (rule_vs_cos[0] / gain_best) if gain_best < 0 else None,
         "switched_at_fraction": [r["switched_at_fraction"] for r in cell_runs[rule]],
-        "held_fraction": [
-            r.get(
-                "held_fraction",
-                _held_fraction(rule, r["switched_at"], None, r.get("trained_steps", r["budget"])),
-            )
-            for r in cell_runs[rule]
-        ],
+        "held_fraction": [r["held_fraction"] for r in cell_runs[rule]],
     }
 
 

@@ -788,10 +788,13 @@ def _translate_augment(background: float) -> Callable[[Tensor, torch.Generator],
 _TRANSLATE_NAME = "random translation by up to 1 pixel per axis (pad 1 with background, crop 8x8)"
 
 
-def _digit_image_task(**fields) -> Task:
-    """A classification task on the digit images with what both image tasks share: the split,
-    cross-entropy, batch 64 and the translation augmentation; ``fields`` give the rest."""
-    x_train, y_train, x_held, y_held, background = _digit_images()
+def _digit_image_task(
+    images: Callable[[], tuple[Tensor, Tensor, Tensor, Tensor, float]] = _digit_images, **fields
+) -> Task:
+    """A classification task on the digit images (``images()``: :func:`_digit_images`, or its
+    noisy twin) with what every image task shares: the split, cross-entropy, batch 64 and the
+    translation augmentation; ``fields`` give the rest."""
+    x_train, y_train, x_held, y_held, background = images()
     return Task(
         kind="classification",
         loss_fn=F.cross_entropy,
@@ -800,7 +803,7 @@ def _digit_image_task(**fields) -> Task:
         x_heldout=x_held,
         y_heldout=y_held,
         batch_size=IMAGE_BATCH,
-        momentum=0.0,  # unused: both tasks declare their optimizer
+        momentum=0.0,  # unused: the image tasks declare their optimizer
         augment=_translate_augment(background),
         augment_name=_TRANSLATE_NAME,
         **fields,
@@ -1220,24 +1223,6 @@ def _noisy_digit_images() -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     return x_train, y_train, x_held, y_held, background
 
 
-def _noisy_digit_task(**fields) -> Task:
-    """A classification task on the noisy digit images: batch 64, translation augmentation."""
-    x_train, y_train, x_held, y_held, background = _noisy_digit_images()
-    return Task(
-        kind="classification",
-        loss_fn=F.cross_entropy,
-        x_train=x_train,
-        y_train=y_train,
-        x_heldout=x_held,
-        y_heldout=y_held,
-        batch_size=IMAGE_BATCH,
-        momentum=0.0,  # unused: the tasks declare their optimizer
-        augment=_translate_augment(background),
-        augment_name=_TRANSLATE_NAME,
-        **fields,
-    )
-
-
 class NoisyDigitsCNN(nn.Module):
     """Three 3x3 conv-BatchNorm-ReLU layers (the last two with stride 2), global average pooling,
     a linear head: a VGG-style CNN."""
@@ -1263,7 +1248,8 @@ class NoisyDigitsCNN(nn.Module):
 
 def _cnn_bn_noisy_sgd() -> Task:
     widths = "-".join(str(w) for w in NOISY_CNN_WIDTHS)
-    return _noisy_digit_task(
+    return _digit_image_task(
+        _noisy_digit_images,
         name="cnn_bn_noisy_sgd",
         description=(
             f"VGG-style CNN ({widths}, BatchNorm) on 1200 noisy digits (pixel noise std "
@@ -1327,7 +1313,8 @@ class DigitsMixer(nn.Module):
 
 
 def _mixer_adamw() -> Task:
-    return _noisy_digit_task(
+    return _digit_image_task(
+        _noisy_digit_images,
         name="mixer_adamw",
         description=(
             f"MLP-Mixer (2x2 patches, 16 tokens, d{MIXER_D_MODEL}, 2 blocks) on 1200 noisy "

@@ -43,14 +43,19 @@ fraction of the budget, so that fewer checks are paid for; ``None``, the pre-reg
 every check of the plateau rule's schedule."""
 
 
+def _slack(total_steps: int) -> float:
+    """A check step is its nominal fraction of the budget rounded to a step: half a step either
+    way still counts as that fraction."""
+    return 0.5 / total_steps + 1e-9
+
+
 def check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
     """The steps the rule checks at: the plateau rule's (``plateau_check_steps``), from
     :data:`FIRST_CHECK` on when that is set (with the decision window's half-step slack)."""
     steps = P.plateau_check_steps(total_steps, warmup_steps)
     if FIRST_CHECK is None:
         return steps
-    slack = 0.5 / total_steps + 1e-9
-    return [s for s in steps if s / total_steps >= FIRST_CHECK - slack]
+    return [s for s in steps if s / total_steps >= FIRST_CHECK - _slack(total_steps)]
 
 
 def restart(sched: uba_auto.UBAScheduler, phi: float) -> None:
@@ -92,9 +97,7 @@ class TrendRule:
     def check(self, step: int, losses: Sequence[float]) -> tuple[str | None, str]:
         losses = [float(x) for x in losses]
         fraction = step / self.total_steps
-        # A check step is its nominal fraction of the budget rounded to a step: half a step either
-        # way still belongs to the window.
-        slack = 0.5 / self.total_steps + 1e-9
+        slack = _slack(self.total_steps)
         if self.state == "cosine":
             self.history.append(losses)
             if fraction < DECISION_FROM - slack:

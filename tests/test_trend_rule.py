@@ -136,38 +136,32 @@ def test_a_non_finite_loss_never_holds():
     assert "hold" not in [a for _, a in actions]
 
 
-def test_trend_test_tasks_are_new_and_build():
-    others = (
-        set(TASK_NAMES)
-        | set(HOLDOUT_TASK_NAMES)
-        | set(REPRESENTATIVE_TASK_NAMES)
-        | set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
-        | set(HOLD_TEST_TASK_NAMES)
+def _check_new_test_set(names, *earlier_sets):
+    """``names`` is in none of the registries before it, and every task builds and gives a
+    finite loss on its first batch."""
+    seen = set().union(
+        TASK_NAMES,
+        HOLDOUT_TASK_NAMES,
+        REPRESENTATIVE_TASK_NAMES,
+        HELDOUT_REPRESENTATIVE_TASK_NAMES,
+        HOLD_TEST_TASK_NAMES,
+        *earlier_sets,
     )
-    assert TREND_TEST_TASK_NAMES == ("gpt_code_adamw", "cnn_bn_noisy_sgd", "mixer_adamw")
-    assert not others & set(TREND_TEST_TASK_NAMES)
-    for name in TREND_TEST_TASK_NAMES:
-        task = get_task(name)
-        model = task.make_model(0)
-        x, y = next(task.batches(0))
-        assert torch.isfinite(task.loss_fn(model(x), y)), name
-
-
-def test_the_fourth_set_is_new_and_builds():
-    seen = (
-        set(TASK_NAMES)
-        | set(HOLDOUT_TASK_NAMES)
-        | set(REPRESENTATIVE_TASK_NAMES)
-        | set(HELDOUT_REPRESENTATIVE_TASK_NAMES)
-        | set(HOLD_TEST_TASK_NAMES)
-        | set(TREND_TEST_TASK_NAMES)
-    )
-    assert TREND30_TEST_TASK_NAMES == ("gru_docs_adamw", "seq_transformer_adamw", "resmlp_bn_sgd")
-    assert not seen & set(TREND30_TEST_TASK_NAMES)
-    for name in TREND30_TEST_TASK_NAMES:
+    assert not seen & set(names)
+    for name in names:
         task = get_task(name)
         x, y = next(task.batches(0))
         assert torch.isfinite(task.loss_fn(task.make_model(0)(x), y)), name
+
+
+def test_trend_test_tasks_are_new_and_build():
+    assert TREND_TEST_TASK_NAMES == ("gpt_code_adamw", "cnn_bn_noisy_sgd", "mixer_adamw")
+    _check_new_test_set(TREND_TEST_TASK_NAMES)
+
+
+def test_the_fourth_set_is_new_and_builds():
+    assert TREND30_TEST_TASK_NAMES == ("gru_docs_adamw", "seq_transformer_adamw", "resmlp_bn_sgd")
+    _check_new_test_set(TREND30_TEST_TASK_NAMES, TREND_TEST_TASK_NAMES)
     # The sequence labels: the most frequent of tokens 0-3, except the 10 % drawn at random.
     task = get_task("seq_transformer_adamw")
     x, y = task.x_train, task.y_train
