@@ -496,3 +496,28 @@ def test_non_adaptive_optimizers_and_mismatched_preconditioners_are_refused() ->
         PreconditionedOperator(op, pre.diagonal)
     with pytest.raises(TypeError, match="base must be a SymmetricOperator"):
         PreconditionedOperator(pre.diagonal, pre)
+
+
+def test_the_gradient_start_is_in_the_preconditioned_coordinates() -> None:
+    """Under Adam the probe's Lanczos starts from d ⊙ g (d = P^{-1/2}, g batch 0's gradient): two
+    of its steps are dense Lanczos' on D H D from gradient_start(d ⊙ g)."""
+    from uba_auto import probe_curvature
+    from uba_auto.linear_operator import DenseOperator
+    from uba_auto.probe.steps import gradient_start
+
+    problem, opt = _trained(tanh_mlp, "adam")
+    op = _probe(problem, opt)
+    prec = PreconditionedOperator(op, optimizer_preconditioner(opt, problem.model, op))
+    d = prec.preconditioner.diagonal.rsqrt()
+    g0 = _Reference(problem, problem.batches[:1], "train-deterministic").gradient()
+    assert_close(prec.batch_operator(0).scaled_gradient(), d * g0)
+    gen = torch.Generator().manual_seed(5)
+    dense = lanczos(DenseOperator(prec.to_dense()), max_iters=2, tol=1e-300,
+                    v0=gradient_start(d * g0, gen))  # fmt: skip
+    est = probe_curvature(
+        problem.model, problem.batches, problem.loss, num_batches=len(problem.batches),
+        optimizer=opt, max_hvps=2 * len(problem.batches), per_batch=False, trace=False,
+        dtype=F64, seed=5, start="gradient",
+    )  # fmt: skip
+    assert est.lambda_max == pytest.approx(dense.lambda_max, rel=1e-10)
+    assert est.lambda_min == pytest.approx(dense.lambda_min, rel=1e-10)

@@ -387,3 +387,91 @@ def test_a_noise_above_the_ceiling_at_two_steps_counts_as_settled(curvatures, ce
         if monitor.update(theta, np.eye(m), beta_m=0.0):  # residual 0: only sigma can hold it
             break
     assert monitor.point.reached and monitor.point.steps == decided_at
+
+
+# ------------------------------------------------------------------------------ gradient start
+def test_gradient_start_is_the_unit_gradient_plus_a_tenth_of_the_random_start():
+    from uba_auto._krylov import gaussian_unit_vector
+    from uba_auto.probe.steps import START_MIX, gradient_start
+
+    g = torch.tensor([3.0, -4.0, 0.0, 0.0], dtype=F64)
+    r = gaussian_unit_vector(DenseOperator(torch.eye(4, dtype=F64)), gen(7))
+    v = gradient_start(g, gen(7))
+    expected = g / 5 + START_MIX * r
+    torch.testing.assert_close(v, expected / expected.norm(), rtol=1e-15, atol=0)
+    assert START_MIX == 0.1
+    assert gradient_start(g, gen(7), mix=0.0).tolist() == [0.6, -0.8, 0.0, 0.0]
+    # A gradient with nothing to follow: the random start alone.
+    for bad in (torch.zeros(4, dtype=F64), torch.tensor([1.0, float("nan"), 0, 0], dtype=F64)):
+        torch.testing.assert_close(gradient_start(bad, gen(7)), r, rtol=0, atol=0)
+    # The generator is drawn from as for a random start: the next draw is the same.
+    a, b = gen(3), gen(3)
+    gradient_start(g, a)
+    gaussian_unit_vector(DenseOperator(torch.eye(4, dtype=F64)), b)
+    assert torch.equal(torch.randn(5, generator=a), torch.randn(5, generator=b))
+
+
+@pytest.mark.parametrize("num_batches", [1, 3])
+def test_probe_starts_lanczos_on_the_first_batchs_gradient(num_batches):
+    """Two Lanczos steps of the probe are those of dense Lanczos on the mean's float64 Hessian from
+    gradient_start(batch 0's dense gradient): the start is exactly that vector."""
+    from _reference import _Reference
+
+    from uba_auto.probe.steps import gradient_start
+
+    problem = make_problem("tanh_mlp")
+    batches = problem.batches[:num_batches]
+    hessian = _Reference(problem, batches, "train-deterministic").hessian()
+    g0 = _Reference(problem, batches[:1], "train-deterministic").gradient()
+    v0 = gradient_start(g0, gen(11))
+    dense = lanczos(DenseOperator(hessian), max_iters=2, tol=1e-300, v0=v0)
+    kwargs = dict(num_batches=num_batches, per_batch=False, trace=False, dtype=F64, seed=11)
+    est = probe_curvature(
+        problem.model, batches, problem.loss, max_hvps=2 * num_batches, start="gradient", **kwargs
+    )
+    assert est.num_hvps == 2 * num_batches
+    assert est.lambda_max == pytest.approx(dense.lambda_max, rel=1e-10)
+    assert est.lambda_min == pytest.approx(dense.lambda_min, rel=1e-10)
+    # Run to convergence, either start gives the dense spectrum's ends.
+    eigs = torch.linalg.eigvalsh(hessian)
+    for start in ("gradient", "random"):
+        full = probe_curvature(problem.model, batches, problem.loss, start=start, **kwargs)
+        assert full.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-8)
+        assert full.lambda_min == pytest.approx(float(eigs[0]), rel=1e-6, abs=1e-9)
+
+
+def test_the_gradient_start_changes_no_random_draw_after_it():
+    """The trace's Hutch++ vectors come from the same generator after the start: the estimate is
+    bit-identical whichever start the extremes took; the model's state is left as it was."""
+    from _state_checks import assert_state_unchanged, snapshot_state
+
+    problem = make_problem("tanh_mlp")
+    snapshot = snapshot_state(problem.model)
+    kwargs = dict(num_batches=3, per_batch=False, dtype=F64, seed=4)
+    a = probe_curvature(problem.model, problem.batches, problem.loss, start="random", **kwargs)
+    b = probe_curvature(problem.model, problem.batches, problem.loss, start="gradient", **kwargs)
+    assert a.trace == b.trace and a.trace is not None
+    assert_state_unchanged(problem.model, snapshot)
+
+
+def test_a_budgeted_probe_warm_starts_from_the_gradient_and_still_finds_the_mean():
+    problem = make_problem("tanh_mlp")
+    from _reference import _Reference
+
+    eigs = torch.linalg.eigvalsh(
+        _Reference(problem, problem.batches, "train-deterministic").hessian()
+    )
+    kwargs = dict(num_batches=3, per_batch=False, trace=False, dtype=F64, seed=2)
+    est = probe_curvature(
+        problem.model, problem.batches, problem.loss, hvp_budget=300, start="gradient", **kwargs
+    )
+    assert est.hvps["start"] >= WARM_START_RULE.min_steps  # the first batch's run, from g
+    assert est.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-6)
+
+
+def test_start_must_be_gradient_or_random():
+    with pytest.raises(ValueError, match=r"start must be one of \('gradient', 'random'\)"):
+        ProbeSettings(start="grad")
+    problem = make_problem("logistic_regression")
+    with pytest.raises(ValueError, match="start must be one of"):
+        probe_curvature(problem.model, problem.batches, problem.loss, start=None)

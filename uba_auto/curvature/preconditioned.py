@@ -143,6 +143,12 @@ class PreconditionedOperator(SymmetricOperator):
         """The base's gradient (of the loss: not preconditioned, without the weight decay)."""
         return self.base.gradient()
 
+    def scaled_gradient(self) -> Tensor:
+        r""":math:`d \odot \nabla\ell`, :math:`d = P^{-1/2}`: the gradient in the coordinates this
+        operator acts on (those in which the optimizer's step is a plain gradient step), the
+        probe's Lanczos start (:func:`~uba_auto.probe.steps.gradient_start`)."""
+        return self._scale * self.base.gradient()
+
     def flatten(self, tensors: Mapping[str, Tensor | None] | Sequence[Tensor | None]) -> Tensor:
         """The base's ``flatten`` (per-parameter tensors -> flat vector)."""
         return self.base.flatten(tensors)

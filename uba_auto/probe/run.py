@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._batches import BatchSet, collect_batches
 from .._distributed import Communicator, check_enabled
@@ -34,6 +34,7 @@ from ..curvature import (
     unwrap_model,
     unwrap_notes,
 )
+from ..linear_operator import SymmetricOperator
 from ..slq import SpectralDensity, slq_density
 from ..trace import TraceEstimate, hutchpp_trace
 from .bookkeeping import Ledger, Tracked, progress_bar
@@ -44,6 +45,7 @@ from .steps import (
     Extremes,
     PerBatchCurvature,
     extremes,
+    gradient_start,
     per_batch_curvature,
     projected_extremes,
     spread,
@@ -159,6 +161,8 @@ def run_probe(
             if settings.method == "lanczos":
                 batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
                 starts = []  # the start vector, handed to the extremes without a name here
+                if settings.start == "gradient":
+                    starts.append(gradient_start(_start_gradient(op.batch_operator(0)), gen))
                 if settings.warm_starts(num_found):
                     start = functools.partial(
                         warm_start,
@@ -166,6 +170,7 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         basis_dtype=basis_dtype,
+                        v0=starts.pop() if starts else None,
                     )
                     # Batch 0 of op: kept exactly when a one-batch operator would keep it
                     # (graph_memory's room for a product), else recomputed.
@@ -294,6 +299,14 @@ def run_probe(
         estimate.wall_time_s,
     )
     return estimate
+
+
+def _start_gradient(op: SymmetricOperator) -> Tensor:
+    """The loss gradient of ``op``'s batches in the coordinates ``op`` acts on (the
+    preconditioned ones under an adaptive optimizer): the direction Lanczos starts from."""
+    if isinstance(op, PreconditionedOperator):
+        return op.scaled_gradient()
+    return op.gradient()
 
 
 def _collect(

@@ -13,9 +13,18 @@ from ..curvature import ENGINES, MODES
 from ..curvature.graph_memory import check_graph_memory
 from .projected import DECISION_RULE, DecisionRule
 
-__all__ = ["CURVATURES", "DEFAULT_GRAPH_MEMORY", "METHODS", "ProbeSettings", "check_model"]
+__all__ = [
+    "CURVATURES",
+    "DEFAULT_GRAPH_MEMORY",
+    "METHODS",
+    "STARTS",
+    "ProbeSettings",
+    "check_model",
+]
 
 METHODS = ("lanczos", "power", "pyhessian")
+STARTS = ("gradient", "random")
+"""The start vectors of the Lanczos run (:attr:`ProbeSettings.start`)."""
 CURVATURES = ("hessian", "ggn")
 DEFAULT_GRAPH_MEMORY = 2.5
 """The probe's default cap on cached gradient graphs, in estimated training steps
@@ -70,6 +79,7 @@ class ProbeSettings:
     compact_basis: bool = True
     warm_start: bool | None = None
     decision_rule: DecisionRule = DECISION_RULE
+    start: str = "random"
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -107,6 +117,8 @@ class ProbeSettings:
                 f"warm_start must be True, False or None (on for a budgeted probe), got "
                 f"{self.warm_start!r}"
             )
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
         if not isinstance(self.decision_rule, DecisionRule):
             raise TypeError(
                 "decision_rule must be a uba_auto.probe.DecisionRule (e.g. "
@@ -178,5 +190,5 @@ class ProbeSettings:
         settings += (self.engine, self.mode, str(self.dtype), self.per_batch, self.trace)
         settings += (self.trace_matvecs, self.density, self.density_probes, self.density_iters)
         settings += (self.grad_clip, self.hvp_budget, self.graph_memory, self.micro_batches)
-        settings += (self.compact_basis, self.warm_start, self.decision_rule)
+        settings += (self.compact_basis, self.warm_start, self.decision_rule, self.start)
         return repr(settings)

@@ -23,11 +23,13 @@ from ..power_iteration import power_iteration
 from .projected import DECISION_RULE, BatchProjections, DecisionMonitor, DecisionPoint, DecisionRule
 
 __all__ = [
+    "START_MIX",
     "WARM_START_RULE",
     "Extremes",
     "PerBatchCurvature",
     "ProjectedExtremes",
     "extremes",
+    "gradient_start",
     "per_batch_curvature",
     "projected_extremes",
     "smallest_positive",
@@ -212,6 +214,47 @@ def projected_extremes(
     return ProjectedExtremes(extremes=ext, top_curvature=top, decision=monitor.final())
 
 
+START_MIX = 0.1
+"""Weight of the random unit vector in :func:`gradient_start`: enough that every eigenvector
+has a share of the start (a Krylov space only reaches directions its start touches), small
+enough that the gradient's alignment with the top of the spectrum is kept."""
+
+
+def gradient_start(gradient: Tensor, generator: torch.Generator, mix: float = START_MIX) -> Tensor:
+    r"""The Lanczos start :math:`(\hat g + \mu \hat r) / \|\hat g + \mu \hat r\|`, with
+    :math:`\hat g` the unit loss gradient (in the operator's coordinates), :math:`\hat r` a unit
+    Gaussian vector from ``generator`` and :math:`\mu` = ``mix``.
+
+    A network's gradient lies mostly in the span of the Hessian's top eigenvectors (Gur-Ari,
+    Roberts and Dyer 2018, "Gradient descent happens in a tiny subspace"), so Lanczos started there
+    needs fewer products than from a random vector, at both ends (BENCHMARKS.md §1, "The gradient
+    start"). The random part keeps every direction in reach; a gradient that is zero or not finite
+    gives :math:`\hat r` alone. ``generator`` is drawn from exactly as for a random start (one
+    Gaussian vector), so what the probe draws after the start is the same either way.
+
+    Args:
+        gradient: the flat gradient, in the operator's dtype and on its device.
+        generator: the probe's generator.
+        mix: :math:`\mu \ge 0`.
+
+    Example:
+        >>> g = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+        >>> v = gradient_start(g, torch.Generator().manual_seed(0), mix=0.0)
+        >>> v.tolist()
+        [1.0, 0.0, 0.0]
+    """
+    r = torch.randn(
+        gradient.numel(), generator=generator, dtype=gradient.dtype, device=gradient.device
+    )
+    r /= torch.linalg.vector_norm(r)
+    norm = torch.linalg.vector_norm(gradient)
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return r
+    v = gradient.reshape(-1) / norm
+    v += mix * r
+    return v / torch.linalg.vector_norm(v)
+
+
 WARM_START_RULE = DecisionRule(min_steps=3)
 """The warm start's stop: :class:`~uba_auto.probe.projected.DecisionRule`'s residual test at 3
 steps at least. Looser starts (``rtol`` 0.2-0.5, or at most 4-5 steps) changed the products of
@@ -228,6 +271,7 @@ def warm_start(
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
     rule: DecisionRule = WARM_START_RULE,
+    v0: Tensor | None = None,
 ) -> Tensor:
     r"""The top Ritz vector of one batch's operator at the decision rule's precision: the start of
     the Lanczos run on the mean of all batches (:func:`projected_extremes` ``v0``).
@@ -244,6 +288,7 @@ def warm_start(
         tol, generator, basis_device, basis_dtype: as for :func:`projected_extremes`.
         rule: stop at its residual test (``rtol``, at least ``min_steps`` steps, at most
             ``max_steps``).
+        v0: the start of this run (``None``: a Gaussian vector from ``generator``).
 
     Example:
         >>> from uba_auto.linear_operator import DenseOperator
@@ -262,6 +307,7 @@ def warm_start(
         budget_steps=0,
         rule=rule,
         basis_dtype=basis_dtype,
+        v0=v0,
     )
     return found.extremes.top_vector
 
