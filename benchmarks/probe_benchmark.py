@@ -100,7 +100,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -148,7 +148,12 @@ PLANS = {
 EIGSH_TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 0.0)
 PEERS = ("pyhessian", "eigenthings-lanczos", "eigenthings-power", "curvlinops-eigsh")
 OURS = "uba-auto"
-METHODS = (OURS, *PEERS)
+OURS_GRADIENT = "uba-auto-gradient-start"
+OURS_KEPT = "uba-auto-graph-kept"
+VARIANTS = {"gradient-start": OURS_GRADIENT, "graph-kept": OURS_KEPT}
+"""``--variants``: ours with ``probe_curvature(start="gradient")``, or with its one batch's graph
+kept (``graph_memory=None``, no memory cap), side by side with the defaults; not peers."""
+METHODS = (OURS, OURS_GRADIENT, OURS_KEPT, *PEERS)
 TRUTH_CACHE = Path(__file__).resolve().parent / "results" / "probe_truth_cache.json"
 
 
@@ -387,6 +392,8 @@ class Contender:
 
 class Ours(Contender):
     name = OURS
+    start = "random"
+    options: ClassVar[dict[str, Any]] = {}  # more probe_curvature keywords (the variants)
 
     def __init__(self, model: nn.Module, batch: Any, device: torch.device) -> None:
         super().__init__(model, batch, device)
@@ -404,6 +411,8 @@ class Ours(Contender):
             trace=False,
             seed=seed,
             progress=False,
+            start=self.start,
+            **self.options,
             **kwargs,
         )
         return est.lambda_max, est.lambda_min, est.num_hvps
@@ -422,11 +431,16 @@ class Ours(Contender):
                 rec.observe(v, av)
                 return av
 
+        from uba_auto.probe.steps import gradient_start
+
         rec.start()
-        op = Observed(HessianOperator(self.model, [self.batch], loss_fn))
+        inner = HessianOperator(self.model, [self.batch], loss_fn)
+        op = Observed(inner)
         gen = torch.Generator(device=op.device).manual_seed(seed)
+        # The start probe_curvature(start=self.start) draws: the same generator, the same order.
+        v0 = gradient_start(inner.gradient(), gen) if self.start == "gradient" else None
         with contextlib.suppress(_Enough):
-            lanczos(op, max_iters=rec.cap, tol=1e-12, generator=gen)
+            lanczos(op, max_iters=rec.cap, tol=1e-12, generator=gen, v0=v0)
         return rec.traj
 
     def capped(self, seed: int, count: int, both: bool) -> Solve:
@@ -442,6 +456,20 @@ class Ours(Contender):
         op = HessianOperator(self.model, [self.batch], loss_fn)
         v = self.fixed_vector()
         return (lambda: op.matvec(v)), _flat
+
+
+class OursGradient(Ours):
+    """Ours started from the gradient (``--gradient-start``), side by side with the default."""
+
+    name = OURS_GRADIENT
+    start = "gradient"
+
+
+class OursKept(Ours):
+    """Ours with its batch's graph kept (``--variants graph-kept``): what the memory cap costs."""
+
+    name = OURS_KEPT
+    options: ClassVar[dict[str, Any]] = {"graph_memory": None}
 
 
 class PyHessian(Contender):
@@ -709,7 +737,16 @@ class CurvlinopsEigsh(Contender):
 
 
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (Ours, PyHessian, EigenthingsLanczos, EigenthingsPower, CurvlinopsEigsh)
+    c.name: c
+    for c in (
+        Ours,
+        OursGradient,
+        OursKept,
+        PyHessian,
+        EigenthingsLanczos,
+        EigenthingsPower,
+        CurvlinopsEigsh,
+    )
 }
 
 
@@ -861,16 +898,21 @@ def _summarise(raw: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             }
             row[key]["note"] = entries[0]["note"]
         out[m] = row
-    for target in ("max", "both"):
-        per_repeat = []
-        for rep in raw:
-            peer_times = [
-                rep[m][target]["seconds"]
-                for m in methods
-                if m != OURS and rep[m].get(target) and rep[m][target]["seconds"] is not None
-            ]
-            per_repeat.append(_ratio(rep[OURS][target]["seconds"], min(peer_times, default=None)))
-        out[f"ratio_seconds_vs_best_peer_{target}"] = _median(per_repeat)
+    for ours in (OURS, *VARIANTS.values()):
+        if ours not in methods:
+            continue
+        prefix = "" if ours == OURS else ours.removeprefix("uba-auto-").replace("-", "_") + "_"
+        for target in ("max", "both"):
+            per_repeat = []
+            for rep in raw:
+                peer_times = [
+                    rep[m][target]["seconds"]
+                    for m in methods
+                    if m in PEERS and rep[m].get(target) and rep[m][target]["seconds"] is not None
+                ]
+                mine = rep[ours].get(target) or {}
+                per_repeat.append(_ratio(mine.get("seconds"), min(peer_times, default=None)))
+            out[f"{prefix}ratio_seconds_vs_best_peer_{target}"] = _median(per_repeat)
     return out
 
 
@@ -1012,6 +1054,22 @@ def print_tables(results: dict[str, Any]) -> None:
                 _f(summ["ratio_seconds_vs_best_peer_both"], ".2f", "x"),
             ]
         )
+        for variant in VARIANTS.values():
+            prefix = variant.removeprefix("uba-auto-").replace("-", "_") + "_"
+            if f"{prefix}ratio_seconds_vs_best_peer_max" not in summ:
+                continue
+            rows.append(
+                [
+                    name,
+                    f"**{variant} ÷ best peer**",
+                    "",
+                    "",
+                    _f(summ[f"{prefix}ratio_seconds_vs_best_peer_max"], ".2f", "x"),
+                    "",
+                    "",
+                    _f(summ[f"{prefix}ratio_seconds_vs_best_peer_both"], ".2f", "x"),
+                ]
+            )
     print(
         fmt_table(
             [
@@ -1135,6 +1193,13 @@ def main() -> None:
     parser.add_argument("--max-products", type=int, help="longest recording run (all models)")
     parser.add_argument("--truth-max-iters", type=int, help="float64 truth steps (all models)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=[],
+        help="also run ours with start='gradient' and/or graph_memory=None (not peers)",
+    )
     parser.add_argument("--skip-budget", action="store_true", help="skip measurement 5")
     parser.add_argument("--memory-repeats", type=int, default=1)
     parser.add_argument("--fresh-truth", action="store_true", help="ignore the truth cache")
@@ -1179,7 +1244,9 @@ def main() -> None:
         with clock("truth"):
             res["truth"] = truth(name, model, batch, plan, fresh=args.fresh_truth)
         log(f"{name}: truth {res['truth']}")
-        contenders = {m: CONTENDERS[m](model, batch, device) for m in METHODS}
+        wanted = {VARIANTS[v] for v in args.variants}
+        chosen = [m for m in METHODS if m not in VARIANTS.values() or m in wanted]
+        contenders = {m: CONTENDERS[m](model, batch, device) for m in chosen}
         with clock("tolerance"):
             res["tolerance"] = to_tolerance(name, contenders, res["truth"], args.repeats, plan, log)
         with clock("product"):

@@ -1,8 +1,10 @@
 """The probe's warm start, measured: decision steps, products, accuracy and budget share (issue 13).
 
     python benchmarks/warm_start.py accuracy {cells|heldout|models}   # -> results/warm_start_*.json
+    python benchmarks/warm_start.py accuracy {cells|heldout|models} --compare start
+    python benchmarks/warm_start.py tolerance {cells|heldout|models}   # unbudgeted, both starts
     python benchmarks/warm_start.py share [--models mlp,cnn,transformer] [--repeats 3] \
-        [--compare warm|micro]
+        [--compare warm|micro|start]
 
 ``auto_uba``'s budgeted probe (8 batches) starts its Lanczos run on the mean of the batches from
 the top Ritz vector of the first batch alone (``probe_curvature(warm_start=None)``: on when
@@ -71,31 +73,34 @@ def _probe(model, batches, budget, optimizer, loss_fn, seed, warm, **probe_kwarg
     }
 
 
-def accuracy(which: str) -> None:
+def accuracy(which: str, compare: str = "warm") -> None:
     ref_file = ROOT / f"benchmarks/results/decision_trajectories_{which}.json"
     refs = {r["name"]: r["trace"][-1] for r in json.loads(ref_file.read_text())["rows"]}
+    variants = COMPARISONS[compare]
+    keys = [key for key, *_ in variants]
     rows = []
     for name, model, batches, budget, opt, loss_fn, seed in decision_trajectories.runs(which):
-        cold = _probe(model, batches, budget, opt, loss_fn, seed, warm=False)
-        warm = _probe(model, batches, budget, opt, loss_fn, seed, warm=True)
+        row = {"name": name}
+        for key, warm, kwargs in variants:
+            row[key] = _probe(model, batches, budget, opt, loss_fn, seed, warm, **kwargs)
         _, lam, _, sig = refs[name]
-        row = {"name": name, "reference": {"lambda_max": lam, "sigma": sig, "phi": _phi(sig)}}
-        row.update(cold=cold, warm=warm)
+        row["reference"] = {"lambda_max": lam, "sigma": sig, "phi": _phi(sig)}
         rows.append(row)
-        print(_line(row), flush=True)
-    out = ROOT / f"benchmarks/results/warm_start_{which}.json"
+        print(_line(row, keys), flush=True)
+    suffix = "" if compare == "warm" else f"_{compare}"
+    out = ROOT / f"benchmarks/results/warm_start_{which}{suffix}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
-    _summary(rows)
+    _summary(rows, keys)
 
 
 def _err(x, ref):
     return None if x is None or not ref else x / ref - 1
 
 
-def _line(row):
+def _line(row, keys=("cold", "warm")):
     ref = row["reference"]
     parts = [f"{row['name']:24s} ref phi {ref['phi']:.3f}"]
-    for key in ("cold", "warm"):
+    for key in keys:
         r = row[key]
         dl, ds = _err(r["lambda_max"], ref["lambda_max"]), _err(r["sigma"], ref["sigma"])
         ds_text = "  n/a " if ds is None else f"{ds:+.3f}"
@@ -106,9 +111,9 @@ def _line(row):
     return " | ".join(parts)
 
 
-def _summary(rows):
+def _summary(rows, keys=("cold", "warm")):
     noisy = [r for r in rows if r["reference"]["sigma"] not in (None, 0.0)]
-    for key in ("cold", "warm"):
+    for key in keys:
         dl = [abs(_err(r[key]["lambda_max"], r["reference"]["lambda_max"])) for r in noisy]
         ds = [abs(_err(r[key]["sigma"], r["reference"]["sigma"])) for r in noisy]
         dphi = [abs(r[key]["phi"] - r["reference"]["phi"]) for r in rows]
@@ -118,15 +123,65 @@ def _summary(rows):
             f"worst {max(dl):.3f}, |dsig| median {statistics.median(ds):.3f} worst "
             f"{max(ds):.3f}; |phi - reference phi| worst {max(dphi):.3f}"
         )
+    if len(keys) == 2:
+        a, b = keys
+        same = sum(r[a]["phi"] == r[b]["phi"] for r in rows)
+        fewer = sum(r[b]["hvps"] < r[a]["hvps"] for r in rows)
+        more = sum(r[b]["hvps"] > r[a]["hvps"] for r in rows)
+        print(
+            f"{b} vs {a}: phi identical in {same} of {len(rows)} runs; {b} spent fewer HVPs in "
+            f"{fewer}, more in {more}"
+        )
+
+
+def tolerance(which: str) -> None:
+    """The unbudgeted probe (one batch, extremes to the default ``tol``) from a random start and
+    from the gradient (``probe_curvature(start=...)``): products, and how far the answers differ."""
+    rows = []
+    for name, model, batches, _, opt, loss_fn, seed in decision_trajectories.runs(which):
+        row = {"name": name}
+        for start in ("random", "gradient"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = uba_auto.probe_curvature(
+                    model, batches[:1], loss_fn, num_batches=1, per_batch=False, trace=False,
+                    seed=seed, progress=False, start=start, optimizer=opt,
+                )  # fmt: skip
+            row[start] = {
+                "hvps": est.num_hvps,
+                "lambda_max": est.lambda_max,
+                "lambda_min": est.lambda_min,
+            }
+        a, b = row["random"], row["gradient"]
+        print(
+            f"{name:28s} random {a['hvps']:4d} gradient {b['hvps']:4d} HVPs; gradient vs random "
+            f"lambda_max {b['lambda_max'] / a['lambda_max'] - 1:+.1e}, lambda_min "
+            f"{b['lambda_min'] / a['lambda_min'] - 1:+.1e}",
+            flush=True,
+        )
+        rows.append(row)
+    ratios = [r["gradient"]["hvps"] / r["random"]["hvps"] for r in rows]
+    print(
+        f"{len(rows)} runs: HVPs random {sum(r['random']['hvps'] for r in rows)}, gradient "
+        f"{sum(r['gradient']['hvps'] for r in rows)}; gradient fewer in "
+        f"{sum(x < 1 for x in ratios)}, more in {sum(x > 1 for x in ratios)}; gradient / random "
+        f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}"
+    )
+    out = ROOT / f"benchmarks/results/warm_start_{which}_start_tolerance.json"
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
 
 
 COMPARISONS = {
     # name: ((label, warm start, probe keywords), the other variant) -> "second / first" ratio
     "warm": (("cold", False, {}), ("warm", True, {})),
     "micro": (("whole", True, {"micro_batches": False}), ("split", True, {})),
+    "start": (("random", True, {"start": "random"}), ("gradient", True, {"start": "gradient"})),
 }
 """What ``share --compare`` puts side by side: the cold and the warm start (both with the default
-micro-batches), or batches whole and split (both warm)."""
+micro-batches), batches whole and split (both warm), or the Lanczos run started from a
+random vector and from the gradient (both warm, :func:`uba_auto.probe.steps.gradient_start`).
+``accuracy --compare`` runs the same pairs; its file gets the comparison's suffix (none for
+``warm``)."""
 
 
 def share(models: list[str], repeats: int, compare: str = "warm") -> None:
@@ -179,6 +234,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     acc = sub.add_parser("accuracy")
     acc.add_argument("which", choices=["cells", "heldout", "models"])
+    acc.add_argument("--compare", choices=sorted(COMPARISONS), default="warm")
+    tol = sub.add_parser("tolerance")
+    tol.add_argument("which", choices=["cells", "heldout", "models"])
     sh = sub.add_parser("share")
     sh.add_argument("--models", default="mlp,cnn,transformer")
     sh.add_argument("--repeats", type=int, default=3)
@@ -186,7 +244,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cmd == "accuracy":
-        accuracy(args.which)
+        accuracy(args.which, args.compare)
+    elif args.cmd == "tolerance":
+        tolerance(args.which)
     else:
         share(args.models.split(","), args.repeats, args.compare)
 
