@@ -24,6 +24,7 @@ step() {  # step NAME COMMAND...: run, tee the log, count a failure
 step gpu python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step test_cuda python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider
 step probe_benchmark python3 benchmarks/probe_benchmark.py --repeats 3 --device cuda \
+    --variants graph-kept gradient-start \
     --out "$out/probe_benchmark_cuda.json"
 step demo python3 -m uba_auto demo --quick --device cuda --no-progress --out "$out/demo"
 exit "$failed"

@@ -434,7 +434,11 @@ class Ours(Contender):
         from uba_auto.probe.steps import gradient_start
 
         rec.start()
-        inner = HessianOperator(self.model, [self.batch], loss_fn)
+        from uba_auto.probe.settings import DEFAULT_GRAPH_MEMORY
+
+        # The probe's memory policy (timing "trajectory" times this run: it must be the probe's).
+        memory = self.options.get("graph_memory", DEFAULT_GRAPH_MEMORY)
+        inner = HessianOperator(self.model, [self.batch], loss_fn, graph_memory=memory)
         op = Observed(inner)
         gen = torch.Generator(device=op.device).manual_seed(seed)
         # The start probe_curvature(start=self.start) draws: the same generator, the same order.
