@@ -455,23 +455,35 @@ def test_the_gradient_start_changes_no_random_draw_after_it():
 
 
 def test_a_budgeted_probe_warm_starts_from_the_gradient_and_still_finds_the_mean():
-    problem = make_problem("tanh_mlp")
+    """The warm start (the first batch's run) starts from gradient_start(batch 0's gradient): its
+    products are those of warm_start on batch 0's dense float64 Hessian from that vector; the
+    generator is not drawn from again (the trace after it is bit-identical to the random start's);
+    the mean's run still ends at the dense spectrum's top."""
     from _reference import _Reference
 
-    eigs = torch.linalg.eigvalsh(
-        _Reference(problem, problem.batches, "train-deterministic").hessian()
-    )
-    kwargs = dict(num_batches=3, per_batch=False, trace=False, dtype=F64, seed=2)
-    est = probe_curvature(
-        problem.model, problem.batches, problem.loss, hvp_budget=300, start="gradient", **kwargs
-    )
-    assert est.hvps["start"] >= WARM_START_RULE.min_steps  # the first batch's run, from g
+    from uba_auto.probe.steps import gradient_start
+
+    problem = make_problem("tanh_mlp")
+    ref = _Reference(problem, problem.batches, "train-deterministic")
+    eigs = torch.linalg.eigvalsh(ref.hessian())
+    first = _Reference(problem, problem.batches[:1], "train-deterministic")
+    op0 = DenseOperator(first.hessian())
+    generator = gen(2)
+    v0 = gradient_start(first.gradient(), generator)
+    warm_start(op0, tol=1e-6, generator=generator, v0=v0)  # the probe's float64 tol
+    kwargs = dict(num_batches=3, per_batch=False, dtype=F64, seed=2, hvp_budget=300)
+    est = probe_curvature(problem.model, problem.batches, problem.loss, start="gradient", **kwargs)
+    assert est.hvps["start"] == op0.num_matvecs >= WARM_START_RULE.min_steps
     assert est.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-6)
+    rnd = probe_curvature(problem.model, problem.batches, problem.loss, start="random", **kwargs)
+    assert est.trace == rnd.trace and est.trace is not None
 
 
 def test_start_must_be_gradient_or_random():
     with pytest.raises(ValueError, match=r"start must be one of \('gradient', 'random'\)"):
         ProbeSettings(start="grad")
+    with pytest.raises(ValueError, match="start='gradient' starts a Lanczos run"):
+        ProbeSettings(start="gradient", method="power")
     problem = make_problem("logistic_regression")
     with pytest.raises(ValueError, match="start must be one of"):
         probe_curvature(problem.model, problem.batches, problem.loss, start=None)

@@ -191,8 +191,8 @@ def probe_curvature(
             under an adaptive ``optimizer``) plus a tenth of a random unit vector
             (:func:`~uba_auto.probe.steps.gradient_start`; one gradient of that batch, free where
             its graph is kept). A network's gradient lies mostly along the top of its spectrum;
-            on the benchmark MLP, CNN and transformer both ends reached 1e-3 in 25-42 % fewer
-            products from it. But at the default ``tol`` the products moved by 0.84-1.44x over
+            on the four benchmark models both ends reached 1e-3 in 18-42 % fewer products from
+            it (median counts). But at the default ``tol`` the products moved by 0.84-1.44x over
             the φ study's runs (more on the convex and small models), and a budgeted φ decision
             saved 4 % over 40 runs but not on the benchmark models (BENCHMARKS.md §1, "The
             gradient start"). So it is opt-in: for both ends of a deep network to high

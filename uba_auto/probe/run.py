@@ -161,8 +161,9 @@ def run_probe(
             if settings.method == "lanczos":
                 batch_ops = [Tracked(op.batch_operator(i), bar, 1) for i in range(num_found)]
                 starts = []  # the start vector, handed to the extremes without a name here
-                if settings.start == "gradient":
-                    starts.append(gradient_start(_start_gradient(op.batch_operator(0)), gen))
+                if settings.start == "gradient":  # costs a gradient where batch 0 is recomputed
+                    with ledger.part("start vector"):
+                        starts.append(gradient_start(_start_gradient(op.batch_operator(0)), gen))
                 if settings.warm_starts(num_found):
                     start = functools.partial(
                         warm_start,
@@ -170,12 +171,16 @@ def run_probe(
                         generator=gen,
                         basis_device=settings.basis_device,
                         basis_dtype=basis_dtype,
-                        v0=starts.pop() if starts else None,
                     )
                     # Batch 0 of op: kept exactly when a one-batch operator would keep it
-                    # (graph_memory's room for a product), else recomputed.
+                    # (graph_memory's room for a product), else recomputed. The gradient start,
+                    # if any, is taken from the list in the call, so that nothing keeps it after.
                     starts.append(
-                        ledger.spend("start", Tracked(op.batch_operator(0), bar, 1), start)
+                        ledger.spend(
+                            "start",
+                            Tracked(op.batch_operator(0), bar, 1),
+                            lambda o: start(o, v0=starts.pop() if starts else None),
+                        )
                     )
                 budget_steps, steps = None, max_iters
                 if budgeted:  # the decision first, whatever the budget, then what it allows

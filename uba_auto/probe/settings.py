@@ -119,6 +119,11 @@ class ProbeSettings:
             )
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        if self.start == "gradient" and self.method != "lanczos":
+            raise ValueError(
+                f"start='gradient' starts a Lanczos run; method={self.method!r} has its own start: "
+                "use method='lanczos', or leave start='random'"
+            )
         if not isinstance(self.decision_rule, DecisionRule):
             raise TypeError(
                 "decision_rule must be a uba_auto.probe.DecisionRule (e.g. "
