@@ -52,20 +52,27 @@ class ScheduleSpec:
     decay_fraction: float | None = None
     """``wsd`` only: the cool-down's share of the decay phase (``None``: the schedule's default,
     20 %); labelled ``wsd10`` for 0.1 and so on."""
+    decay_shape: str | None = None
+    """``wsd`` only: the cool-down's shape (``None``: the schedule's default, linear); a
+    ``"cosine"`` cool-down is labelled ``wsd60cos`` for 0.6 and so on."""
 
     def __post_init__(self) -> None:
-        if self.decay_fraction is not None and self.name != "wsd":
-            raise ValueError(
-                f"decay_fraction is a parameter of the 'wsd' schedule, not of {self.name!r}; "
-                "leave it None"
-            )
+        for field_name in ("decay_fraction", "decay_shape"):
+            if getattr(self, field_name) is not None and self.name != "wsd":
+                raise ValueError(
+                    f"{field_name} is a parameter of the 'wsd' schedule, not of {self.name!r}; "
+                    "leave it None"
+                )
 
     @property
     def label(self) -> str:
         if self.name == "uba":
             return f"phi={self.phi:g}"
-        if self.decay_fraction is not None:
-            return f"wsd{round(100 * self.decay_fraction)}"
+        if self.decay_fraction is not None or self.decay_shape is not None:
+            fraction = "" if self.decay_fraction is None else str(round(100 * self.decay_fraction))
+            shapes = {None: "", "linear": "", "cosine": "cos"}
+            shape = shapes.get(self.decay_shape, self.decay_shape)
+            return f"wsd{fraction}{shape}"
         return self.name
 
     def factory(self, budget: int, warmup_steps: int = 0) -> SchedulerFactory:
@@ -82,7 +89,11 @@ class ScheduleSpec:
         name = self.name
         # None, not 0, without a warm-up: the schedule's own default (OneCycle keeps its rise).
         warmup = warmup_steps or None
-        extra = {} if self.decay_fraction is None else {"decay_fraction": self.decay_fraction}
+        extra = {
+            k: v
+            for k, v in (("decay_fraction", self.decay_fraction), ("decay_shape", self.decay_shape))
+            if v is not None
+        }
         return lambda opt: uba_auto.BudgetScheduler(
             opt, total_steps, schedule=name, warmup_steps=warmup, **extra
         )

@@ -5,6 +5,7 @@ training run reproduced step by step by hand (warm-up, clipping and AdamW exactl
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -382,6 +383,22 @@ def test_wsd_spec_cools_down_over_its_fraction_of_the_run(fraction):
     for t, lr in enumerate(rates):
         expected = 1.0 if t <= start else (total - t) / (total - start)
         assert lr == pytest.approx(expected, abs=1e-12), t
+
+
+def test_wsd_spec_with_a_cosine_cool_down_is_the_closed_form():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    spec = ScheduleSpec("wsd", decay_fraction=0.6, decay_shape="cosine")
+    sched = spec.factory(101)(opt)
+    total, start = 100, 40.0
+    for t in range(101):
+        s_ = max(0.0, (t - start) / (total - start))
+        expected = 0.5 * (1 + math.cos(math.pi * s_))
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), t
+        opt.step()
+        sched.step()
+    assert spec.label == "wsd60cos" and ScheduleSpec("wsd", decay_shape="cosine").label == "wsdcos"
+    with pytest.raises(ValueError, match="decay_shape is a parameter of the 'wsd' schedule"):
+        ScheduleSpec("uba", phi=1.0, decay_shape="cosine")
 
 
 def test_wsd_spec_labels_and_refuses_the_fraction_elsewhere():
