@@ -45,6 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uba_auto
+from benchmarks import shape_rule as SR
 from benchmarks import tasks as T
 from benchmarks import trend_rule as TR
 from benchmarks.midrun_signals import spearman
@@ -65,7 +66,12 @@ DEFAULT_SWEEPS = [
 GRID = [
     ScheduleSpec("uba", phi)
     for phi in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0)
-] + [ScheduleSpec("wsd"), ScheduleSpec("wsd", decay_fraction=0.1), ScheduleSpec("linear")]
+] + [
+    ScheduleSpec("wsd"),
+    ScheduleSpec("wsd", decay_fraction=0.1),
+    ScheduleSpec("wsd", decay_fraction=0.6, decay_shape="cosine"),  # the shape of finding 24
+    ScheduleSpec("linear"),
+]
 
 
 def split_heldout(task: T.Task) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -100,8 +106,9 @@ def run_one(
     product_batches: int | None = None,
     rule: str = "plateau",
 ) -> dict:
-    """One run: under the rule ``rule`` (``spec`` None: ``"plateau"``, or ``"trend"``,
-    ``benchmarks/trend_rule.py``) or under a fixed schedule ``spec``.
+    """One run: under the rule ``rule`` (``spec`` None: ``"plateau"``, ``"trend"``,
+    ``benchmarks/trend_rule.py``, or ``"shape"``, ``benchmarks/shape_rule.py``) or under a
+    fixed schedule ``spec``.
 
     With ``equal_cost`` a rule run trains :func:`equal_cost_steps` steps instead of ``budget``
     (its whole schedule fitted to them), so that training and every check it could make together
@@ -119,13 +126,14 @@ def run_one(
         budget = equal_cost_steps(task, budget, product_batches, rule)
     warmup = task.warmup_steps(budget)
     total = budget - 1
-    steps_of = TR.check_steps if rule == "trend" else P.plateau_check_steps
+    steps_of = {"trend": TR.check_steps, "shape": SR.check_steps}.get(rule, P.plateau_check_steps)
     checks = set(steps_of(total, warmup)) if spec is None else set()
     box: dict = {"switched": None, "reason": None, "test": math.inf, "done": False}
     box["cooled"] = box["cool_reason"] = None
     history: list[list[float]] = []
     log: list[dict] = []
     trend = TR.TrendRule(total) if rule == "trend" else None
+    shape = SR.ShapeRule(total) if rule == "shape" and spec is None else None
 
     def factory(opt):
         start_phi = TR.START_PHI if trend is not None else P.HOLD_PHI
@@ -146,14 +154,26 @@ def run_one(
         if action in ("cool", "stop"):
             box["done"] = True
 
+    def shape_cool(step, action, why):
+        if action == "cool":
+            TR.restart(box["sched"], SR.COOL_PHI)
+            box["switched"], box["reason"], box["done"] = step, why, True
+
     def callback(step, model, opt):
         if step == budget:
             box["test"], _ = evaluate(task, model, xt, yt)
+        if shape is not None and not box["done"]:
+            shape_cool(step, *shape.due(step))  # the cosine at SWITCH_BY, with no check
         if box["done"] or step not in checks:
             return
         history.append(_batch_losses(task, model, batches))
         if trend is not None:
             trend_check(step, history[-1])
+            return
+        if shape is not None:
+            action, why = shape.check(step, history[-1])
+            log.append({"step": step, "loss": sum(history[-1]) / len(history[-1]), "why": why})
+            shape_cool(step, action, why)
             return
         d = P.plateau_decision(history)
         log.append(
@@ -203,7 +223,7 @@ def _held_fraction(rule: str, held: int | None, cooled: int | None, budget: int)
     """How long a rule run held the rate high, as a fraction of the budget: the plateau rule
     holds from the start to its switch (1 without one); the trend rule from its hold to its
     cool-down or the end (0 without a hold)."""
-    if rule == "plateau":
+    if rule in ("plateau", "shape"):
         return 1.0 if held is None else held / budget
     if held is None:
         return 0.0
@@ -236,8 +256,9 @@ def _check_cost(task: T.Task, budget: int, size: int, rule: str = "plateau") -> 
     if budget <= 1:
         return 0.0
     batches = size / (task.batch_size or task.num_train)
-    if rule == "trend":
-        checks = len(TR.check_steps(budget - 1, task.warmup_steps(budget)))
+    if rule in ("trend", "shape"):
+        module = TR if rule == "trend" else SR
+        checks = len(module.check_steps(budget - 1, task.warmup_steps(budget)))
         return validation_cost(checks, batches)
     return validation_plan(budget, task.warmup_steps(budget), batches)[1]
 
@@ -259,7 +280,8 @@ def _job(args: tuple) -> dict:
     name, spec, budget, seed, peak, val_batches, overrides, equal_cost, product_batches, rule = args
     torch.set_num_threads(1)
     for key, value in overrides.items():  # exploring the rule's constants (--set)
-        setattr(TR if rule == "trend" and hasattr(TR, key) else P, key, value)
+        own = {"trend": TR, "shape": SR}.get(rule)
+        setattr(own if own is not None and hasattr(own, key) else P, key, value)
     task = T.get_task(name)
     return run_one(task, spec, budget, seed, peak, val_batches, equal_cost, product_batches, rule)
 
@@ -436,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("calibration", "heldout"), default="calibration")
     parser.add_argument(
         "--rule",
-        choices=("plateau", "trend"),
+        choices=("plateau", "trend", "shape"),
         default="plateau",
-        help="the plateau rule (uba_auto.phi, the library's) or the trend rule "
-        "(benchmarks/trend_rule.py, pre-registered in results/prereg_trend_rule.md)",
+        help="the plateau rule (uba_auto.phi, the library's), the trend rule "
+        "(benchmarks/trend_rule.py, pre-registered in results/prereg_trend_rule.md) or the "
+        "shape rule (benchmarks/shape_rule.py, results/prereg_shape_rule.md)",
     )
     parser.add_argument("--sweeps", nargs="*", type=Path, default=DEFAULT_SWEEPS)
     parser.add_argument("--tasks", nargs="*", default=None)
@@ -593,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         entry["rule_runs"] = by_label[args.rule]
         if stored is None:
             entry["grid_runs"] = {
-                k: v for k, v in by_label.items() if k not in ("plateau", "trend", "cosine")
+                k: v
+                for k, v in by_label.items()
+                if k not in ("plateau", "trend", "shape", "cosine")
             }
         out_cells.append(entry)
         headline = entry["test"] if stored is None else entry["heldout"]
@@ -618,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
         | (
             {k: overrides.get(k, getattr(TR, k)) for k in dir(TR) if k.isupper()}
             if args.rule == "trend"
+            else {}
+        )
+        | (
+            {k: overrides.get(k, getattr(SR, k)) for k in dir(SR) if k.isupper()}
+            if args.rule == "shape"
             else {}
         ),
         "seeds": args.seeds,

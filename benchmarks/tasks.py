@@ -137,6 +137,7 @@ __all__ = [
     "HOLDOUT_TASK_NAMES",
     "HOLD_TEST_TASK_NAMES",
     "REPRESENTATIVE_TASK_NAMES",
+    "SHAPE_TEST_TASK_NAMES",
     "TASK_NAMES",
     "TREND30_TEST_TASK_NAMES",
     "TREND_TEST_TASK_NAMES",
@@ -1620,6 +1621,199 @@ TREND30_TEST_TASK_NAMES: tuple[str, ...] = tuple(_TREND30_TEST_BUILDERS)
 """The test tasks of the trend rule checking from 30 % (``prereg_trend_from30.md``)."""
 
 
+# --------------------------------------------------------------------------------------------------
+# The test tasks of the shape rule (benchmarks/results/prereg_shape_rule.md): written after that
+# file was committed; never used to fit anything. Families not in the earlier sets: a causal
+# dilated convolution LM, an autoencoder (a reconstruction loss) and a matrix factorisation.
+
+TCN_MODULES = (
+    "os", "io", "types", "copy", "pprint", "weakref", "abc", "contextlib", "operator",
+    "traceback", "warnings", "tempfile", "uuid", "base64", "hashlib", "hmac",
+)  # fmt: skip
+TCN_CONTEXT = 24
+TCN_CHANNELS = 48
+TCN_DILATIONS = (1, 2, 4)
+AE_CODE = 8
+MF_USERS, MF_ITEMS, MF_RANK, MF_DIM = 300, 200, 5, 16
+MF_OBSERVED, MF_NOISE = 0.15, 0.5
+
+
+class CausalConvLM(nn.Module):
+    """Embedding -> residual blocks of a causal dilated 1-D convolution (kernel 3, left padding)
+    with GELU -> LayerNorm -> linear read-out, every position predicted (a WaveNet/TCN-style LM)."""
+
+    def __init__(self, vocab: int, channels: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, channels)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(channels, channels, 3, dilation=d, padding=0) for d in dilations
+        )
+        self.dilations = dilations
+        self.norm = nn.LayerNorm(channels)
+        self.head = nn.Linear(channels, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x).transpose(1, 2)  # (B, C, T)
+        for conv, d in zip(self.convs, self.dilations, strict=True):
+            h = h + F.gelu(conv(F.pad(h, (2 * d, 0))))  # sees positions t, t-d, t-2d only
+        return self.head(self.norm(h.transpose(1, 2)))
+
+
+def _tcn_docs_adamw() -> Task:
+    text = _docstring_text(TCN_MODULES)
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
+    c = TCN_CONTEXT
+    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
+    return Task(
+        name="tcn_docs_adamw",
+        description=(
+            f"causal dilated conv LM ({len(TCN_DILATIONS)} residual blocks, {TCN_CHANNELS} "
+            f"channels, dilations {TCN_DILATIONS}, ctx {c}) on the docstrings of "
+            f"{len(TCN_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
+            "clip 1, batch 32"
+        ),
+        kind="classification",
+        model_factory=functools.partial(CausalConvLM, len(vocab), TCN_CHANNELS, TCN_DILATIONS),
+        loss_fn=lm_cross_entropy,
+        x_train=x_train,
+        y_train=y_train,
+        x_heldout=x_held,
+        y_heldout=y_held,
+        batch_size=32,
+        momentum=0.0,
+        budgets=(300, 900),
+        expected_regime={300: "under-fit", 900: "under-fit"},
+        # A common AdamW default for small conv LMs, the centre of the grid.
+        base_lr={300: 3e-3, 900: 3e-3},
+        curve_eval_size=128,
+        train_eval_size=512,
+        optimizer_factory=functools.partial(_adamw, weight_decay=0.01, betas=(0.9, 0.99)),
+        optimizer_name=(
+            "AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 on the linear read-out's "
+            "weight, 0 elsewhere)"
+        ),
+        warmup_fraction=0.05,
+        grad_clip=1.0,
+        meta={
+            "num_chars": len(text),
+            "vocab_size": len(vocab),
+            "modules": list(TCN_MODULES),
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "heldout": "last 10% of the characters, non-overlapping windows",
+        },
+    )
+
+
+def _digits_autoencoder() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 32), nn.GELU(), nn.Linear(32, AE_CODE), nn.GELU(),
+        nn.Linear(AE_CODE, 32), nn.GELU(), nn.Linear(32, 64),
+    )  # fmt: skip
+
+
+def _ae_digits_adam() -> Task:
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)  # pixels in [0, 1]
+    train, held = _split(x.shape[0], 1000)
+    x_train, x_held = x[train], x[held]
+    return Task(
+        name="ae_digits_adam",
+        description=(
+            f"autoencoder 64-32-{AE_CODE}-32-64 (GELU) reconstructing the digits (pixels / 16, "
+            "mean squared error), Adam (0.9, 0.999), no decay, batch 64"
+        ),
+        kind="regression",
+        model_factory=_digits_autoencoder,
+        loss_fn=F.mse_loss,
+        x_train=x_train,
+        y_train=x_train,
+        x_heldout=x_held,
+        y_heldout=x_held,
+        batch_size=64,
+        momentum=0.0,
+        budgets=(300, 1500),
+        expected_regime={300: "under-fit", 1500: "over-fit"},
+        base_lr={300: 3e-3, 1500: 3e-3},
+        optimizer_factory=lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr),
+        optimizer_name="Adam(betas=(0.9, 0.999), eps=1e-8)",
+        meta={"num_train": 1000, "targets": "the inputs"},
+    )
+
+
+class MatrixFactorisation(nn.Module):
+    """Rating of ``(user, item)``: ``<u, v> + b_u + b_i + mu`` from embeddings of ``dim``."""
+
+    def __init__(self, users: int, items: int, dim: int) -> None:
+        super().__init__()
+        self.user = nn.Embedding(users, dim)
+        self.item = nn.Embedding(items, dim)
+        for e in (self.user, self.item):
+            nn.init.normal_(e.weight, std=0.1)
+        self.user_bias = nn.Embedding(users, 1)
+        self.item_bias = nn.Embedding(items, 1)
+        for e in (self.user_bias, self.item_bias):
+            nn.init.zeros_(e.weight)
+        self.mu = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, i = x[:, 0], x[:, 1]
+        dot = (self.user(u) * self.item(i)).sum(dim=-1)
+        return dot + self.user_bias(u).squeeze(-1) + self.item_bias(i).squeeze(-1) + self.mu
+
+
+def _mf_sgd_optimizer(model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
+
+
+def _mf_nesterov_sgd() -> Task:
+    gen = torch.Generator().manual_seed(DATA_SEED + 31)
+    u = torch.randn(MF_USERS, MF_RANK, generator=gen)
+    v = torch.randn(MF_ITEMS, MF_RANK, generator=gen)
+    ratings = (u @ v.T) / math.sqrt(MF_RANK)
+    mask = torch.rand(MF_USERS, MF_ITEMS, generator=gen) < MF_OBSERVED
+    pairs = mask.nonzero()
+    y = ratings[mask] + MF_NOISE * torch.randn(int(mask.sum()), generator=gen)
+    n = pairs.shape[0]
+    train, held = _split(n, int(0.8 * n))
+    return Task(
+        name="mf_nesterov_sgd",
+        description=(
+            f"matrix factorisation (dim {MF_DIM}, biases) of a synthetic rank-{MF_RANK} "
+            f"{MF_USERS}x{MF_ITEMS} rating matrix, {MF_OBSERVED:.0%} observed, noise "
+            f"{MF_NOISE}; mean squared error, SGD Nesterov 0.9, wd 1e-4, batch 128"
+        ),
+        kind="regression",
+        model_factory=functools.partial(MatrixFactorisation, MF_USERS, MF_ITEMS, MF_DIM),
+        loss_fn=F.mse_loss,
+        x_train=pairs[train],
+        y_train=y[train],
+        x_heldout=pairs[held],
+        y_heldout=y[held],
+        batch_size=128,
+        momentum=0.0,
+        budgets=(400, 1600),
+        expected_regime={400: "under-fit", 1600: "over-fit"},
+        base_lr={400: 0.2, 1600: 0.2},
+        optimizer_factory=_mf_sgd_optimizer,
+        optimizer_name="SGD(momentum=0.9, nesterov=True, weight_decay=1e-4)",
+        meta={"num_pairs": n, "noise": MF_NOISE, "rank": MF_RANK},
+    )
+
+
+_SHAPE_TEST_BUILDERS: dict[str, Callable[[], Task]] = {
+    "tcn_docs_adamw": _tcn_docs_adamw,
+    "ae_digits_adam": _ae_digits_adam,
+    "mf_nesterov_sgd": _mf_nesterov_sgd,
+}
+SHAPE_TEST_TASK_NAMES: tuple[str, ...] = tuple(_SHAPE_TEST_BUILDERS)
+"""The shape rule's test tasks (``benchmarks/results/prereg_shape_rule.md``), the fifth set."""
+
+
 @functools.cache
 def get_task(name: str) -> Task:
     """The task called ``name``, built once per process."""
@@ -1631,6 +1825,7 @@ def get_task(name: str) -> Task:
         **_HOLD_TEST_BUILDERS,
         **_TREND_TEST_BUILDERS,
         **_TREND30_TEST_BUILDERS,
+        **_SHAPE_TEST_BUILDERS,
     }
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; valid names are {list(builders)}")
