@@ -156,7 +156,10 @@ def run_one(
 
     def shape_cool(step, action, why):
         if action == "cool":
-            TR.restart(box["sched"], SR.COOL_PHI)
+            if SR.COOL_BY_RESTART:
+                TR.restart(box["sched"], SR.COOL_PHI)
+            else:  # the library's PlateauCooldown: set_phi(restart=True), the same curve
+                box["sched"].set_phi(SR.COOL_PHI, restart=True)
             box["switched"], box["reason"], box["done"] = step, why, True
 
     def callback(step, model, opt):
@@ -260,7 +263,10 @@ def _check_cost(task: T.Task, budget: int, size: int, rule: str = "plateau") -> 
         module = TR if rule == "trend" else SR
         checks = len(module.check_steps(budget - 1, task.warmup_steps(budget)))
         return validation_cost(checks, batches)
-    return validation_plan(budget, task.warmup_steps(budget), batches)[1]
+    # The plateau rule as it was studied (checks to LAST_CHECK), not the library's shape rule.
+    return validation_cost(
+        len(P.plateau_check_steps(budget - 1, task.warmup_steps(budget))), batches
+    )
 
 
 def equal_cost_steps(

@@ -25,6 +25,11 @@ COOL_PHI = 2.0
 """φ of the restarted curve: a cosine from the current rate to ``lr_min``."""
 START_PHI = P.HOLD_PHI
 """φ the run starts with: the plateau rule's hold."""
+COOL_BY_RESTART = 1.0
+"""1: the cosine is a fresh curve from the current rate by ``trend_rule.restart`` (the
+pre-registered rule); 0: by ``UBAScheduler.set_phi(COOL_PHI, restart=True)``, what the library's
+``PlateauCooldown`` calls (``--set COOL_BY_RESTART=0``: the check that the shipped rule is the
+tested one; the rates agree to 1e-15)."""
 
 
 def switch_step(total_steps: int) -> int:

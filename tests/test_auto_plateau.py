@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -195,32 +196,34 @@ def _sized(budget, **kwargs):
 
 @pytest.mark.parametrize(
     ("budget", "batches", "over"),
-    [(5000, 8, False), (4134, 8, False), (4133, 8, True), (2067, 4, False), (200, 1, True)],
+    [(5000, 8, False), (1867, 8, False), (1866, 8, True), (934, 4, False), (200, 1, True)],
 )
 def test_the_checks_cost_is_reported_and_said_loudly_when_over_its_share(budget, batches, over):
-    # 31 checks of b batches at a third of a gradient each, against 2 % of the budget.
-    assert (31 * batches / 3 > 0.02 * budget) == over
+    # 14 checks (every 2.5 % from 5 % to before 40 %) of b batches at a third of a gradient each,
+    # against 2 % of the budget.
+    assert len(P.cooldown_check_steps(budget - 1)) == 14
+    assert (14 * batches / 3 > 0.02 * budget) == over
     auto, loud = _sized(budget, val_batches=batches)
     assert len(auto.plateau._batches) == batches
-    cost = 31 * batches / 3
+    cost = 14 * batches / 3
     assert (
-        f"31 checks of {batches} validation batch{'es' if batches > 1 else ''}, about {cost:.0f} "
+        f"14 checks of {batches} validation batch{'es' if batches > 1 else ''}, about {cost:.0f} "
         f"gradient-equivalents, {100 * cost / budget:.1f}% of the budget"
     ) in auto.report.phi_signal
     assert bool(loud) == over
     assert over == any("validation checks over budget" in w for w in auto.report.warnings)
     if over:
         assert f"can cost {cost:.0f} gradient-equivalents" in loud[0]
-        fit = max(1, min(8, int(0.02 * budget * 3 / 31)))  # 7 at 4133 steps
+        fit = max(1, min(8, int(0.02 * budget * 3 / 14)))  # 7 at 1866 steps
         fits = "even at one validation batch per check" if batches == 1 else f"(it fits {fit} "
         assert fits in loud[0]
 
 
 def test_the_default_is_eight_batches_and_a_larger_share_silences_the_note():
-    auto, loud = _sized(3000)
-    assert len(auto.plateau._batches) == 8 and loud  # 82.7 > 60 gradient-equivalents
-    assert "(it fits 5 batches per check)" in loud[0]
-    auto, loud = _sized(3000, probe_fraction=0.05)
+    auto, loud = _sized(1500)
+    assert len(auto.plateau._batches) == 8 and loud  # 37.3 > 30 gradient-equivalents
+    assert "(it fits 6 batches per check)" in loud[0]
+    auto, loud = _sized(1500, probe_fraction=0.05)
     assert len(auto.plateau._batches) == 8 and not loud
 
 
@@ -269,7 +272,8 @@ def test_losses_the_loop_measures_drive_the_same_checks_without_a_forward_of_its
     rates, measured = _train_feeding_losses(model, opt, auto, 199, _own_losses)
     assert rates == whole
     assert _strip(watch.checks) == _strip(full_watch.checks)
-    assert measured == [c.step for c in full_watch.checks]  # due exactly at the checks
+    # Due exactly at the checks that measure (the cool-down at 40 % measures nothing).
+    assert measured == [c.step for c in full_watch.checks if not math.isnan(c.loss)]
     assert not auto.validation_due  # switched: no check left
     assert [r.to_row()[:5] for r in auto.report.history] == [
         r.to_row()[:5] for r in full_auto.report.history
@@ -283,6 +287,21 @@ def test_the_losses_given_are_the_ones_judged():
     first_judged = watch.check_steps[P.WINDOW]
     assert watch.switched_at == first_judged
     assert [c.loss for c in watch.checks] == [1.0] * len(watch.checks)
+
+
+def test_a_loss_that_keeps_improving_cools_at_40_percent_with_no_check_there():
+    model, opt, auto, watch = _build()
+    falling = iter(range(10_000))
+    rates, measured = _train_feeding_losses(
+        model, opt, auto, 199, lambda m: [10.0 - 0.2 * next(falling)] * 4
+    )
+    total = auto.scheduler.total_steps
+    assert watch.switched_at == P.cooldown_step(total) == round(0.4 * total)
+    last = watch.checks[-1]
+    assert (last.step, last.status, last.phi) == (watch.switched_at, "cooled", P.COOL_PHI)
+    assert math.isnan(last.loss) and "no plateau by 40 %" in last.reason
+    assert measured == watch.check_steps and max(measured) < watch.switched_at
+    assert [c.step for c in auto.scheduler.phi_history] == [0, watch.switched_at]
 
 
 def test_bad_val_losses_are_refused_with_the_fix():

@@ -425,3 +425,57 @@ def test_repr_mentions_phi_and_step():
     sched = UBAScheduler(opt, 10, phi=1.5)
     assert "phi=1.5" in repr(sched) and "step=0" in repr(sched)
     assert cosine_lr(0, 10, lr_max=0.1) == sched.lr_at(0)[0]
+
+
+# ------------------------------------------------------------------ set_phi(restart=True)
+def _two_group_uba(phi: float = 1 / 32):
+    a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.5}, {"params": [b], "lr": 0.2}], lr=0.5)
+    sched = UBAScheduler(opt, total_steps=100, phi=phi, warmup_steps=10, lr_min=[0.01, 0.002])
+    return opt, sched
+
+
+def _rates(opt, sched, upto, at=None, **kwargs):
+    out = []
+    for t in range(upto):
+        if t == at:
+            sched.set_phi(2.0, **kwargs)
+        out.append(sched.get_last_lr())
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_a_restart_is_a_fresh_cosine_from_the_current_rate_in_every_group():
+    opt, sched = _two_group_uba()
+    rates = _rates(opt, sched, 101, at=40, restart=True)
+    t0, total = 40, 100
+    for group, (peak, low) in enumerate([(0.5, 0.01), (0.2, 0.002)]):
+        s0 = (t0 - 10) / (total - 10)
+        now = low + (peak - low) / (1 + (1 / 64) * math.tan(math.pi * s0 / 2) ** 2)
+        assert rates[t0][group] == pytest.approx(now, rel=1e-12)  # no jump
+        for t in range(t0, total + 1):
+            u = (t - t0) / (total - t0)
+            expected = low + (now - low) * math.cos(math.pi * u / 2) ** 2  # f_2 is cos^2
+            assert rates[t][group] == pytest.approx(expected, rel=1e-12, abs=1e-15), (group, t)
+    # The plain re-entry is a different curve: it decays faster after a hold.
+    opt2, plain = _two_group_uba()
+    reentered = _rates(opt2, plain, 101, at=40)
+    assert reentered[70][0] < rates[70][0] * 0.95
+    assert sched.phi_history == [PhiChange(40, 1 / 32, 2.0)]
+
+
+def test_a_restarted_schedule_resumes_bit_for_bit_and_old_states_still_load():
+    opt, sched = _two_group_uba()
+    _rates(opt, sched, 60, at=40, restart=True)
+    state = sched.state_dict()
+    assert state["segments"][-1][3] != 1.0  # the level is saved
+    opt2, again = _two_group_uba()
+    again.load_state_dict(state)
+    opt2.param_groups[0]["lr"], opt2.param_groups[1]["lr"] = sched.get_last_lr()
+    assert _rates(opt2, again, 41) == _rates(opt, sched, 41)
+    # A state saved before restarts existed (three fields per segment) loads as level 1.
+    old = {**state, "segments": [seg[:3] for seg in state["segments"][:1]]}
+    opt3, older = _two_group_uba()
+    older.load_state_dict(old)
+    assert older._segments[0].level == 1.0

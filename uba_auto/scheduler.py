@@ -252,11 +252,14 @@ class PhiChange(NamedTuple):
 
 
 class _Segment(NamedTuple):
-    """A stretch of the decay under one φ: from ``start`` on, entered at progress ``entry``."""
+    """A stretch of the decay under one φ: from ``start`` on, entered at progress ``entry``; a
+    restarted one (``set_phi(restart=True)``) is a fresh decay from ``level`` of the way from
+    ``lr_min`` to the peak (1: the peak itself)."""
 
     start: int
     phi: float
     entry: float
+    level: float = 1.0
 
 
 class UBAScheduler(BudgetScheduler):
@@ -344,14 +347,19 @@ class UBAScheduler(BudgetScheduler):
         peak, low, total = self.peak_lrs[group], self.lr_mins[group], self.total_steps
         decays = [
             decay_schedule(
-                "uba", total - s.start, phi=s.phi, lr_max=peak, lr_min=low, entry=s.entry
+                "uba",
+                total - s.start,
+                phi=s.phi,
+                lr_max=peak if s.level == 1.0 else low + s.level * (peak - low),
+                lr_min=low,
+                entry=s.entry,
             )
             for s in later
         ]
         return join_schedules([plan, *decays], [s.start for s in later])
 
-    def set_phi(self, phi: float) -> PhiChange:
-        """Use ``phi`` for the rest of the budget, with no jump in the rate (see the class docs).
+    def set_phi(self, phi: float, *, restart: bool = False) -> PhiChange:
+        r"""Use ``phi`` for the rest of the budget, with no jump in the rate (see the class docs).
 
         Call it between steps; the rate already in the optimizer is kept, the new shape applies from
         the next :meth:`step`. After ``total_steps`` the change is recorded but has nothing left to
@@ -359,6 +367,12 @@ class UBAScheduler(BudgetScheduler):
 
         Args:
             phi: the new shape parameter, finite and > 0.
+            restart: ``False`` (default): the rest follows the new φ's curve entered at the
+                current rate (the class docs). ``True``: a fresh UBA decay of the new φ from the
+                current rate, :math:`\eta_t = \eta_{\min} + (\eta_{t_0} - \eta_{\min})
+                f_{\varphi'}\big((t - t_0)/(T - t_0)\big)`: the whole shape of the new φ over
+                the remaining steps (e.g. a full cosine after a hold, as ``PlateauCooldown``
+                cools down). Both are continuous at :math:`t_0` and end at ``lr_min``.
 
         Returns:
             The :class:`PhiChange` appended to :attr:`phi_history`.
@@ -374,9 +388,14 @@ class UBAScheduler(BudgetScheduler):
             # before it (the last one left), and that is the level the new curve is entered at.
             self._segments = [seg for seg in self._segments if seg.start < step]
             old = self._segments[-1]
-            span = self.total_steps - old.start
-            s_old = float(decay_progress(step - old.start, span, old.entry))
-            self._segments.append(_Segment(step, phi, uba_reentry(s_old, old.phi, phi)))
+            if restart:
+                peak, low = self.peak_lrs[0], self.lr_mins[0]
+                level = (self._plans[0](step) - low) / (peak - low) if peak != low else 1.0
+                self._segments.append(_Segment(step, phi, 0.0, float(level)))
+            else:
+                span = self.total_steps - old.start
+                s_old = float(decay_progress(step - old.start, span, old.entry))
+                self._segments.append(_Segment(step, phi, uba_reentry(s_old, old.phi, phi)))
         self._plans = self._build_plans()
         self.phi = phi
         self.phi_history.append(change)
@@ -385,14 +404,19 @@ class UBAScheduler(BudgetScheduler):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["phi"] = self.phi
-        state["segments"] = [list(seg) for seg in self._segments]
+        # A segment that is not a restart keeps the three fields earlier versions read.
+        state["segments"] = [
+            list(seg) if seg.level != 1.0 else list(seg[:3]) for seg in self._segments
+        ]
         state["phi_history"] = [list(change) for change in self.phi_history]
         return state
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         self.phi = state_dict["phi"]
+        # Three fields in states saved before restarts existed (level 1: not restarted).
         self._segments = [
-            _Segment(int(a), float(b), float(c)) for a, b, c in state_dict["segments"]
+            _Segment(int(seg[0]), float(seg[1]), float(seg[2]), *map(float, seg[3:4]))
+            for seg in state_dict["segments"]
         ]
         self.phi_history = [
             PhiChange(int(a), float(b), float(c)) for a, b, c in state_dict["phi_history"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from ..phi import plateau_check_steps
+from ..phi._plateau import cooldown_check_steps
 
 __all__ = [
     "FORWARD_COST_IN_GRADIENTS",
@@ -92,9 +92,9 @@ def validation_plan(budget: int, warmup_steps: int, batches: float) -> tuple[int
     Example:
         >>> checks, cost = validation_plan(5000, 0, 8)
         >>> checks, round(cost, 1)
-        (31, 82.7)
+        (14, 37.3)
     """
-    checks = len(plateau_check_steps(budget - 1, warmup_steps))
+    checks = len(cooldown_check_steps(budget - 1, warmup_steps))
     return checks, validation_cost(checks, batches)
 
 

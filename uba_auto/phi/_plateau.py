@@ -29,8 +29,16 @@ edge from the first steps (``digits_cnn``: the held rate blows the run up before
 spike is seen, +63 % and +250 % against cosine), and a run that over-fits within its first
 third (``digits_mlp`` at 300 steps, +5 %): there cosine's earlier decay was worth more.
 
-Everything here is pure: :func:`plateau_check_steps` gives the steps to check,
-:func:`plateau_decision` judges one check from per-batch losses.
+What ``PlateauCooldown`` (and so ``auto_uba(val_loader=)``) runs since 2026-12-08 is the shape
+rule built on this test (pre-registered in ``benchmarks/results/prereg_shape_rule.md``, passed
+on a fifth set of new tasks, BENCHMARKS.md §2, finding 25): the checks of
+:func:`cooldown_check_steps` (those before :data:`SWITCH_BY`, 40 % of the budget), and at the
+first plateau or at :func:`cooldown_step`, whichever comes first, a whole cosine from the current
+rate (``set_phi(COOL_PHI, restart=True)``). The rule as first studied (checks to
+:data:`LAST_CHECK`, cooling along φ = 2's curve) is what the measurements above describe.
+
+Everything here is pure: :func:`plateau_check_steps` and :func:`cooldown_check_steps` give the
+steps to check, :func:`plateau_decision` judges one check from per-batch losses.
 """
 
 from __future__ import annotations
@@ -47,8 +55,11 @@ __all__ = [
     "LAST_CHECK",
     "MAX_RISE",
     "MIN_GAIN",
+    "SWITCH_BY",
     "WINDOW",
     "PlateauDecision",
+    "cooldown_check_steps",
+    "cooldown_step",
     "plateau_check_steps",
     "plateau_decision",
 ]
@@ -70,6 +81,10 @@ MIN_GAIN = 0.01
 """Smallest relative improvement over the window that still counts as progress."""
 MAX_RISE = 0.25
 """A check whose loss is this much (relative) above the best earlier check cools down at once."""
+SWITCH_BY = 0.40
+"""The latest cool-down, as a fraction of the budget: without a plateau before it, the cosine
+starts here (the shape rule, pre-registered in ``benchmarks/results/prereg_shape_rule.md`` and
+shipped after it passed its test, BENCHMARKS.md §2, finding 25); no check is made from here on."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,31 @@ def plateau_check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
             steps.append(step)
         k += 1
     return steps if len(steps) > WINDOW else []
+
+
+def cooldown_step(total_steps: int) -> int:
+    """The step at which the cosine starts when no plateau came first: ``round(SWITCH_BY * T)``
+    (at least 1).
+
+    Example:
+        >>> cooldown_step(200)
+        80
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    return max(1, round(SWITCH_BY * total_steps))
+
+
+def cooldown_check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
+    """The checks the shipped rule makes: :func:`plateau_check_steps` before
+    :func:`cooldown_step` (where the cosine starts without a check).
+
+    Example:
+        >>> cooldown_check_steps(200)[-3:]
+        [65, 70, 75]
+    """
+    last = cooldown_step(total_steps)
+    return [s for s in plateau_check_steps(total_steps, warmup_steps) if s < last]
 
 
 def plateau_decision(history: Sequence[Sequence[float]]) -> PlateauDecision:
