@@ -1,8 +1,8 @@
 """φ from a validation loss: ``auto_uba(..., val_loader=...)`` (the plateau rule).
 
 The rate is held near its peak (φ = 1/32) while the validation loss improves, and the rest of the
-budget is annealed like cosine from the first check where it stops improving (or spikes). Runs in
-a few seconds on a CPU:
+budget is annealed with a whole cosine from the first check where it stops improving (or spikes),
+or from 40 % of the budget at the latest (the shape rule). Runs in a few seconds on a CPU:
 
     python examples/plateau_cooldown.py
 """
@@ -37,7 +37,7 @@ def main(budget: int = 600, seed: int = 0) -> AutoUBA:
     with warnings.catch_warnings():
         # A 600-step budget: the probe, and the checks at 1 batch each, are over their 2 % shares.
         warnings.simplefilter("ignore", RuntimeWarning)
-        # phi = 1/32 (the rate held) until the validation loss plateaus, then 2 (cosine)
+        # phi = 1/32 (the rate held) until a plateau or 40 % of the budget, then a cosine
         auto = auto_uba(model, train, budget, optimizer=opt, loss_fn=loss_fn, val_loader=val)
     step = 0
     while step < budget:

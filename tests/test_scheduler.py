@@ -479,3 +479,30 @@ def test_a_restarted_schedule_resumes_bit_for_bit_and_old_states_still_load():
     opt3, older = _two_group_uba()
     older.load_state_dict(old)
     assert older._segments[0].level == 1.0
+
+
+def test_a_plain_change_after_a_restart_and_a_restart_with_a_flat_first_group_stay_continuous():
+    def run(lr_min, peaks, changes):
+        params = [torch.zeros(1, requires_grad=True) for _ in peaks]
+        opt = torch.optim.SGD(
+            [{"params": [p], "lr": lr} for p, lr in zip(params, peaks, strict=True)], lr=1.0
+        )
+        sched = UBAScheduler(opt, total_steps=100, phi=2.0, lr_min=lr_min)
+        out = []
+        for t in range(101):
+            if t in changes:
+                sched.set_phi(2.0, restart=changes[t])
+            out.append(sched.get_last_lr())
+            opt.step()
+            sched.step()
+        return out
+
+    # A plain set_phi with the same φ after a restart changes nothing.
+    restarted = run([0.0], [1.0], {60: True})
+    again = run([0.0], [1.0], {60: True, 70: False})
+    assert [r[0] for r in again] == pytest.approx([r[0] for r in restarted], rel=1e-12)
+    # Group 0 with peak == lr_min: group 1 still restarts from its own current rate.
+    rates = run([0.5, 0.0], [0.5, 1.0], {60: True})
+    plain = run([0.5, 0.0], [0.5, 1.0], {})
+    assert rates[60][1] == plain[60][1] and rates[61][1] < rates[60][1]
+    assert all(r[0] == 0.5 for r in rates)

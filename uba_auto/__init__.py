@@ -12,8 +12,8 @@ The public API, in the order a user meets it:
   :func:`phi_from_condition_number` and the optimizer's stability edge (:func:`stability_limit`,
   :func:`optimizer_stability` returning an :class:`OptimizerStability`, :func:`stability_fraction`);
 * φ from a validation loss while training: :class:`PlateauCooldown` holds the rate while the
-  validation loss improves and switches to cosine at the first plateau (opt-in; BENCHMARKS.md §2
-  has where it wins and where it loses);
+  validation loss improves and switches to a cosine at the first plateau or at 40 % of the budget
+  (opt-in; BENCHMARKS.md §2 has where it wins and where it loses);
 * inside ``transformers.Trainer`` or PyTorch Lightning, with exact checkpoint resume:
   :mod:`uba_auto.integrations` (not imported here; its callbacks need the ``integrations`` extra);
 * curvature probing: :func:`probe_curvature` returning a :class:`CurvatureEstimate`; under

@@ -49,6 +49,7 @@ from .schedules import (
     get_schedule,
     join_schedules,
     make_schedule,
+    uba_factor,
     uba_reentry,
 )
 
@@ -388,14 +389,16 @@ class UBAScheduler(BudgetScheduler):
             # before it (the last one left), and that is the level the new curve is entered at.
             self._segments = [seg for seg in self._segments if seg.start < step]
             old = self._segments[-1]
+            span = self.total_steps - old.start
+            s_old = float(decay_progress(step - old.start, span, old.entry))
             if restart:
-                peak, low = self.peak_lrs[0], self.lr_mins[0]
-                level = (self._plans[0](step) - low) / (peak - low) if peak != low else 1.0
-                self._segments.append(_Segment(step, phi, 0.0, float(level)))
-            else:
-                span = self.total_steps - old.start
-                s_old = float(decay_progress(step - old.start, span, old.entry))
-                self._segments.append(_Segment(step, phi, uba_reentry(s_old, old.phi, phi)))
+                # The share of the way from lr_min to the peak at `step`, the same in every group
+                # (one shape for all): where the fresh decay starts.
+                level = old.level * float(uba_factor(s_old, old.phi))
+                self._segments.append(_Segment(step, phi, 0.0, level))
+            else:  # re-entered on the new curve, at the level the current segment decays from
+                entry = uba_reentry(s_old, old.phi, phi)
+                self._segments.append(_Segment(step, phi, entry, old.level))
         self._plans = self._build_plans()
         self.phi = phi
         self.phi_history.append(change)

@@ -25,7 +25,7 @@ from ..phi import (
     stability_fraction,
     stability_limit,
 )
-from ..phi._plateau import COOL_PHI, HOLD_PHI
+from ..phi._plateau import HOLD_PHI
 from ..probe import NEGATIVE_MASS_THRESHOLD, CurvatureEstimate
 from ..report import CurvatureReport, ReestimationRecord
 from ..scheduler import check_lr_min_args
@@ -226,8 +226,9 @@ def held_for_plateau(choice: PhiChoice) -> PhiChoice:
         warnings=(),  # the link's notes (a clamp, a fallback) are about a phi not used
         reason=(
             f"validation plateau rule: phi = {HOLD_PHI:g} (the rate held near its peak) while the "
-            f"validation loss improves, phi = {COOL_PHI:g} (cosine from the rate then) from its "
-            f"first plateau; the {choice.link} link, which does not decide here, reads phi = "
+            f"validation loss improves, then a whole cosine from the rate then at its first "
+            f"plateau or at 40% of the budget; the {choice.link} link, which does not decide here, "
+            f"reads phi = "
             f"{choice.phi:.4g} ({choice.reason})"
         ),
     )

@@ -2,7 +2,8 @@
 
 A thin stateful wrapper around the pure rule of :mod:`uba_auto.phi._plateau`: it holds the
 validation batches, measures their losses at the rule's check steps, and calls
-:meth:`~uba_auto.UBAScheduler.set_phi` once, at the first plateau.
+:meth:`~uba_auto.UBAScheduler.set_phi` once (``restart=True``), at the first plateau or at 40 % of
+the budget.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class PlateauCheck:
         step: the scheduler step (updates done) at the check.
         status: ``"hold"`` (still improving), ``"cooled"`` (φ switched to ``COOL_PHI`` here) or
             ``"failed"`` (the validation loss could not be measured; φ kept).
-        loss: the mean validation loss (``nan`` when it failed).
+        loss: the mean validation loss (``nan`` when it failed, and at the cool-down at 40 %,
+            which measures nothing).
         phi: φ in force after the check.
         seconds: wall time of the check.
         reason: why, in one sentence.

@@ -142,17 +142,20 @@ def auto_uba(
         val_loader: validation batches (a ``DataLoader`` or a list, never the training loader):
             φ is then decided mid-run by the validation loss, not by the curvature: the
             scheduler holds φ = 1/32 (the rate near its peak) while the loss of ``val_batches``
-            validation batches improves, and switches to φ = 2 (cosine from the rate then) at
-            its first plateau (:class:`~uba_auto.PlateauCooldown`, run by the scheduler's
-            ``step()``; :attr:`AutoUBA.plateau`). The pre-training probe still runs, for the
-            report (its stability rows; the link's reading is named in the report's reason).
-            Opt-in: on our held-out tasks it beat cosine by 3.8-21 %, but a run whose peak is
-            at its stability limit from the first steps can diverge under it (BENCHMARKS.md
-            §2). The checks (every 2.5 % of the budget from 5 % to 80 %, or fewer once
-            switched) each cost ``val_batches`` forward passes; the report's "φ decided by"
-            gives their cost, and a note and a ``RuntimeWarning`` say when it is over a
-            ``probe_fraction`` share of the budget (31 checks of 8 batches: below about 4150
-            steps at the default 2 %). Not with ``reestimate_every`` (one signal decides φ)
+            validation batches improves, and switches to a whole cosine from the rate then
+            (``set_phi(2, restart=True)``) at its first plateau or at 40 % of the budget,
+            whichever comes first (the shape rule, :class:`~uba_auto.PlateauCooldown`, run by the
+            scheduler's ``step()``; :attr:`AutoUBA.plateau`). The pre-training probe still
+            runs, for the report (its stability rows; the link's reading is named in the
+            report's reason).
+            Opt-in: on its pre-registered test set it beat cosine by 1.7 % on average with its
+            checks charged, never worse than it by more than 1 %, but a run whose peak is at its
+            stability limit from the first steps can diverge under it (BENCHMARKS.md §2,
+            finding 25). The checks (every 2.5 % of the budget from 5 % to before 40 %, or
+            fewer once switched) each cost ``val_batches`` forward passes; the report's "φ
+            decided by" gives their cost, and a note and a ``RuntimeWarning`` say when it is
+            over a ``probe_fraction`` share of the budget (14 checks of 8 batches: below about
+            1870 steps at the default 2 %). Not with ``reestimate_every`` (one signal decides φ)
             nor under a process group of more than one rank.
         val_batches: validation batches per check (8). Fewer cost less but decide worse: at
             equal total cost (the checks' forward passes taken from the training budget), 8

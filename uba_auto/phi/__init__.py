@@ -46,7 +46,8 @@ positive curvature, or no curvature noise from several batches, falls back to co
 
 The plateau rule (:func:`plateau_decision`, :func:`plateau_check_steps`; driven by
 :class:`uba_auto.PlateauCooldown`) is not a link: it decides φ mid-run from a validation loss,
-holding φ = 1/32 while the loss improves and switching to cosine at the first plateau.
+holding φ = 1/32 while the loss improves and switching to cosine at the first plateau or at 40 %
+of the budget (:func:`~uba_auto.phi._plateau.cooldown_check_steps`).
 
 How each link fared in training, and why ``"gated"`` is the default while the others are only
 selectable: BENCHMARKS.md, §2 (``benchmarks/phi_sweep.py``, ``benchmarks/phi_validation.py``).
