@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import uba_auto
-from uba_auto import PlateauCooldown, auto_uba
+from uba_auto import PlateauCooldown, UBAScheduler, auto_uba
 from uba_auto.phi import _plateau as P
 
 MSE = nn.functional.mse_loss
@@ -315,3 +315,22 @@ def test_bad_val_losses_are_refused_with_the_fix():
     assert not plain.validation_due
     with pytest.raises(ValueError, match="without val_loader"):
         plain.scheduler.step(val_losses=[1.0])
+
+
+def test_a_warm_up_longer_than_40_percent_cools_at_its_end_with_the_cosine_from_the_peak():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = UBAScheduler(opt, total_steps=199, phi=2.0, warmup_steps=120)
+    watch = PlateauCooldown(sched, model, VAL, MSE, num_batches=2)
+    assert watch.cooldown_step == 120 and all(s < 120 for s in watch.check_steps)
+    ref_opt = torch.optim.SGD(nn.Linear(5, 1).parameters(), lr=0.05)
+    ref = UBAScheduler(ref_opt, total_steps=199, phi=2.0, warmup_steps=120)  # cosine after it
+    for _ in range(199):
+        opt.step()
+        sched.step()
+        watch.step(losses=[10.0 - 0.01 * sched.last_epoch] * 2 if watch.due else None)
+        ref_opt.step()
+        ref.step()
+        assert sched.get_last_lr() == pytest.approx(ref.get_last_lr(), rel=1e-12)
+    assert watch.switched_at == 120 and "no plateau by 40 %" in watch.checks[-1].reason

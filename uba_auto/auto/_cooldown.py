@@ -160,7 +160,7 @@ class PlateauCooldown:
         self.model = model
         self.loss_fn = loss_fn
         self.check_steps = rule.cooldown_check_steps(scheduler.total_steps, scheduler.warmup_steps)
-        self.cooldown_step = rule.cooldown_step(scheduler.total_steps)
+        self.cooldown_step = rule.cooldown_step(scheduler.total_steps, scheduler.warmup_steps)
         self.checks: list[PlateauCheck] = []
         self.switched_at: int | None = None
         self._history: list[list[float]] = []

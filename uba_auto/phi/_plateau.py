@@ -139,17 +139,20 @@ def plateau_check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
     return steps if len(steps) > WINDOW else []
 
 
-def cooldown_step(total_steps: int) -> int:
+def cooldown_step(total_steps: int, warmup_steps: int = 0) -> int:
     """The step at which the cosine starts when no plateau came first: ``round(SWITCH_BY * T)``
-    (at least 1).
+    (at least 1), or the end of a warm-up longer than that (no hold at all: the cosine starts
+    at the peak).
 
     Example:
-        >>> cooldown_step(200)
-        80
+        >>> cooldown_step(200), cooldown_step(200, warmup_steps=100)
+        (80, 100)
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    return max(1, round(SWITCH_BY * total_steps))
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    return max(1, round(SWITCH_BY * total_steps), warmup_steps)
 
 
 def cooldown_check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
@@ -160,7 +163,7 @@ def cooldown_check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
         >>> cooldown_check_steps(200)[-3:]
         [65, 70, 75]
     """
-    last = cooldown_step(total_steps)
+    last = cooldown_step(total_steps, warmup_steps)
     return [s for s in plateau_check_steps(total_steps, warmup_steps) if s < last]
 
 
