@@ -956,23 +956,30 @@ class CharLSTM(nn.Module):
         return self.head(out)
 
 
-def _lstm_adamw() -> Task:
-    text = _docstring_text()
+def _docstring_lm_task(
+    name: str,
+    modules: tuple[str, ...],
+    context: int,
+    model: Callable[[int], Callable[[], nn.Module]],
+    description: str,
+    budgets: tuple[int, int],
+    base_lr: float,
+) -> Task:
+    """A character LM on the docstrings of ``modules`` (:func:`_docstring_text`), every position
+    predicted, windows of ``context`` (:func:`_lm_windows`), trained as the suite's small LMs are:
+    AdamW (0.9, 0.99) with decay 0.01 on the linear read-out's weight, 5 % warm-up, clipping at 1,
+    batch 32. ``model(vocab_size)`` is the model factory; ``base_lr`` the centre of the grid at
+    both ``budgets``."""
+    text = _docstring_text(modules)
     vocab = sorted(set(text))
     index = {c: i for i, c in enumerate(vocab)}
     codes = torch.tensor([index[c] for c in text], dtype=torch.long)
-    c = LSTM_CONTEXT
-    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
-    num_vocab = len(vocab)
-
+    x_train, y_train, x_held, y_held = _lm_windows(codes, context)
     return Task(
-        name="lstm_adamw",
-        description=(
-            f"char LSTM LM (emb{LSTM_EMBED}, 1 layer, hidden {LSTM_HIDDEN}, ctx {c}) on stdlib "
-            f"docstrings, AdamW {LSTM_BETAS} wd {LSTM_WEIGHT_DECAY:g}, 5% warm-up, clip 1, batch 32"
-        ),
+        name=name,
+        description=description,
         kind="classification",
-        model_factory=functools.partial(CharLSTM, num_vocab, LSTM_EMBED, LSTM_HIDDEN),
+        model_factory=model(len(vocab)),
         loss_fn=lm_cross_entropy,
         x_train=x_train,
         y_train=y_train,
@@ -980,10 +987,9 @@ def _lstm_adamw() -> Task:
         y_heldout=y_held,
         batch_size=32,
         momentum=0.0,
-        budgets=(400, 1200),
-        expected_regime={400: "under-fit", 1200: "under-fit"},
-        # A common AdamW default for small recurrent LMs, the centre of the x0.25..x4 grid.
-        base_lr={400: 4e-3, 1200: 4e-3},
+        budgets=budgets,
+        expected_regime=dict.fromkeys(budgets, "under-fit"),
+        base_lr=dict.fromkeys(budgets, base_lr),
         curve_eval_size=128,
         train_eval_size=512,
         optimizer_factory=functools.partial(
@@ -997,11 +1003,25 @@ def _lstm_adamw() -> Task:
         grad_clip=1.0,
         meta={
             "num_chars": len(text),
-            "vocab_size": num_vocab,
-            "modules": list(DOC_MODULES),
+            "vocab_size": len(vocab),
+            "modules": list(modules),
             "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
             "heldout": "last 10% of the characters, non-overlapping windows",
         },
+    )
+
+
+def _lstm_adamw() -> Task:
+    return _docstring_lm_task(
+        "lstm_adamw",
+        DOC_MODULES,
+        LSTM_CONTEXT,
+        lambda v: functools.partial(CharLSTM, v, LSTM_EMBED, LSTM_HIDDEN),
+        f"char LSTM LM (emb{LSTM_EMBED}, 1 layer, hidden {LSTM_HIDDEN}, ctx {LSTM_CONTEXT}) on "
+        f"stdlib docstrings, AdamW {LSTM_BETAS} wd {LSTM_WEIGHT_DECAY:g}, 5% warm-up, clip 1, "
+        "batch 32",
+        (400, 1200),
+        4e-3,  # a common AdamW default for small recurrent LMs, the centre of the x0.25..x4 grid
     )
 
 
@@ -1380,49 +1400,18 @@ class CharGRU(nn.Module):
 
 
 def _gru_docs_adamw() -> Task:
-    text = _docstring_text(GRU_MODULES)
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
-    c = GRU_CONTEXT
-    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
-    return Task(
-        name="gru_docs_adamw",
-        description=(
-            f"char GRU LM (emb 32, 1 layer, hidden {GRU_HIDDEN}, ctx {c}) on the docstrings of "
-            f"{len(GRU_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
-            "clip 1, batch 32"
-        ),
-        kind="classification",
-        model_factory=functools.partial(CharGRU, len(vocab), 32, GRU_HIDDEN),
-        loss_fn=lm_cross_entropy,
-        x_train=x_train,
-        y_train=y_train,
-        x_heldout=x_held,
-        y_heldout=y_held,
-        batch_size=32,
-        momentum=0.0,
-        budgets=(500, 1500),
-        expected_regime={500: "under-fit", 1500: "under-fit"},
+    return _docstring_lm_task(
+        "gru_docs_adamw",
+        GRU_MODULES,
+        GRU_CONTEXT,
+        lambda v: functools.partial(CharGRU, v, 32, GRU_HIDDEN),
+        f"char GRU LM (emb 32, 1 layer, hidden {GRU_HIDDEN}, ctx {GRU_CONTEXT}) on the docstrings "
+        f"of {len(GRU_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
+        "clip 1, batch 32",
+        (500, 1500),
         # The common AdamW default of small recurrent LMs, the centre of the grid; not tuned
         # before the rule was fixed.
-        base_lr={500: 4e-3, 1500: 4e-3},
-        curve_eval_size=128,
-        train_eval_size=512,
-        optimizer_factory=functools.partial(_adamw, weight_decay=0.01, betas=(0.9, 0.99)),
-        optimizer_name=(
-            "AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 on the linear read-out's "
-            "weight, 0 elsewhere)"
-        ),
-        warmup_fraction=0.05,
-        grad_clip=1.0,
-        meta={
-            "num_chars": len(text),
-            "vocab_size": len(vocab),
-            "modules": list(GRU_MODULES),
-            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "heldout": "last 10% of the characters, non-overlapping windows",
-        },
+        4e-3,
     )
 
 
@@ -1660,49 +1649,17 @@ class CausalConvLM(nn.Module):
 
 
 def _tcn_docs_adamw() -> Task:
-    text = _docstring_text(TCN_MODULES)
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
-    c = TCN_CONTEXT
-    x_train, y_train, x_held, y_held = _lm_windows(codes, c)
-    return Task(
-        name="tcn_docs_adamw",
-        description=(
-            f"causal dilated conv LM ({len(TCN_DILATIONS)} residual blocks, {TCN_CHANNELS} "
-            f"channels, dilations {TCN_DILATIONS}, ctx {c}) on the docstrings of "
-            f"{len(TCN_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
-            "clip 1, batch 32"
-        ),
-        kind="classification",
-        model_factory=functools.partial(CausalConvLM, len(vocab), TCN_CHANNELS, TCN_DILATIONS),
-        loss_fn=lm_cross_entropy,
-        x_train=x_train,
-        y_train=y_train,
-        x_heldout=x_held,
-        y_heldout=y_held,
-        batch_size=32,
-        momentum=0.0,
-        budgets=(300, 900),
-        expected_regime={300: "under-fit", 900: "under-fit"},
-        # A common AdamW default for small conv LMs, the centre of the grid.
-        base_lr={300: 3e-3, 900: 3e-3},
-        curve_eval_size=128,
-        train_eval_size=512,
-        optimizer_factory=functools.partial(_adamw, weight_decay=0.01, betas=(0.9, 0.99)),
-        optimizer_name=(
-            "AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 on the linear read-out's "
-            "weight, 0 elsewhere)"
-        ),
-        warmup_fraction=0.05,
-        grad_clip=1.0,
-        meta={
-            "num_chars": len(text),
-            "vocab_size": len(vocab),
-            "modules": list(TCN_MODULES),
-            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "heldout": "last 10% of the characters, non-overlapping windows",
-        },
+    return _docstring_lm_task(
+        "tcn_docs_adamw",
+        TCN_MODULES,
+        TCN_CONTEXT,
+        lambda v: functools.partial(CausalConvLM, v, TCN_CHANNELS, TCN_DILATIONS),
+        f"causal dilated conv LM ({len(TCN_DILATIONS)} residual blocks, {TCN_CHANNELS} "
+        f"channels, dilations {TCN_DILATIONS}, ctx {TCN_CONTEXT}) on the docstrings of "
+        f"{len(TCN_MODULES)} other stdlib modules, AdamW (0.9, 0.99) wd 0.01, 5% warm-up, "
+        "clip 1, batch 32",
+        (300, 900),
+        3e-3,  # a common AdamW default for small conv LMs, the centre of the grid
     )
 
 
