@@ -2,11 +2,11 @@
 
 Hold the peak (φ = 1/32, the plateau rule's hold) and anneal with a fresh cosine from the current
 rate at the first plateau of the validation loss (the plateau rule's test), or at
-:data:`SWITCH_BY` of the budget if none comes first; check nothing after that. It is the shape of
-finding 24 (BENCHMARKS.md §2: the peak until 40 %, then a cosine, which no φ of UBA's family
-draws) with the validation loss as a guard while the rate is held: a run whose validation loss
-stops falling early is annealed early, as the plateau rule does, and the guard's checks stop at
-40 % of the budget, about half the plateau rule's.
+:data:`uba_auto.phi._plateau.SWITCH_BY` (40 %) of the budget if none comes first; check nothing
+after that. It is the shape of finding 24 (BENCHMARKS.md §2: the peak until 40 %, then a cosine,
+which no φ of UBA's family draws) with the validation loss as a guard while the rate is held: a
+run whose validation loss stops falling early is annealed early, as the plateau rule does, and
+the guard's checks stop at 40 % of the budget, about half the plateau rule's.
 
 A benchmark rule until it passes its pre-registered test; the runs go through
 ``benchmarks/plateau_rule.py --rule shape``.
@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 
 from uba_auto.phi import _plateau as P
 
-SWITCH_BY = 0.40
-"""The latest start of the cosine, as a fraction of the decay's total steps."""
 COOL_PHI = 2.0
 """φ of the restarted curve: a cosine from the current rate to ``lr_min``."""
 START_PHI = P.HOLD_PHI
@@ -33,15 +31,17 @@ tested one; the rates agree to 1e-15)."""
 
 
 def switch_step(total_steps: int) -> int:
-    """The step at which the cosine starts if no plateau came first: ``round(SWITCH_BY * T)``."""
-    return max(1, round(SWITCH_BY * total_steps))
+    """The step at which the cosine starts if no plateau came first: ``round(SWITCH_BY * T)``
+    (:func:`uba_auto.phi._plateau.cooldown_step`, the shipped rule's; ``P.SWITCH_BY``, 0.40,
+    is what ``--set SWITCH_BY=...`` overrides)."""
+    return P.cooldown_step(total_steps)
 
 
 def check_steps(total_steps: int, warmup_steps: int = 0) -> list[int]:
-    """The plateau rule's check steps (``plateau_check_steps``) up to :func:`switch_step`
-    (exclusive: at that step the cosine starts without a check)."""
-    last = switch_step(total_steps)
-    return [s for s in P.plateau_check_steps(total_steps, warmup_steps) if s < last]
+    """The plateau rule's check steps (``plateau_check_steps``) before :func:`switch_step` (at
+    that step the cosine starts without a check): the shipped
+    :func:`~uba_auto.phi._plateau.cooldown_check_steps`, the same for any warm-up under 40 %."""
+    return P.cooldown_check_steps(total_steps, warmup_steps)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ShapeRule:
         if self.state == "held" and step >= switch_step(self.total_steps):
             self.state = "cooled"
             why = (
-                f"no plateau by {100 * SWITCH_BY:g} % of the budget: the cosine starts there "
+                f"no plateau by {100 * P.SWITCH_BY:g} % of the budget: the cosine starts there "
                 "(the shape's hold ends)"
             )
             return "cool", why
